@@ -1,0 +1,8 @@
+"""charloom: train character- and word-level language models on any text; sample with controllable randomness."""
+
+__version__ = "0.1.0"
+
+from .api import Completion, Model, load, train  # noqa: E402
+from .errors import CharloomError  # noqa: E402
+
+__all__ = ["CharloomError", "Completion", "Model", "__version__", "load", "train"]

@@ -1,0 +1,237 @@
+"""The run directory and the checkpoint format: the only code that knows file names on disk.
+
+    RUN_DIR/
+      data/ids.bin                 the corpus as token ids (memory-mapped for training)
+      metrics.csv                  one row per evaluation
+      samples.jsonl                the per-epoch samples
+      checkpoints/index.json       {"last": "step-00000120", "best": "step-00000100", ...}
+      checkpoints/step-00000120/
+        model.safetensors          weights only
+        config.json                model + training settings, tokenizer kind, versions
+        tokenizer.json
+        training_state.pt          optimiser, schedule, RNG, data cursor (tensors and numbers only)
+        manifest.json              sha256 of every file above
+
+A checkpoint is written into a temporary directory, every file fsynced, then renamed into place;
+only then does ``index.json`` (itself replaced atomically) point at it. A crash at any moment
+leaves the previous checkpoint whole and referenced. Nothing is ever unpickled: weights come from
+safetensors and the training state from ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "missing", "the checkpoint is incomplete; use another one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(str(path), f"not valid JSON ({exc.__class__.__name__})", "the file is damaged; use another checkpoint") from None
+
+
+class RunDir:
+    """A training run's directory: data cache, logs and checkpoints."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @property
+    def ids_path(self) -> Path:
+        return self.path / "data" / "ids.bin"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def index(self) -> dict[str, Any]:
+        """The index of checkpoints, or {} when none has been written yet."""
+        path = self.checkpoints / INDEX_FILE
+        return _read_json(path) if path.exists() else {}
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Add a row to metrics.csv (header written with the first row)."""
+        new = not self.metrics_path.exists()
+        with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def append_sample(self, record: dict[str, Any]) -> None:
+        """Add one sample to samples.jsonl."""
+        with open(self.samples_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def save(self, step: int, model: torch.nn.Module, config: dict[str, Any], tokenizer: dict[str, Any],
+             training_state: dict[str, Any] | None, *, best: bool, extra_index: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step`` atomically, point ``last`` (and ``best`` if asked) at it, drop unreferenced ones."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:08d}"
+        final = self.checkpoints / name
+        tmp = self.checkpoints / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, ensure_ascii=False)
+        with open(tmp / TOKENIZER_FILE, "w", encoding="utf-8") as fh:
+            json.dump(tokenizer, fh, ensure_ascii=False)
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+        files = sorted(p.name for p in tmp.iterdir())
+        for fname in files:
+            with open(tmp / fname, "rb") as fh:
+                os.fsync(fh.fileno())
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
+        _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        if final.exists():  # the same step saved again (e.g. an eval, then Ctrl-C): replace it
+            old = self.checkpoints / f".old-{name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.checkpoints)
+        index = self.index()
+        index["last"] = name
+        if best or "best" not in index:
+            index["best"] = name
+        index.update(extra_index or {})
+        _write_json_atomic(self.checkpoints / INDEX_FILE, index)
+        self._prune(index)
+        return final
+
+    def _prune(self, index: dict[str, Any]) -> None:
+        keep = {index.get("last"), index.get("best")}
+        for entry in self.checkpoints.iterdir():
+            if entry.is_dir() and entry.name not in keep and (entry.name.startswith("step-") or entry.name.startswith(".")):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def resolve(path: str | os.PathLike, which: str = "best") -> Path:
+    """The checkpoint directory for a run directory (its ``best`` or ``last``) or a checkpoint directory."""
+    p = Path(path)
+    if (p / MANIFEST_FILE).is_file() or (p / MODEL_FILE).is_file():
+        return p
+    run = RunDir(p)
+    if not p.exists():
+        raise CheckpointError(str(p), "no such run or checkpoint directory", "give the directory that charloom train printed")
+    index = run.index()
+    name = index.get(which) or index.get("last")
+    if not name:
+        raise CheckpointError(str(p), "holds no checkpoint", "train first, or give the directory that charloom train printed")
+    return run.checkpoints / name
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the manifest."""
+    manifest = _read_json(ckpt / MANIFEST_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise CheckpointError(str(ckpt / MANIFEST_FILE), "lists no model file", "the checkpoint is damaged; use another one")
+    for fname, digest in files.items():
+        fpath = ckpt / fname
+        if Path(fname).name != fname or not fpath.is_file():
+            raise CheckpointError(str(fpath), "missing", "the checkpoint is incomplete; use another one")
+        if _sha256(fpath) != digest:
+            raise CheckpointError(str(fpath), "checksum does not match manifest.json", "the file is damaged; use another checkpoint")
+    return manifest
+
+
+def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, tokenizer)`` dicts of a verified checkpoint."""
+    verify(ckpt)
+    config = _read_json(ckpt / CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
+        raise CheckpointError(str(ckpt / CONFIG_FILE), "unknown checkpoint format", "upgrade charloom or use another checkpoint")
+    return config, _read_json(ckpt / TOKENIZER_FILE)
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Fill ``model`` from the checkpoint's safetensors on the CPU; a shape or name mismatch raises."""
+    path = ckpt / MODEL_FILE
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(str(path), f"weights do not fit the model in config.json ({str(exc).splitlines()[0][:200]})",
+                              "the checkpoint is damaged or mismatched; use another one") from None
+    if missing or unexpected:
+        raise CheckpointError(str(path), f"weights do not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                              "the checkpoint is damaged or mismatched; use another one")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(str(path), f"tensor {name} holds NaN or infinity", "use an earlier checkpoint")
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """The optimiser/schedule/RNG/cursor state, loaded with ``weights_only=True`` (no code runs)."""
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(str(path), "missing: this checkpoint cannot resume training", "resume from the run directory's last checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise CheckpointError(str(path), f"refused to load ({exc.__class__.__name__})", "the file is damaged or not charloom's; use another checkpoint") from None

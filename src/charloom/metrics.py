@@ -1,0 +1,111 @@
+"""Loss over a whole split: total nats, then nats per token, bits per character, perplexity.
+
+Bits per character is the headline for every tokenizer: total nats / characters / ln 2, so models
+with different tokenizers compare. Every target id is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import LanguageModel
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Summed negative log-likelihood over ``tokens`` targets that spell ``chars`` characters."""
+
+    total_nats: float
+    tokens: int
+    chars: int
+
+    @property
+    def loss(self) -> float:
+        """Mean nats per token."""
+        return self.total_nats / max(1, self.tokens)
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.total_nats / max(1, self.chars) / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        """Per token."""
+        return math.exp(min(self.loss, 700.0))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"loss": self.loss, "bits_per_char": self.bits_per_char, "perplexity": self.perplexity,
+                "tokens": self.tokens, "chars": self.chars}
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # (N, V), (N,) -> (N,) in float32 for stable sums
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@torch.inference_mode()
+def stateful_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, *,
+                  streams: int = 1, burn_in: int = 256, chunk: int = 512) -> tuple[float, int]:
+    """Sum of -log p(ids[t] | ids[:t]) for t in [start, end), carrying the model's state.
+
+    ``streams=1`` is exact: one pass from ``start - 1``. With S > 1 the targets are cut into S
+    contiguous pieces run side by side; each piece first reads up to ``burn_in`` preceding ids
+    unscored, so only its first targets see less than all history.
+    """
+    start = max(start, 1)  # the first id has nothing to be predicted from
+    n = end - start
+    if n <= 0:
+        return 0.0, 0
+    s = max(1, min(streams, n))
+    piece = -(-n // s)
+    rows, scored = [], []
+    for j in range(s):
+        a, b = start + j * piece, min(end, start + (j + 1) * piece)
+        if a >= b:
+            break
+        burn = 0 if streams == 1 else min(burn_in, a - 1)
+        rows.append(np.asarray(ids[a - 1 - burn:b], dtype=np.int64))  # inputs + the final target
+        scored.append((burn, b - a))
+    length = max(len(r) for r in rows)
+    block = torch.zeros(len(rows), length, dtype=torch.long)  # right-padded: causal, pads never leak back
+    mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+    for i, (row, (burn, count)) in enumerate(zip(rows, scored)):
+        block[i, :len(row)] = torch.from_numpy(row)
+        mask[i, burn:burn + count] = True
+    model.eval()
+    total, state = 0.0, None
+    for c in range(0, length - 1, chunk):
+        x = block[:, c:c + chunk]
+        y = block[:, c + 1:c + chunk + 1]
+        x = x[:, :y.shape[1]]
+        logits, state = model(x, state)  # (S, chunk, V)
+        nll = _nll(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        total += float(nll[mask[:, c:c + y.shape[1]].reshape(-1)].sum())
+    return total, n
+
+
+@torch.inference_mode()
+def windowed_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, window: int, *,
+                  batch: int = 512) -> tuple[float, int]:
+    """Sum of -log p(ids[t] | ids[t - window:t]) for t in [start, end): the book's fixed-window view."""
+    start = max(start, 1)
+    model.eval()
+    total = 0.0
+    # Targets with a full window, batched; the few early ones with shorter context, one by one.
+    full_from = max(start, window)
+    for t in range(start, min(full_from, end)):
+        x = torch.as_tensor(np.asarray(ids[:t], dtype=np.int64)).unsqueeze(0)
+        logits, _ = model(x)
+        total += float(_nll(logits[:, -1], torch.tensor([int(ids[t])])).sum())
+    offsets = np.arange(-window, 1)
+    for b in range(full_from, end, batch):
+        targets = np.arange(b, min(end, b + batch))
+        block = torch.as_tensor(np.asarray(ids[targets[:, None] + offsets], dtype=np.int64))  # (N, W + 1)
+        logits, _ = model(block[:, :-1])
+        total += float(_nll(logits[:, -1], block[:, -1]).sum())
+    return total, max(0, end - start)

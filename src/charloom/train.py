@@ -1,0 +1,248 @@
+"""The training loop: batches, loss, optimiser, schedule, periodic evaluation, stopping rules.
+
+It knows nothing of files: whoever drives it (``charloom.api``) receives events through a
+:class:`Listener` and saves checkpoints, logs and samples there.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import Batcher, StreamBatcher, WindowBatcher
+from .metrics import stateful_nats, windowed_nats
+from .models import LanguageModel
+
+
+@dataclass
+class Progress:
+    """What the trainer has done so far; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    train_seconds: float = 0.0
+    best_val: float = math.inf
+    evals_since_best: int = 0
+    stop_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Listener:
+    """Hooks the trainer calls; the defaults do nothing."""
+
+    def on_step(self, trainer: "Trainer", loss: float, chars_per_s: float) -> None: ...
+    def on_eval(self, trainer: "Trainer", row: dict[str, float], improved: bool) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer") -> None: ...
+
+
+class StopFlag:
+    """Set by a signal handler (or anyone) to ask the trainer to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+
+@contextmanager
+def graceful_interrupt(flag: StopFlag) -> Iterator[StopFlag]:
+    """First SIGINT/SIGTERM sets ``flag``; a second SIGINT raises KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+        flag.signal_name = signal.Signals(signum).name
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def make_batcher(ids: np.ndarray, cfg: TrainConfig) -> Batcher:
+    """The batcher for ``cfg.batching`` over training ids."""
+    if cfg.batching == "stream":
+        return StreamBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed)
+    step = cfg.window_step if cfg.objective == "last" else max(1, cfg.window_step)
+    return WindowBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, step=step)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (no decay on biases, norms and embeddings) or the book's RMSprop."""
+    if cfg.optimizer == "rmsprop":
+        # Keras RMSprop: rho=0.9, epsilon=1e-7 added outside the square root, as torch does.
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.9, eps=1e-7)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+class Trainer:
+    """Runs ``cfg`` on ``model`` over ``ids[:split]`` (train) and ``ids[split:]`` (validation)."""
+
+    def __init__(self, model: LanguageModel, ids: np.ndarray, split: int, cfg: TrainConfig,
+                 listener: Listener | None = None, stop: StopFlag | None = None,
+                 val_chars: int | None = None) -> None:
+        self.model, self.ids, self.split, self.cfg = model, ids, split, cfg
+        self.listener = listener or Listener()
+        self.stop = stop or StopFlag()
+        self.val_chars = val_chars if val_chars is not None else len(ids) - split
+        self.batcher = make_batcher(ids[:split], cfg)
+        self.optimizer = make_optimizer(model, cfg)
+        self.progress = Progress()
+        self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    # -- schedule -------------------------------------------------------------------------------
+    def lr_at(self, step: int, elapsed: float) -> float:
+        """Linear warm-up, then cosine to ``lr * min_lr_ratio`` over steps or time, whichever ends first."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return cfg.lr
+        span = max(1, self.total_steps - cfg.warmup_steps)
+        frac = (step - cfg.warmup_steps) / span
+        if cfg.max_time:
+            frac = max(frac, elapsed / cfg.max_time)
+        frac = min(1.0, frac)
+        low = cfg.lr * cfg.min_lr_ratio
+        return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, exact: bool = False) -> float:
+        """Mean validation nats per token over the whole validation split."""
+        end = len(self.ids)
+        if self.cfg.generation_window:
+            total, n = windowed_nats(self.model, self.ids, self.split, end, self.cfg.generation_window)
+        else:
+            total, n = stateful_nats(self.model, self.ids, self.split, end, streams=1 if exact else 16,
+                                     burn_in=2 * self.cfg.seq_len)
+        self.model.train()
+        return total / max(1, n)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly, as tensors, numbers, strings and lists."""
+        p = self.progress
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "batcher": self.batcher.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "progress": {"step": p.step, "epoch": p.epoch, "train_seconds": p.train_seconds,
+                         "best_val": p.best_val, "evals_since_best": p.evals_since_best,
+                         "history": p.history},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batcher.load_state_dict(state["batcher"])
+        torch.set_rng_state(state["torch_rng"])
+        p = state["progress"]
+        self.progress = Progress(step=int(p["step"]), epoch=int(p["epoch"]), train_seconds=float(p["train_seconds"]),
+                                 best_val=float(p["best_val"]), evals_since_best=int(p["evals_since_best"]),
+                                 history=list(p["history"]))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _eval_due(self, step: int, epoch_ended: bool) -> bool:
+        if self.cfg.eval_every:
+            return step % self.cfg.eval_every == 0
+        return epoch_ended
+
+    def _run_eval(self, loss_ema: float, chars_per_s: float) -> bool:
+        p = self.progress
+        val = self.evaluate()
+        improved = val < p.best_val
+        if improved:
+            p.best_val, p.evals_since_best = val, 0
+        else:
+            p.evals_since_best += 1
+        tokens = len(self.ids) - max(self.split, 1)
+        row = {"step": p.step, "epoch": p.epoch, "seconds": round(p.train_seconds, 2),
+               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss_ema, "val_loss": val,
+               "val_bpc": val * tokens / max(1, self.val_chars) / math.log(2), "chars_per_s": chars_per_s}
+        p.history.append(row)
+        self.listener.on_eval(self, row, improved)
+        if self.cfg.patience and p.evals_since_best >= self.cfg.patience:
+            p.stop_reason = f"no better validation loss in {self.cfg.patience} evaluations (early stopping)"
+        return improved
+
+    def fit(self) -> Progress:
+        """Train until epochs, steps, time, patience or a stop request end it."""
+        cfg, p, model = self.cfg, self.progress, self.model
+        model.train()
+        state = None
+        loss_ema = math.nan
+        chars_per_s = 0.0
+        session_start = time.perf_counter()
+        while not p.stop_reason:
+            if p.step >= self.total_steps:
+                p.stop_reason = "reached max steps" if cfg.max_steps and p.step >= cfg.max_steps else "finished all epochs"
+                break
+            if cfg.max_time and time.perf_counter() - session_start >= cfg.max_time:
+                p.stop_reason = "reached max time"
+                break
+            if self.stop.requested:
+                p.stop_reason = f"stopped by {self.stop.signal_name or 'request'}"
+                break
+            t0 = time.perf_counter()
+            x, y, new_epoch = self.batcher.next()  # (B, T) each
+            if new_epoch or cfg.batching == "windows":
+                state = None
+            lr = self.lr_at(p.step, time.perf_counter() - session_start)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            logits, state = model(x, state)  # (B, T, V)
+            if cfg.objective == "last":
+                loss = F.cross_entropy(logits[:, -1], y[:, -1])
+                supervised = y.shape[0]
+            else:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                supervised = y.numel()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            self.optimizer.step()
+            if state is not None:
+                state = model.detach_state(state)
+            p.step += 1
+            dt = time.perf_counter() - t0
+            p.train_seconds += dt
+            value = loss.item()
+            loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
+            chars_per_s = supervised / dt if chars_per_s == 0 else 0.9 * chars_per_s + 0.1 * supervised / dt
+            self.listener.on_step(self, loss_ema, chars_per_s)
+            epoch_ended = self.batcher.index >= self.batcher.steps_per_epoch
+            if self._eval_due(p.step, epoch_ended):
+                self._run_eval(loss_ema, chars_per_s)
+            if epoch_ended:
+                p.epoch += 1
+                self.listener.on_epoch_end(self)
+        # A final evaluation unless the last step was just evaluated or a signal asks us to hurry.
+        interrupted = p.stop_reason.startswith("stopped by")
+        if p.step > 0 and not interrupted and (not p.history or p.history[-1]["step"] != p.step):
+            self._run_eval(loss_ema, chars_per_s)
+        return p
+
