@@ -253,6 +253,7 @@ class _RunListener(Listener):
         self.progress = progress
         self.bar: Any = None
         self.last_saved_step = -1
+        self.last_sample_step = -1
 
     def open_bar(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -295,20 +296,24 @@ class _RunListener(Listener):
         return path
 
     def on_epoch_end(self, trainer: Trainer) -> None:
-        cfg = trainer.cfg
-        if not cfg.sample_temperatures:
+        self.sample(trainer)
+
+    def sample(self, trainer: Trainer) -> None:
+        """Print and record one sample per temperature from one random seed text, all with the same seed."""
+        cfg, p = trainer.cfg, trainer.progress
+        if not cfg.sample_temperatures or self.last_sample_step == p.step:
             return
-        epoch = trainer.progress.epoch
-        rng = np.random.default_rng(cfg.seed + epoch)
+        self.last_sample_step = p.step
+        rng = np.random.default_rng(cfg.seed + p.epoch)
         width = min(60, len(self.train_ids) - 1)
         start = int(rng.integers(0, len(self.train_ids) - width))
         seed_text = self.model.tokenizer.decode(self.train_ids[start:start + width].tolist())
         samples = self.model.generate(seed_text, length=cfg.sample_length, temperature=list(cfg.sample_temperatures),
-                                      seed=cfg.seed + epoch, unknown="replace")
-        self.say(f"--- epoch {epoch} (step {trainer.progress.step}) | seed text: {seed_text!r}")
+                                      seed=cfg.seed + p.epoch, unknown="replace")
+        self.say(f"--- epoch {p.epoch} (step {p.step}) | seed text: {seed_text!r}")
         for sample in samples:
             self.say(f"--- temperature {sample.temperature}\n{seed_text}{sample}")
-            self.run.append_sample({"epoch": epoch, "step": trainer.progress.step, "seed_text": seed_text,
+            self.run.append_sample({"epoch": p.epoch, "step": p.step, "seed_text": seed_text,
                                     "temperature": sample.temperature, "seed": sample.seed, "text": str(sample)})
         trainer.model.train()
 
@@ -341,6 +346,8 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
             progress_state = trainer.fit()
             if listener.last_saved_step != progress_state.step:
                 listener.save(trainer, best=False)
+            if not progress_state.stop_reason.startswith("stopped by"):
+                listener.sample(trainer)  # a run shorter than an epoch still shows what it learned
     finally:
         listener.close_bar()
     model.net.eval()
