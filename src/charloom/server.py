@@ -24,6 +24,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
     include_usage: bool = False
 
 
@@ -693,8 +696,6 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best",
           stdout: TextIO | None = None) -> None:
     """Load every run and serve them until interrupted; prints the address first."""
-    import sys
-
     import uvicorn
 
     settings.validate()
