@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
@@ -27,7 +27,7 @@ from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model
-from .sampling import Noise, build_pipeline, resolve_seed
+from .sampling import Noise, build_pipeline, process, resolve_seed
 from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
 
@@ -65,6 +65,15 @@ def sample_config(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) 
         return SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p).validate()
     except ConfigError as exc:
         raise CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom generate --help") from None
+
+
+@dataclass
+class NextTokens:
+    """Every next token after a text: its probability as the model gives it and as sampling reweights it."""
+
+    tokens: list[str]
+    probs: list[float]  # softmax(logits): the model's own distribution (T = 1, no cut-off)
+    reweighted: list[float]  # after temperature, top-k and top-p: what the sampler draws from
 
 
 class Model:
@@ -149,6 +158,26 @@ class Model:
             t, s = temps[r // num_samples], r % num_samples
             out.append(Completion(self.tokenizer.decode(row), row, float(t), seed + s, "length"))
         return out if many else out[0]
+
+    @torch.inference_mode()
+    def next_token_distribution(self, text: str = "", *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                                unknown: str = "error") -> NextTokens:
+        """The probability of every next token after ``text``, before and after sampling's reweighting.
+
+        One forward pass through the model contract (``net(idx) -> logits``), then the same
+        processors generation uses, so ``reweighted`` is exactly what a draw at these settings uses.
+        """
+        config = sample_config(temperature, top_k, top_p)
+        ids = self.encode_prompt(text, unknown)
+        window = self.train_config.generation_window
+        idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long)  # (1, T)
+        logits, _ = self.net(idx)
+        last = logits[:, -1].float()  # (1, V)
+        banned = self.tokenizer.banned_ids
+        original = process(build_pipeline(SampleConfig(), banned=banned), idx, last).softmax(-1)[0]
+        reweighted = process(build_pipeline(config, banned=banned), idx, last).softmax(-1)[0]
+        tokens = [self.tokenizer.decode([i]) for i in range(last.shape[-1])]
+        return NextTokens(tokens, original.tolist(), reweighted.tolist())
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, text: str | None = None, *, exact: bool = True) -> EvalResult:

@@ -1,4 +1,4 @@
-"""``charloom train | generate | evaluate``: a thin client of :mod:`charloom.api`.
+"""``charloom train | generate | evaluate | serve``: a thin client of :mod:`charloom.api`.
 
 ``main(argv, stdout, stderr)`` takes its streams as arguments so tests can call it in-process.
 Every option of ``train`` is generated from the config dataclasses, so flags and Python keyword
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -117,6 +118,23 @@ def build_parser() -> Parser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--fast", action="store_true", help="score 16 pieces side by side (each warmed up on the text before it) instead of one exact pass")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a web page",
+                       description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
+                                   "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or checkpoint directories; each is a model named after its directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: 8000; 0 = any free port)")
+    s.add_argument("--api-key", default=os.environ.get("CHARLOOM_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $CHARLOOM_API_KEY, else none)")
+    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow pages from this origin (e.g. http://localhost:3000) to call the API; repeatable (default: none)")
+    s.add_argument("--max-concurrency", type=int, default=4, metavar="N", help="generations running at once (default: 4)")
+    s.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests waiting for a free slot; beyond that 503 (default: 16)")
+    s.add_argument("--max-tokens", type=int, default=2000, metavar="N", help="largest max_tokens a request may ask for (default: 2000)")
+    s.add_argument("--max-prompt-chars", type=int, default=10_000, metavar="N", help="longest prompt accepted (default: 10000)")
+    s.add_argument("--time-limit", type=_duration, default=60.0, metavar="DURATION",
+                   help="a generation running longer ends with finish_reason 'time' (default: 60s)")
+    s.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
     return parser
 
 
@@ -211,7 +229,19 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate}
+def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    try:
+        from . import server
+    except ImportError as exc:
+        raise CharloomError("serve", f"needs the serve extra ({exc.name} is not installed)", "pip install 'charloom[serve]'") from None
+    settings = server.ServeSettings(host=args.host, port=args.port, api_key=args.api_key, cors=tuple(args.cors),
+                                    max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                                    max_prompt_chars=args.max_prompt_chars, time_limit=args.time_limit)
+    server.serve(args.run_dirs, settings, which=args.checkpoint, stdout=stdout)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
