@@ -51,6 +51,30 @@ def test_ngram_is_a_distribution(order):
         assert total == pytest.approx(1.0)
 
 
+def _naive_witten_bell(train: list[int], vocab: int, order: int, history: list[int], c: int) -> float:
+    """The module docstring's formula, from plain dictionaries."""
+    from collections import Counter
+
+    p = (train.count(c) + 1) / (len(train) + vocab)
+    for n in range(1, min(order, len(history)) + 1):
+        h = tuple(history[-n:])
+        follow = Counter(train[i + n] for i in range(len(train) - n) if tuple(train[i:i + n]) == h)
+        n_h = sum(follow.values())
+        if n_h:
+            p = (follow[c] + len(follow) * p) / (n_h + len(follow))
+    return p
+
+
+def test_ngram_matches_a_naive_count():
+    rng = np.random.default_rng(3)
+    train = rng.integers(0, 4, 400).tolist()
+    test = rng.integers(0, 4, 60)
+    model = NGramModel.fit(np.array(train), order=3, vocab=4)
+    got = model.probs(test, np.arange(len(test)))
+    want = [_naive_witten_bell(train, 4, 3, test[:t].tolist(), int(test[t])) for t in range(len(test))]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_baselines_score_the_validation_split():
     ids = np.array([A, B, C, A, B, A, B])  # train = "abcab", validation = "ab"
     uni, tri = baselines(ids, split=5, vocab=3, val_chars=2, order=2)
@@ -205,3 +229,18 @@ def test_feature_ranking_finds_planted_cells():
     assert ranked["position in line"][0][0] == 11 and ranked["position in line"][0][1] < -0.5
     assert ranked["inside parentheses"][0] == (7, pytest.approx(np.corrcoef(acts[:, 7], feats["inside parentheses"])[0, 1]))
     assert rank_cells(acts, {"constant": np.ones(len(text))})["constant"] == []
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_next_logits_agree_with_metrics(window):
+    from charloom.insight.score import next_logits
+    from charloom.metrics import stateful_nats, windowed_nats
+
+    torch.manual_seed(1)
+    net = build_model(ModelConfig(layers=1, hidden=16, embedding_dim=8, dropout=0.0), 7).eval()
+    ids = np.random.default_rng(0).integers(0, 7, 40)
+    x = torch.as_tensor(ids)[None]
+    logp = torch.log_softmax(next_logits(net, x, window, chunk=16)[0, :-1], -1)  # (39, V)
+    mine = float(-logp.gather(1, x[0, 1:, None]).sum())
+    total, n = windowed_nats(net, ids, 1, len(ids), window) if window else stateful_nats(net, ids, 1, len(ids))
+    assert n == 39 and mine == pytest.approx(total, rel=1e-5)

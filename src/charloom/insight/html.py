@@ -28,7 +28,7 @@ img { max-width: 100%; }
 .legend { display: inline-block; width: 220px; height: 12px; vertical-align: middle; border: 1px solid #ccc; }
 .panel { position: sticky; top: 0; background: #fffffe; border: 1px solid #ccc; padding: 6px 10px; min-height: 1.5em;
          font: 13px ui-monospace, "DejaVu Sans Mono", monospace; z-index: 2; }
-.note { color: #666; font-size: 13px; } .nl { color: #999; }
+.note { color: #666; font-size: 13px; } .nl { color: #999; } #text span:hover { outline: 2px solid #222; }
 """
 
 

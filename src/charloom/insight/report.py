@@ -251,15 +251,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, options: Re
     last = metrics[-1] if metrics else None
     summary = [
         ("model", f"{m.arch} {m.layers}x{m.hidden}, {m.input} input, {model.net.num_parameters():,} parameters "
-                  f"({weights.stat().st_size / 1e6:.1f} MB of weights)"),
-        ("trained", f"{int(last['step']) if last else 0:,} steps ({int(last['epoch']) if last else 0} whole epochs), "
-                    f"{last['seconds'] if last else 0:.0f} s; stopped: {model.config.get('stop_reason') or '?'}"),
+                  f"({weights.stat().st_size / 1e3:,.0f} kB of weights)"),
+        ("trained", f"{int(last['step']) if last else 0:,} steps ({int(last['epoch']) if last else 0} complete epoch(s)), "
+                    f"{last['seconds'] if last else 0:.3g} s of training"
+                    + (f"; stopped: {model.config['stop_reason']}" if model.config.get("stop_reason") else "")),
         ("best validation", f"{best['val_loss']:.4f} nats per token = {best['val_bpc']:.3f} bits per char (step {int(best['step'])})" if best else "-"),
         *[(f"{b.name} baseline", f"{b.nats_per_token:.4f} nats per token = {b.bits_per_char:.3f} bits per char") for b in base],
         ("this page's model", f"the {options.checkpoint} checkpoint ({model.path.name})"),
     ]
     sweep_rows = [(f"{s.temperature:g}", f"{s.entropy_bits:.2f}", f"{s.distinct_1:.2f}", f"{s.distinct_2:.2f}", f"{s.real_words:.1%}",
-                   f"{s.copied_ngrams:.1%}", s.longest_copy, s.longest_copy_text) for s in stats]
+                   f"{s.copied_ngrams:.1%}", s.longest_copy, f"\u201c{s.longest_copy_text}\u201d") for s in stats]
     sweep_texts = "".join(f'<tr><td class=num>{t_:g}</td><td><div class="text sample">{esc(chr(10).join(v))}</div></td></tr>'
                           for t_, v in texts.items())
     settings = [(k, json.dumps(v)) for k, v in sorted({**{f"model.{k}": v for k, v in asdict(m).items()},
