@@ -244,3 +244,25 @@ def test_next_logits_agree_with_metrics(window):
     mine = float(-logp.gather(1, x[0, 1:, None]).sum())
     total, n = windowed_nats(net, ids, 1, len(ids), window) if window else stateful_nats(net, ids, 1, len(ids))
     assert n == 39 and mine == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{"recipe": "book", "seq_len": 16, "batch_size": 16}, {"arch": "gru"}])
+def test_other_recipes_and_cells(settings, tmp_path, tiny_text):
+    """One-hot input with the book's windowed generation, and a GRU: score, neurons and the sweep all run."""
+    import charloom
+    from charloom.insight.report import temperature_sweep
+
+    from .conftest import TINY_SETTINGS
+
+    (tmp_path / "t.txt").write_text(tiny_text, encoding="utf-8")
+    model = charloom.train(tmp_path / "t.txt", out=tmp_path / "run",
+                           **{**TINY_SETTINGS, "max_steps": 4, "eval_every": 4, "sample_temperatures": (), **settings})
+    text = tiny_text[:200]
+    scored = score_text(model, text)
+    assert scored.bits_per_char == pytest.approx(model.evaluate(text).bits_per_char, rel=1e-5)
+    from charloom.insight.neurons import read_neurons
+
+    readout = read_neurons(model, text)
+    assert readout.acts.shape == (200, model.net.config.hidden) and readout.ranking["position in line"]
+    stats, texts = temperature_sweep(model, np.arange(0), (0.0, 1.0), length=30, num_samples=1, seed=0)
+    assert stats[0].entropy_bits == 0.0 and stats[1].entropy_bits > 0 and len(texts[1.0][0]) == 30

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def _window_hashes(ids: np.ndarray, length: int) -> np.ndarray:
 class CopyIndex:
     """The training ids (and their text), queried for copied windows of any length."""
 
-    def __init__(self, train_ids: np.ndarray, decode) -> None:
+    def __init__(self, train_ids: np.ndarray, decode: Callable[[list[int]], str]) -> None:
         self.ids = np.asarray(train_ids, dtype=np.int64)
         self.decode = decode  # ids -> text, to confirm a span by substring search
         self._text: str | None = None
@@ -128,7 +128,6 @@ def sample_stats(temperature: float, texts: Sequence[str], id_rows: Sequence[Seq
                  index: CopyIndex, vocabulary: set[str], ngram: int) -> SampleStats:
     """Distinct-n over words, real-word share, copied n-gram share and the longest copy of ``texts``."""
     all_words = [w for t in texts for w in words(t)]
-    found = sum(real_word_share(t, vocabulary) * len(words(t)) for t in texts)
     hits = [index.present(row, ngram) for row in id_rows]
     total = sum(len(h) for h in hits)
     longest, span = 0, ""
@@ -137,7 +136,7 @@ def sample_stats(temperature: float, texts: Sequence[str], id_rows: Sequence[Seq
         if length > longest:
             longest, span = length, index.decode(list(row[start:start + length]))
     return SampleStats(temperature, entropy_bits, distinct_n(all_words, 1), distinct_n(all_words, 2),
-                       found / len(all_words) if all_words else 0.0,
+                       real_word_share("\n".join(texts), vocabulary),
                        sum(int(h.sum()) for h in hits) / total if total else 0.0, longest, span)
 
 
