@@ -135,7 +135,36 @@ def build_parser() -> Parser:
     s.add_argument("--time-limit", type=_duration, default=60.0, metavar="DURATION",
                    help="a generation running longer ends with finish_reason 'time' (default: 60s)")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    _add_insight_parsers(sub)
     return parser
+
+
+def _add_insight_parsers(sub: Any) -> None:
+    r = sub.add_parser("report", help="write an HTML report of a run: loss curves, baselines, samples, temperature sweep",
+                       description="Write one self-contained HTML page about a run (and its figures as PNG in RUN_DIR/figures).")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    r.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
+    r.add_argument("--checkpoint", choices=["best", "last"], default="last", help="the model for the temperature sweep (default: last)")
+    r.add_argument("--temperatures", type=_float_list, default=None, metavar="T1,T2,...",
+                   help="temperatures of the sweep (default: 0.1,0.2,0.3,0.5,0.7,1.0,1.2,1.5,2.0)")
+    r.add_argument("--sweep-length", type=int, default=1000, metavar="N", help="tokens per sweep sample (default: 1000)")
+    r.add_argument("--num-samples", type=int, default=1, metavar="N", help="sweep samples per temperature (default: 1)")
+    r.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the sweep (default: 0)")
+    for name, what in (("score", "bits per char of a text, and an HTML page shading each character by its surprisal"),
+                       ("neurons", "an HTML page of the recurrent cells' activations over a text, ranked by the features they track")):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a checkpoint directory")
+        p.add_argument("file", metavar="FILE", help="the text file to read")
+        p.add_argument("--out", metavar="FILE", help=f"where to write the page (default: RUN_DIR/{name}-<file name>.html)")
+        p.add_argument("--max-chars", type=int, default=20_000 if name == "score" else 5_000, metavar="N",
+                       help=f"characters shown on the page (default: {20_000 if name == 'score' else 5_000})"
+                       + ("; the score covers the whole file" if name == "score" else "; the text is cut there"))
+        p.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
+                       help="characters the model never saw: error, skip them, or replace them with a space (default: error)")
+        p.add_argument("--encoding", default="utf-8", help="text encoding of FILE (default: utf-8)")
+        p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+        if name == "score":
+            p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -241,7 +270,70 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve}
+def _cmd_report(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from . import api
+    from .insight import ReportOptions, build_report
+    from .insight.report import SWEEP_TEMPERATURES
+
+    temps = args.temperatures if args.temperatures is not None else SWEEP_TEMPERATURES
+    for t in temps:
+        api.sample_config(t)
+    if not temps or args.sweep_length <= 0 or args.num_samples <= 0:
+        raise CharloomError("report", "the sweep needs temperatures, --sweep-length >= 1 and --num-samples >= 1", "see charloom report --help")
+    options = ReportOptions(checkpoint=args.checkpoint, temperatures=tuple(temps), sweep_length=args.sweep_length,
+                            num_samples=args.num_samples, seed=args.seed)
+    path = build_report(args.run_dir, args.out, options)
+    stdout.write(f"report written to {path}\n")
+    return 0
+
+
+def _read_insight_text(args: argparse.Namespace) -> tuple[Any, str]:
+    from . import api
+    from .corpus import decode_file
+
+    if args.max_chars <= 0:
+        raise CharloomError("--max-chars", f"must be a whole number >= 1, got {args.max_chars}", "show at least one character")
+    if not Path(args.file).is_file():
+        raise CharloomError(args.file, "no such file", "check the path")
+    text = decode_file(Path(args.file), args.encoding)
+    return api.load(args.run_dir, which=args.checkpoint), text
+
+
+def _cmd_score(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from .insight import default_out, render_score, score_text
+    from .insight.html import write_page
+
+    model, text = _read_insight_text(args)
+    scored = score_text(model, text, unknown=args.unknown)
+    out = write_page(Path(args.out) if args.out else default_out(model, args.file, "score"),
+                     render_score(scored, title=f"How surprising is {Path(args.file).name}?", model_line=repr(model),
+                                  max_chars=args.max_chars))
+    r = scored.result
+    if args.json:
+        stdout.write(json.dumps({"file": args.file, "html": str(out), **r.as_dict()}) + "\n")
+    else:
+        stdout.write(f"{args.file}: {r.bits_per_char:.4f} bits per char | {r.loss:.4f} nats per token | {r.chars:,} chars\n"
+                     f"page written to {out}\n")
+    return 0
+
+
+def _cmd_neurons(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from .insight import default_out, read_neurons, render_neurons
+    from .insight.html import write_page
+
+    model, text = _read_insight_text(args)
+    readout = read_neurons(model, text[:args.max_chars], unknown=args.unknown)
+    out = write_page(Path(args.out) if args.out else default_out(model, args.file, "neurons"),
+                     render_neurons(readout, title=f"Cells of the last layer over {Path(args.file).name}", model_line=repr(model)))
+    for feature, cells in readout.ranking.items():
+        best = ", ".join(f"cell {c} (r={r:+.2f})" for c, r in cells[:3]) or "constant over this text"
+        stdout.write(f"{feature}: {best}\n")
+    stdout.write(f"page written to {out}\n")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate,
+            "serve": _cmd_serve, "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons}
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:

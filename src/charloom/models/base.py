@@ -67,6 +67,16 @@ class LanguageModel(nn.Module):
         dim = self.state_batch_dim
         return tree_map(lambda t: t.index_select(dim, index), state)
 
+    def activations(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per-step hidden activations ``(B, T, units)`` over ``idx`` (B, T), for the neuron views.
+
+        Optional: architectures without a per-step recurrent memory keep this default, which refuses.
+        """
+        from ..errors import CharloomError
+
+        raise CharloomError(f"architecture {self.config.arch!r}", "does not expose per-step cell activations",
+                            "the neuron view works with recurrent models (lstm, gru)")
+
     def num_parameters(self) -> int:
         """Trainable parameters (a tied matrix counted once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

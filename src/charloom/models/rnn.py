@@ -52,12 +52,43 @@ class RecurrentLM(LanguageModel):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        if self.embed is None:
-            x = F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
-        else:
-            x = self.embed(idx)  # (B, T, E)
+        x = self._inputs(idx)
         out, state = self.rnn(x, state)  # (B, T, H)
         return self.head(self.drop(out)), state  # (B, T, V)
+
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
+        return self.embed(idx)  # (B, T, E)
+
+    @torch.no_grad()
+    def activations(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last layer's memory per step, (B, T, H): the cell state c_t for an LSTM, h_t for a GRU.
+
+        c_t is what Karpathy, Johnson & Fei-Fei (2015, "Visualizing and understanding recurrent
+        networks") plot. nn.LSTM returns only the last c, so the last layer is re-run one step at a
+        time with its own weights; the layers below run as usual.
+        """
+        x = self._inputs(idx)
+        if self.cell is nn.GRU:
+            return self.rnn(x)[0]  # a GRU's output is its whole state h_t
+        last = self.config.layers - 1
+        if last > 0:
+            below = nn.LSTM(x.shape[-1], self.config.hidden, num_layers=last, batch_first=True).to(x.dtype)
+            below.load_state_dict({k: v for k, v in self.rnn.state_dict().items() if not k.endswith(f"_l{last}")})
+            x = below.eval()(x)[0]  # (B, T, H)
+        w_ih, w_hh = getattr(self.rnn, f"weight_ih_l{last}"), getattr(self.rnn, f"weight_hh_l{last}")
+        bias = getattr(self.rnn, f"bias_ih_l{last}") + getattr(self.rnn, f"bias_hh_l{last}")
+        pre = x @ w_ih.T + bias  # (B, T, 4H): the input part of every gate, for all steps at once
+        h = x.new_zeros(x.shape[0], self.config.hidden)  # (B, H)
+        c = torch.zeros_like(h)
+        cells = []
+        for t in range(x.shape[1]):
+            i, f, g, o = (pre[:, t] + h @ w_hh.T).chunk(4, dim=-1)  # torch gate order: input, forget, cell, output
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            cells.append(c)
+        return torch.stack(cells, dim=1)  # (B, T, H)
 
 
 @register("lstm")
