@@ -104,7 +104,8 @@ def build_parser() -> Parser:
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens with probability >= P (default: 1.0 = off)")
     g.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per temperature, drawn in one batch (default: 1)")
     g.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
-                   help="prompt characters the model never saw: error, skip them, or replace them with a space (default: error)")
+                   help="prompt characters (words, for a word model) the model never saw: error, skip them, or replace them "
+                        "with a space (<unk> for a word model) (default: error)")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
 

@@ -1,0 +1,106 @@
+"""A causal, dilated 1D convnet with WaveNet-style gated residual blocks.
+
+    idx (B, T) -> embed/one-hot (B, T, E) -> Linear (B, T, H) -> (B, H, T)
+      block i = 0..L-1, dilation d_i = k ** (i mod 8):
+        causal conv, kernel k, dilation d_i      (B, H, T) -> (B, 2H, T)
+        tanh(first half) * sigmoid(second half)  (B, H, T)        the gated unit
+        1x1 conv -> added to the block's input   (B, H, T)        residual path
+        1x1 conv -> added to the skip sum        (B, H, T)        skip path
+      ReLU(skip sum) -> dropout -> (B, T, H) -> Linear (B, T, V)
+
+After van den Oord et al. 2016, "WaveNet: A Generative Model for Raw Audio" (gated activation,
+residual and skip connections, dilations doubling then repeating). Block i looks back
+``(k - 1) * d_i`` inputs, so the receptive field is ``1 + (k - 1) * sum(d_i)`` tokens (256 for the
+default 8 blocks of kernel 2).
+
+State: for every block, the last ``(k - 1) * d_i`` inputs it saw, shape (B, H, (k - 1) * d_i); a new
+call prepends them to its input instead of zero padding. Generating one token therefore costs one
+column per block, not a pass over the receptive field, and streams carry history across training
+batches exactly as an RNN's state does. (The buffer is shifted rather than indexed as a ring:
+with at most a few hundred columns per block the copy is cheaper in torch than gathering taps.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from .base import LanguageModel, State, output_layers, register
+
+DILATION_CYCLE = 8  # dilations k**0 .. k**7, then again (WaveNet repeats 1..512)
+
+
+class GatedBlock(nn.Module):
+    """One causal dilated conv with a gated unit, a residual and a skip 1x1 conv."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.memory = (kernel_size - 1) * dilation  # past inputs this block needs
+        self.conv = nn.Conv1d(channels, 2 * channels, kernel_size, dilation=dilation)
+        self.res = nn.Conv1d(channels, channels, 1)
+        self.skip = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, h: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h`` (B, H, T), ``past`` (B, H, memory) -> (residual out, skip, new past)."""
+        padded = torch.cat([past, h], dim=2)  # (B, H, memory + T)
+        new_past = padded[:, :, padded.shape[2] - self.memory:]  # the last `memory` inputs
+        a, b = self.conv(padded).chunk(2, dim=1)  # each (B, H, T): no padding, so output length T
+        g = torch.tanh(a) * torch.sigmoid(b)
+        return h + self.res(g), self.skip(g), new_past
+
+
+@register("conv")
+class ConvLM(LanguageModel):
+    """Causal dilated convnet language model; ``layers`` gated blocks of width ``hidden``."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__(config, vocab_size)
+        onehot = config.input == "onehot"
+        self.embed = None if onehot else nn.Embedding(vocab_size, config.embedding_dim)
+        self.inp = nn.Linear(vocab_size if onehot else config.embedding_dim, config.hidden)
+        k = config.kernel_size
+        self.blocks = nn.ModuleList(GatedBlock(config.hidden, k, k ** (i % DILATION_CYCLE)) for i in range(config.layers))
+        self.drop = nn.Dropout(config.dropout)
+        self.proj, self.head = output_layers(config.hidden, vocab_size, self.embed if config.tie_weights else None)
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens that can influence one output: 1 + sum of the blocks' look-back."""
+        return 1 + sum(b.memory for b in self.blocks)
+
+    @classmethod
+    def preset(cls, n_train_chars: int) -> dict[str, dict[str, Any]]:
+        # Eight blocks per recurrent layer of the RNN preset, half as wide: roughly the LSTM's
+        # parameter count, with a 256-token receptive field at kernel 2.
+        base = preset_for(n_train_chars)
+        model = {**base["model"], "layers": 8 * base["model"]["layers"], "hidden": base["model"]["hidden"] // 2}
+        return {"model": model, "train": base["train"]}
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, train: TrainConfig | None = None) -> None:
+        super().check_config(model, train)
+        if model.kernel_size < 2:
+            raise ConfigError("kernel_size", "a conv model needs --kernel-size of at least 2 to look back")
+
+    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        B = idx.shape[0]
+        if self.embed is None:
+            x = F.one_hot(idx, self.vocab_size).to(self.inp.weight.dtype)  # (B, T, V)
+        else:
+            x = self.embed(idx)  # (B, T, E)
+        h = self.drop(self.inp(x)).transpose(1, 2)  # (B, H, T)
+        skips = torch.zeros_like(h)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            past = state[i] if state is not None else h.new_zeros(B, h.shape[1], block.memory)
+            h, skip, past = block(h, past)
+            skips = skips + skip
+            new_state.append(past)
+        out = self.drop(F.relu(skips)).transpose(1, 2)  # (B, T, H)
+        if self.proj is not None:
+            out = self.proj(out)  # (B, T, E)
+        return self.head(out), tuple(new_state)  # (B, T, V)
