@@ -118,3 +118,34 @@ def test_word_generation_on_nietzsche_never_draws_unk(tmp_path):
     cold = [tok.decode([i]) for i in samples[0].tokens]
     joins = sum(a[-1].isalnum() and b[0].isalnum() for a, b in zip(cold, cold[1:]))
     assert joins <= len(cold) // 10
+
+
+class _Bigram(torch.nn.Module):
+    """A fixed bigram 'model': after token a comes follow[a] (greedy), whatever the history."""
+
+    def __init__(self, follow: dict[int, int], vocab: int) -> None:
+        super().__init__()
+        self.table = torch.full((vocab, vocab), -10.0)
+        for a in range(vocab):
+            self.table[a, follow.get(a, next(iter(follow.values())))] = 10.0
+
+    def forward(self, idx, state=None):
+        return self.table[idx], state  # (B, T, V)
+
+    def select_state(self, state, index):
+        return state
+
+
+def test_stream_never_emits_half_a_character():
+    """Byte-level tokens: é is two byte tokens; the stream holds the first back instead of printing U+FFFD."""
+    from charloom.api import Model
+    from charloom.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.fit("é", vocab_size=256)  # bytes only: no merge joins é's two bytes
+    first, second = tok.encode("é")
+    model = Model(_Bigram({first: second, second: first}, tok.vocab_size), tok, {"train": {}})
+    pieces = list(model.stream("é", length=6, temperature=0.0, seed=0))
+    assert pieces == ["", "é", "", "é", "", "é"]
+    assert [tok.decode([i]) for i in tok.encode("éé")] == ["\ufffd"] * 4  # what decoding one token at a time would print
+    odd = list(model.stream("é", length=5, temperature=0.0, seed=0))
+    assert odd[-1] == "\ufffd"  # a character cut off by the length limit is shown, not dropped

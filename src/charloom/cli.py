@@ -18,6 +18,8 @@ from .config import RECIPES, ConfigError, ModelConfig, TrainConfig, parse_durati
 from .errors import CharloomError
 
 PRESET_FIELDS = {"layers", "hidden", "dropout", "epochs"}
+# Settings the transformer's preset changes (it trains on random windows with tied weights).
+ARCH_PRESET_FIELDS = {"tie_weights", "batching", "seq_len", "window_step"}
 
 
 class UsageError(Exception):
@@ -56,7 +58,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) 
         if f.name in book and book[f.name] != default:
             notes.append(f"book recipe: {book[f.name]}")
         if f.name in PRESET_FIELDS:
-            notes.append("sized to the corpus by default")
+            notes.append("sized to the corpus and architecture by default")
+        if f.name in ARCH_PRESET_FIELDS:
+            notes.append("the transformer sets its own by default")
         help_text = f"{f.metadata['help']} ({'; '.join(notes)})"
         kind = str(f.type)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
