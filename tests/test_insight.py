@@ -190,7 +190,7 @@ def test_pages_escape_all_text():
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
 def test_activations_are_the_recurrent_state(arch):
     torch.manual_seed(0)
-    net = build_model(ModelConfig(arch=arch, layers=2, hidden=12, embedding_dim=6, dropout=0.0), 9).eval()
+    net = build_model(ModelConfig(model=arch, layers=2, hidden=12, embedding_dim=6, dropout=0.0), 9).eval()
     idx = torch.randint(0, 9, (2, 15))
     acts = net.activations(idx)
     assert acts.shape == (2, 15, 12)
@@ -206,7 +206,7 @@ def test_activations_refused_cleanly_for_other_architectures():
             return torch.zeros(*idx.shape, self.vocab_size), None
 
     with pytest.raises(CharloomError, match="does not expose per-step cell activations"):
-        Conv(ModelConfig(arch="conv"), 5).activations(torch.zeros(1, 3, dtype=torch.long))
+        Conv(ModelConfig(model="conv"), 5).activations(torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_text_features_by_hand():

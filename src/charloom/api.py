@@ -20,15 +20,15 @@ import torch
 from . import __version__
 from .checkpoint import RunDir, load_training_state, load_weights, read_config, resolve
 from .config import (RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfig, apply_overrides, from_dict,
-                     preset_for, to_dict)
+                     to_dict)
 from .corpus import load_corpus
 from .data import open_ids, write_ids
 from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
-from .models import LanguageModel, build_model
+from .models import LanguageModel, build_model, model_class
 from .sampling import Noise, build_pipeline, process, resolve_seed
-from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, tokenizer_from_dict
+from .tokenizers import Tokenizer, UnknownSymbolsError, fit_tokenizer, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
@@ -87,7 +87,7 @@ class Model:
 
     def __repr__(self) -> str:
         m = self.net.config
-        return (f"<charloom.Model {m.arch} {m.layers}x{m.hidden}, {self.net.num_parameters():,} parameters, "
+        return (f"<charloom.Model {m.model} {m.layers}x{m.hidden}, {self.net.num_parameters():,} parameters, "
                 f"{self.tokenizer.vocab_size} tokens{f', from {self.path}' if self.path else ''}>")
 
     # -- prompts --------------------------------------------------------------------------------
@@ -98,9 +98,7 @@ class Model:
         try:
             ids = self.tokenizer.encode(prompt, unknown=unknown)
         except UnknownSymbolsError as exc:
-            raise CharloomError(
-                "prompt", f"characters the model never saw: {''.join(exc.symbols)!r} (the model knows {exc.alphabet!r})",
-                "remove them or pass --unknown skip or --unknown replace") from None
+            raise CharloomError("prompt", exc.describe(), "remove them or pass --unknown skip or --unknown replace") from None
         except ValueError as exc:
             raise CharloomError("--unknown", str(exc), "use error, skip or replace") from None
         if not ids:
@@ -135,8 +133,16 @@ class Model:
         """Yield the continuation of ``prompt`` piece by piece as it is drawn."""
         steps, _ = self._iterate(prompt, length=length, temperatures=[temperature], num_samples=1,
                                  top_k=top_k, top_p=top_p, seed=seed, unknown=unknown)
+        # One piece per token; a byte-level token may complete no character yet (an empty piece), and
+        # whatever is still held back at the end joins the last piece.
+        decoder = self.tokenizer.stream_decoder()
+        piece = None
         for ids in steps:
-            yield self.tokenizer.decode([int(ids[0])])
+            if piece is not None:
+                yield piece
+            piece = decoder.push(int(ids[0]))
+        if piece is not None:
+            yield piece + decoder.flush()
 
     def generate(self, prompt: str = "", *, length: int = 400, temperature: float | Sequence[float] = 1.0,
                  num_samples: int = 1, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -192,12 +198,16 @@ class Model:
             ids = open_ids(run.ids_path, corpus["dtype"])
             start, chars = int(corpus["split"]), int(corpus["val_chars"])
         else:
-            encoded = self.encode_prompt(text, unknown="error") if text else []
+            # Out-of-vocabulary words score as <unk>, as they did in training; a char model refuses them.
+            unknown = "error" if self.tokenizer.unk_id is None else "replace"
+            encoded = self.encode_prompt(text, unknown=unknown) if text else []
             if len(encoded) < 2:
                 raise CharloomError("evaluate", "the text is too short to score (fewer than 2 tokens)", "give a longer text")
             ids = np.asarray(encoded, dtype=np.int64)
             start = 1
-            chars = len(self.tokenizer.decode(encoded[1:]))
+            # The first token is context only: every character after it is scored.
+            scored_text = text.lower() if self.train_config.lowercase else text
+            chars = len(scored_text) - len(self.tokenizer.decode(encoded[:1]))
         window = self.train_config.generation_window
         if window:
             total, n = windowed_nats(self.net, ids, start, len(ids), window)
@@ -235,6 +245,9 @@ def load(path: str | os.PathLike, which: str = "best") -> Model:
 
 def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, then the recipe, then the size preset (default recipe), then explicit settings."""
+    if "arch" in settings and "model" not in settings:  # the name before --model
+        settings = {**settings, "model": settings["arch"]}
+        settings.pop("arch")
     unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
     if unknown:
         raise CharloomError(f"setting {unknown[0]!r}", "unknown", "see charloom train --help for the settings")
@@ -242,8 +255,13 @@ def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tupl
     if recipe not in RECIPES:
         raise CharloomError("--recipe", f"unknown recipe {recipe!r}", f"use one of {', '.join(RECIPES)}")
     layers: list[dict[str, dict[str, Any]]] = [RECIPES[recipe]]
+    arch = settings.get("model", RECIPES[recipe]["model"].get("model", ModelConfig.model))
+    try:
+        cls = model_class(arch)
+    except ValueError as exc:
+        raise CharloomError("--model", str(exc), "pick one of the listed architectures") from None
     if recipe == "default" and n_train_chars is not None:
-        layers.append(preset_for(n_train_chars))
+        layers.append(cls.preset(n_train_chars))
     model_values: dict[str, Any] = {}
     train_values: dict[str, Any] = {}
     for layer in layers:
@@ -254,6 +272,9 @@ def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tupl
     try:
         mcfg = apply_overrides(ModelConfig(), model_values).validate()
         tcfg = apply_overrides(TrainConfig(), train_values).validate()
+        if not mcfg.context:  # "the training window", fixed now so the checkpoint records it
+            mcfg.context = tcfg.seq_len
+        cls.check_config(mcfg, tcfg)
     except ConfigError as exc:
         raise _config_error(exc) from None
     except TypeError as exc:
@@ -410,8 +431,16 @@ def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: di
         raise CharloomError(where, f"too short for one training sequence ({len(text)} characters; need about "
                             f"{math.ceil(need / (1 - val_fraction))} with --seq-len {tcfg.seq_len})",
                             "use a longer text or a smaller --seq-len")
-    tokenizer = CharTokenizer.fit(text)
-    ids = tokenizer.encode_corpus(text)
+    try:
+        tokenizer = fit_tokenizer(tcfg.tokens, train_text, text, tcfg.vocab_size)
+    except ValueError as exc:
+        raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
+    # Encoded split by split, so the validation split starts at a token boundary.
+    train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
+    if len(train_ids) < need or len(val_ids) < 2:
+        raise CharloomError(where, f"too short for one training sequence ({len(train_ids)} training tokens of "
+                            f"{tcfg.tokens}; need {need} with --seq-len {tcfg.seq_len})", "use a longer text or a smaller --seq-len")
+    ids = np.concatenate([train_ids, val_ids])
     run = RunDir(Path(out) if out is not None else default_run_dir(text_corpus.name))
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
@@ -422,17 +451,18 @@ def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: di
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
         "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
         "corpus": {"name": text_corpus.name, "files": text_corpus.files, "chars": len(text), "lowercase": lowercase,
-                   "split": len(train_text), "val_chars": len(val_text), "dtype": ids.dtype.name},
+                   "split": len(train_ids), "train_chars": len(train_text), "val_chars": len(val_text), "dtype": ids.dtype.name},
     }
     model = Model(net, tokenizer, config)
     if verbose:
         for note in text_corpus.notes:
             print(f"note: {note}", file=stream)
         print(f"corpus {text_corpus.name}: {len(text):,} chars ({len(train_text):,} train, {len(val_text):,} validation), "
-              f"{tokenizer.vocab_size} distinct{' after lowercasing' if lowercase else ''}", file=stream)
-        print(f"model {mcfg.arch} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
+              f"{len(set(text))} distinct characters{' after lowercasing' if lowercase else ''}", file=stream)
+        print(f"{tcfg.tokens} tokens: {tokenizer.vocab_size:,} in the vocabulary, {len(ids):,} in the corpus", file=stream)
+        print(f"model {mcfg.model} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
               f"run directory {run.path}", file=stream)
-    return run, model, tcfg, open_ids(run.ids_path, ids.dtype.name), len(train_text), len(val_text)
+    return run, model, tcfg, open_ids(run.ids_path, ids.dtype.name), len(train_ids), len(val_text)
 
 
 def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model, dict[str, Any], TrainConfig, np.ndarray, int, int]:

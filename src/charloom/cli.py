@@ -19,6 +19,8 @@ from .config import RECIPES, ConfigError, ModelConfig, TrainConfig, parse_durati
 from .errors import CharloomError
 
 PRESET_FIELDS = {"layers", "hidden", "dropout", "epochs"}
+# Settings the transformer's preset changes (it trains on random windows with tied weights).
+ARCH_PRESET_FIELDS = {"tie_weights", "batching", "seq_len", "window_step"}
 
 
 class UsageError(Exception):
@@ -57,7 +59,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) 
         if f.name in book and book[f.name] != default:
             notes.append(f"book recipe: {book[f.name]}")
         if f.name in PRESET_FIELDS:
-            notes.append("sized to the corpus by default")
+            notes.append("sized to the corpus and architecture by default")
+        if f.name in ARCH_PRESET_FIELDS:
+            notes.append("the transformer sets its own by default")
         help_text = f"{f.metadata['help']} ({'; '.join(notes)})"
         kind = str(f.type)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
@@ -105,7 +109,8 @@ def build_parser() -> Parser:
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens with probability >= P (default: 1.0 = off)")
     g.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per temperature, drawn in one batch (default: 1)")
     g.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
-                   help="prompt characters the model never saw: error, skip them, or replace them with a space (default: error)")
+                   help="prompt characters (words, for a word model) the model never saw: error, skip them, or replace them "
+                        "with a space (<unk> for a word model) (default: error)")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
 

@@ -28,21 +28,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """What network to build. ``arch`` picks a registered architecture (see ``charloom.models``)."""
+    """What network to build. ``model`` picks a registered architecture (see ``charloom.models``)."""
 
-    arch: str = field(default="lstm", metadata=_help("architecture: lstm or gru"))
-    layers: int = field(default=2, metadata=_help("number of recurrent layers"))
-    hidden: int = field(default=512, metadata=_help("hidden units per layer"))
-    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot)"))
+    model: str = field(default="lstm", metadata=_help("architecture: lstm, gru, conv (causal dilated convnet) or transformer"))
+    layers: int = field(default=2, metadata=_help("number of layers (recurrent layers, conv blocks or transformer blocks)"))
+    hidden: int = field(default=512, metadata=_help("hidden units per layer (a transformer's model width)"))
+    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot; a transformer uses --hidden)"))
     input: str = field(default="embedding", metadata=_help("token input: embedding or onehot (the book)"))
     dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output"))
     init: str = field(default="torch", metadata=_help("weight initialisation: torch or keras (the book's Keras defaults)"))
+    tie_weights: bool = field(default=False, metadata=_help("share the input embedding with the output layer"))
+    heads: int = field(default=4, metadata=_help("transformer: attention heads"))
+    context: int = field(default=0, metadata=_help("transformer: tokens attended to, longer histories slide (0 = --seq-len)"))
+    positions: str = field(default="learned", metadata=_help("transformer: position encoding, learned or rotary"))
+    kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)"))
+
+    @property
+    def arch(self) -> str:
+        """The architecture's name (older spelling of ``model``)."""
+        return self.model
 
     def validate(self) -> "ModelConfig":
         """Refuse values no model can be built from."""
-        _positive_int(self, "layers", "hidden", "embedding_dim")
+        _positive_int(self, "layers", "hidden", "embedding_dim", "heads", "kernel_size")
+        _nonnegative_int(self, "context")
         _choice(self, "input", ("embedding", "onehot"))
         _choice(self, "init", ("torch", "keras"))
+        _choice(self, "positions", ("learned", "rotary"))
         if not (0.0 <= self.dropout < 1.0) or math.isnan(self.dropout):
             raise ConfigError("dropout", f"dropout must be in [0, 1), got {self.dropout}")
         return self
@@ -53,6 +65,8 @@ class TrainConfig:
     """How to train: data layout, optimiser, schedule, stopping, evaluation and samples."""
 
     recipe: str = field(default="default", metadata=_help("default (ours) or book (Deep Learning with Python, section 8.1)"))
+    tokens: str = field(default="char", metadata=_help("what a token is: char, word (words, punctuation, whitespace) or bpe (byte-level BPE)"))
+    vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)"))
     lowercase: bool | None = field(default=None, metadata=_help("lowercase the corpus (default: on for the nietzsche corpus and the book recipe)"))
     val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation"))
     objective: str = field(default="all", metadata=_help("all: every position is a target; last: only the char after each window (the book)"))
@@ -81,6 +95,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
         _choice(self, "recipe", tuple(RECIPES))
+        _choice(self, "tokens", ("char", "word", "bpe"))
+        _nonnegative_int(self, "vocab_size")
+        if self.tokens == "char" and self.vocab_size:
+            raise ConfigError("vocab_size", "--vocab-size applies to word and bpe tokens; a char model keeps every character")
         _choice(self, "objective", ("all", "last"))
         _choice(self, "batching", ("stream", "windows"))
         _choice(self, "optimizer", ("adamw", "rmsprop"))
@@ -170,7 +188,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # Deep Learning with Python, section 8.1: 60-char windows every 3 chars, one-hot input, LSTM(128),
     # softmax over the char after each window, RMSprop(lr=0.01), batch 128, 60 epochs.
     "book": {
-        "model": {"arch": "lstm", "layers": 1, "hidden": 128, "input": "onehot", "dropout": 0.0, "init": "keras"},
+        "model": {"model": "lstm", "layers": 1, "hidden": 128, "input": "onehot", "dropout": 0.0, "init": "keras"},
         "train": {
             "objective": "last", "batching": "windows", "seq_len": 60, "window_step": 3, "batch_size": 128,
             "optimizer": "rmsprop", "lr": 0.01, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant",
@@ -212,5 +230,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a config dataclass from ``to_dict`` output, ignoring keys a newer version added."""
     known = {f.name: f for f in fields(cls)}
+    if cls is ModelConfig and "arch" in data and "model" not in data:
+        data = {**data, "model": data["arch"]}  # checkpoints written before the field was renamed
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
     return cls(**kwargs)

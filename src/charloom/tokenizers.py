@@ -2,12 +2,20 @@
 
 Every tokenizer offers the same small surface so the rest of charloom never asks which kind it has:
 ``fit`` (classmethod), ``encode`` (with an unknown-symbol policy), ``encode_corpus`` (fast, for the
-whole training text), ``decode``, ``vocab_size``, ``banned_ids`` (never sampled), ``to_dict`` /
-``tokenizer_from_dict``.
+whole training text), ``decode``, ``stream_decoder`` (one token at a time, never a broken
+character), ``vocab_size``, ``banned_ids`` (never sampled), ``to_dict`` / ``tokenizer_from_dict``.
+
+Three kinds: ``char`` (one token per code point), ``word`` (words, punctuation and whitespace runs,
+with ``<unk>`` for what falls outside the vocabulary) and ``bpe`` (byte-level BPE, trained with
+Hugging Face ``tokenizers``, an optional dependency imported only when a BPE tokenizer is used).
 """
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
+from collections import Counter
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -18,9 +26,34 @@ UNKNOWN_POLICIES = ("error", "skip", "replace")
 class UnknownSymbolsError(ValueError):
     """The text holds symbols the tokenizer never saw; ``symbols`` lists them, ``alphabet`` the known ones."""
 
-    def __init__(self, symbols: list[str], alphabet: str) -> None:
-        self.symbols, self.alphabet = symbols, alphabet
-        super().__init__(f"symbols the model never saw: {''.join(symbols)!r}")
+    def __init__(self, symbols: list[str], alphabet: str, unit: str = "characters") -> None:
+        self.symbols, self.alphabet, self.unit = symbols, alphabet, unit
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """One clause for an error line: what is unknown and, for a small alphabet, what is known."""
+        if self.unit == "characters":
+            return f"characters the model never saw: {''.join(self.symbols)!r} (the model knows {self.alphabet!r})"
+        shown = ", ".join(repr(s) for s in self.symbols[:10]) + (f" and {len(self.symbols) - 10} more" if len(self.symbols) > 10 else "")
+        return f"{self.unit} the model never saw: {shown}"
+
+
+class StreamDecoder:
+    """Turns ids into text one at a time: ``push(id)`` returns the text that is now complete.
+
+    For tokens that are whole characters (char, word) that is just the token's text; byte-level
+    tokens hold back the bytes of a character split across tokens until it is complete.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer") -> None:
+        self.tokenizer = tokenizer
+
+    def push(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def flush(self) -> str:
+        """Whatever is held back at the end (an incomplete character becomes U+FFFD)."""
+        return ""
 
 
 class Tokenizer:
@@ -42,6 +75,24 @@ class Tokenizer:
     def banned_ids(self) -> list[int]:
         """Ids the sampler must never draw (e.g. an ``<unk>`` token)."""
         return []
+
+    @property
+    def unk_id(self) -> int | None:
+        """The id that stands for anything outside the vocabulary, if the tokenizer has one."""
+        return None
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: int = 0) -> "Tokenizer":
+        raise NotImplementedError
+
+    @classmethod
+    def fit_split(cls, train_text: str, full_text: str, vocab_size: int = 0) -> "Tokenizer":
+        """Fit for a run: on the training split, so validation measures unseen text."""
+        return cls.fit(train_text, vocab_size)
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A decoder for generated ids arriving one at a time."""
+        return StreamDecoder(self)
 
     def encode(self, text: str, unknown: str = "error") -> list[int]:
         raise NotImplementedError
@@ -85,9 +136,14 @@ class CharTokenizer(Tokenizer):
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
 
     @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
-        """The alphabet of ``text``."""
+    def fit(cls, text: str, vocab_size: int = 0) -> "CharTokenizer":
+        """The alphabet of ``text`` (``vocab_size`` is ignored: every character is kept)."""
         return cls(sorted(set(text)))
+
+    @classmethod
+    def fit_split(cls, train_text: str, full_text: str, vocab_size: int = 0) -> "CharTokenizer":
+        # No <unk> to fall back on, so the alphabet must cover the validation split too.
+        return cls.fit(full_text)
 
     @property
     def vocab_size(self) -> int:
@@ -103,8 +159,7 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str, unknown: str = "error") -> list[int]:
         """Ids of ``text``; unknown characters raise (``error``), vanish (``skip``) or become a space (``replace``)."""
-        if unknown not in UNKNOWN_POLICIES:
-            raise ValueError(f"unknown policy must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+        _check_policy(unknown)
         missing = self.unknown_symbols(text)
         if missing:
             if unknown == "error":
@@ -134,6 +189,182 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CharTokenizer":
         return cls(list(data["chars"]), data.get("replacement"))
+
+
+def _check_policy(unknown: str) -> None:
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown policy must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+
+
+# A word is a run of letters/digits/underscore; every other character is its own token, except that a
+# run of whitespace is one token ("\n\n", "  "). The three alternatives cover every character, so
+# joining the pieces gives the text back exactly.
+WORD_PATTERN = re.compile(r"\w+|\s+|[^\w\s]")
+UNK = "<unk>"
+
+
+class WordTokenizer(Tokenizer):
+    """Words, punctuation and whitespace runs as tokens; the ``vocab_size - 1`` most frequent are kept.
+
+    Id 0 is ``<unk>``: it replaces rarer tokens in the training text, is never sampled, and is what
+    ``--unknown replace`` puts in place of a prompt word the model never saw.
+    """
+
+    kind = "word"
+    DEFAULT_VOCAB = 5000
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        tokens = list(tokens)
+        if UNK in tokens or len(set(tokens)) != len(tokens):
+            raise ValueError("word tokens must be distinct and must not include <unk>")
+        self.tokens = [UNK, *tokens]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: int = 0) -> "WordTokenizer":
+        """The most frequent tokens of ``text``: ``vocab_size`` ids in all, ``<unk>`` included (0 = 5000)."""
+        limit = (vocab_size or cls.DEFAULT_VOCAB) - 1
+        if limit < 1:
+            raise ValueError(f"a word vocabulary needs at least 2 entries (<unk> and one word), got {vocab_size}")
+        counts = Counter(WORD_PATTERN.findall(text))
+        # Most frequent first; ties broken by the token itself so the vocabulary is deterministic.
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+        return cls([t for t, _ in ranked])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def unk_id(self) -> int:
+        return 0
+
+    @property
+    def banned_ids(self) -> list[int]:
+        return [0]
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Ids of ``text``; unseen tokens raise (``error``), vanish (``skip``) or become ``<unk>`` (``replace``)."""
+        _check_policy(unknown)
+        pieces = WORD_PATTERN.findall(text)
+        if unknown == "error":
+            missing = list(dict.fromkeys(p for p in pieces if p not in self.index))
+            if missing:
+                raise UnknownSymbolsError(missing, "", unit="words")
+        if unknown == "skip":
+            return [self.index[p] for p in pieces if p in self.index]
+        return [self.index.get(p, 0) for p in pieces]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.tokens[int(i)] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokens": self.tokens[1:]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WordTokenizer":
+        return cls(list(data["tokens"]))
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in for each byte used by byte-level BPE (GPT-2's ``bytes_to_unicode``).
+
+    Bytes that are printable Latin-1 stand for themselves; the others map to code points from 256
+    up, in byte order. Reimplemented from the published scheme (openai/gpt-2, src/encoder.py).
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def _hf_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("BPE tokens need the Hugging Face tokenizers package; pip install 'charloom[bpe]'") from None
+    return tokenizers
+
+
+class _ByteStreamDecoder(StreamDecoder):
+    """Feeds each token's bytes to an incremental UTF-8 decoder, so a character split across tokens waits."""
+
+    def __init__(self, tokenizer: "BPETokenizer") -> None:
+        super().__init__(tokenizer)
+        self.bytes = tokenizer.token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.bytes[int(token_id)])
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE trained on the corpus: any text encodes (no unknown symbols), 256 byte tokens + merges."""
+
+    kind = "bpe"
+    DEFAULT_VOCAB = 1000
+
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+        byte_of = {s: b for b, s in enumerate(_byte_symbols())}
+        vocab = hf.get_vocab()  # token string (in byte stand-ins) -> id
+        self.token_bytes: list[bytes] = [b""] * len(vocab)
+        for token, i in vocab.items():
+            self.token_bytes[i] = bytes(byte_of[c] for c in token)
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: int = 0) -> "BPETokenizer":
+        """Learn merges on ``text`` until ``vocab_size`` tokens (0 = 1000; at least the 256 bytes)."""
+        size = vocab_size or cls.DEFAULT_VOCAB
+        if size < 256:
+            raise ValueError(f"a byte-level BPE vocabulary needs at least 256 entries (one per byte), got {size}")
+        tk = _hf_tokenizers()
+        hf = tk.Tokenizer(tk.models.BPE())
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                         show_progress=False)
+        hf.train_from_iterator([text], trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_bytes)
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Ids of ``text`` (every text encodes; ``unknown`` is checked but has nothing to do)."""
+        _check_policy(unknown)
+        return list(self.hf.encode(text).ids) if text else []
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; bytes that do not form whole UTF-8 characters become U+FFFD."""
+        return b"".join(self.token_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return _ByteStreamDecoder(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hf": json.loads(self.hf.to_str())}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BPETokenizer":
+        return cls(_hf_tokenizers().Tokenizer.from_str(json.dumps(data["hf"])))
+
+
+def fit_tokenizer(kind: str, train_text: str, full_text: str, vocab_size: int = 0) -> Tokenizer:
+    """A tokenizer of ``kind`` for a run (see :meth:`Tokenizer.fit_split`)."""
+    cls = Tokenizer.registry.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown token kind {kind!r}; known: {', '.join(sorted(Tokenizer.registry))}")
+    return cls.fit_split(train_text, full_text, vocab_size)
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:

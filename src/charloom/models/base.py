@@ -6,6 +6,11 @@
 transformer's KV cache. Callers only ever pass it back, ``detach_state`` it between training
 batches, or ``select_state`` rows of it (for beam search and batched samples). The model returns
 logits only; the trainer owns the loss.
+
+An architecture also says, through class attributes and classmethods rather than by name checks
+elsewhere, what it needs from a run: ``carries_state`` (False: state cannot continue across
+training batches, so the run must use random windows), ``preset`` (its default size for a corpus)
+and ``check_config`` (settings it cannot work with, e.g. a window longer than its context).
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
 
 State = Any
 MODELS: dict[str, type["LanguageModel"]] = {}
 
 
 def register(name: str) -> Callable[[type["LanguageModel"]], type["LanguageModel"]]:
-    """Class decorator: make an architecture buildable as ``ModelConfig(arch=name)``."""
+    """Class decorator: make an architecture buildable as ``ModelConfig(model=name)``."""
 
     def wrap(cls: type["LanguageModel"]) -> type["LanguageModel"]:
         MODELS[name] = cls
@@ -49,6 +54,21 @@ class LanguageModel(nn.Module):
 
     # Which dimension of every state tensor indexes the batch (nn.LSTM keeps (layers, B, H)).
     state_batch_dim: ClassVar[int] = 0
+    # Whether the state after one training batch may be fed to the next (contiguous streams).
+    carries_state: ClassVar[bool] = True
+
+    @classmethod
+    def preset(cls, n_train_chars: int) -> dict[str, dict[str, Any]]:
+        """Default model and training settings for a corpus of this size (the default recipe)."""
+        return preset_for(n_train_chars)
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, train: TrainConfig | None = None) -> None:
+        """Raise ConfigError for settings this architecture cannot use."""
+        if model.tie_weights and model.input == "onehot":
+            raise ConfigError("tie_weights", "--tie-weights needs an embedding to share; use --input embedding")
+        if train is not None and not cls.carries_state and train.batching == "stream":
+            raise ConfigError("batching", f"a {model.model} cannot carry its state across batches; use --batching windows")
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -83,8 +103,30 @@ class LanguageModel(nn.Module):
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> LanguageModel:
-    """Instantiate the registered architecture named by ``config.arch``."""
-    cls = MODELS.get(config.arch)
-    if cls is None:
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(sorted(MODELS))}")
+    """Instantiate the registered architecture named by ``config.model``."""
+    cls = model_class(config.model)
+    cls.check_config(config)
     return cls(config, vocab_size)
+
+
+def model_class(name: str) -> type[LanguageModel]:
+    """The registered architecture ``name``; ValueError naming the known ones otherwise."""
+    cls = MODELS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(MODELS))}")
+    return cls
+
+
+def output_layers(hidden: int, vocab_size: int, embedding: nn.Embedding | None) -> tuple[nn.Linear | None, nn.Linear]:
+    """``(proj, head)`` mapping hidden states (B, T, H) to logits (B, T, V): ``head(proj(h))``.
+
+    Untied (``embedding`` None): no projection, ``head`` is Linear(H, V). Tied (Press & Wolf 2017,
+    "Using the Output Embedding to Improve Language Models"): ``head`` reuses the embedding's
+    (V, E) matrix, after a bias-free projection H -> E when the sizes differ.
+    """
+    if embedding is None:
+        return None, nn.Linear(hidden, vocab_size)
+    proj = nn.Linear(hidden, embedding.embedding_dim, bias=False) if embedding.embedding_dim != hidden else None
+    head = nn.Linear(embedding.embedding_dim, vocab_size)
+    head.weight = embedding.weight  # one matrix, counted and saved once
+    return proj, head

@@ -1,6 +1,9 @@
 """Recurrent language models: LSTM and GRU, with embedding or one-hot input.
 
     idx (B, T) -> embed/one-hot (B, T, E) -> LSTM/GRU x layers (B, T, H) -> dropout -> Linear (B, T, V)
+
+With ``tie_weights`` the output Linear shares the embedding matrix (after a projection H -> E when
+the hidden size differs from the embedding size).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import LanguageModel, State, register
+from .base import LanguageModel, State, output_layers, register
 
 
 class RecurrentLM(LanguageModel):
@@ -29,7 +32,7 @@ class RecurrentLM(LanguageModel):
         self.rnn = self.cell(in_dim, config.hidden, num_layers=config.layers, batch_first=True,
                              dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden, vocab_size)
+        self.proj, self.head = output_layers(config.hidden, vocab_size, self.embed if config.tie_weights else None)
         if config.init == "keras":
             self._keras_init()
 
@@ -48,17 +51,21 @@ class RecurrentLM(LanguageModel):
                 nn.init.zeros_(param)
                 if self.cell is nn.LSTM and name.startswith("bias_ih"):
                     param.data[h:2 * h] = 1.0  # torch gate order: input, forget, cell, output
-        nn.init.xavier_uniform_(self.head.weight)
+        if not self.config.tie_weights:  # a tied matrix keeps the embedding's initialisation
+            nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
         x = self._inputs(idx)
         out, state = self.rnn(x, state)  # (B, T, H)
-        return self.head(self.drop(out)), state  # (B, T, V)
+        out = self.drop(out)
+        if self.proj is not None:
+            out = self.proj(out)  # (B, T, E)
+        return self.head(out), state  # (B, T, V)
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
-            return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
+            return F.one_hot(idx, self.vocab_size).to(self.head.bias.dtype)  # (B, T, V)
         return self.embed(idx)  # (B, T, E)
 
     @torch.no_grad()

@@ -1,0 +1,175 @@
+"""A small GPT: token (+ learned position) embedding, pre-norm blocks, causal attention, tied head.
+
+    idx (B, T) -> wte (B, T, D) [+ wpe] -> block x layers -> LayerNorm -> Linear, tied to wte (B, T, V)
+    block: x + attn(LN(x)), then x + MLP(LN(x)); MLP = Linear(D, 4D) -> GELU -> Linear(4D, D)
+
+After Radford et al. 2019 (GPT-2: pre-norm, the 1/sqrt(2 * layers) scaling of residual projections)
+and Su et al. 2021 (RoFormer: rotary positions). Attention is ``F.scaled_dot_product_attention``.
+
+State is a KV cache: ``{"ids": (B, L), "k": per layer (B, heads, L, D/heads), "v": same}``. A call
+with state attends over the cached L tokens plus its own, so generation costs one token per step.
+The cache never holds more than ``context`` tokens: when it is full, the oldest half is dropped
+and the keys and values of the newest half are recomputed from those tokens alone (positions
+restart at 0), so learned positions never run past what training saw. That costs one extra
+token-step per generated token on average. ``forward`` follows the same schedule for any input
+length, so one long call and token-by-token calls give the same logits.
+
+The cache cannot continue from one training batch to the next (each batch is a fresh window),
+so this model declares ``carries_state = False`` and trains on random windows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from .base import LanguageModel, State, output_layers, register
+
+DEFAULT_CONTEXT = 128  # when a config built outside a run leaves context at 0
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` (B, h, n, dh) with ``cos``/``sin`` (n, dh) (halves layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention over cached keys/values plus the new tokens."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` (B, n, D) -> (x, keys, values), keys/values (B, h, L + n, dh) including ``past``."""
+        B, n, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, n, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, n, dh)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, h, L + n, dh)
+        # No cache: the usual causal mask. With a cache, `mask` (n, L + n) lets query i see keys <= L + i;
+        # a single new token sees everything, so it needs no mask at all.
+        causal = past is None and n > 1
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, h, n, dh)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, n, D)))
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, k, v
+
+
+@register("transformer")
+class TransformerLM(LanguageModel):
+    """GPT-style decoder; width ``hidden``, ``layers`` blocks, ``heads`` heads, ``context`` tokens."""
+
+    carries_state = False
+
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__(config, vocab_size)
+        d = config.hidden
+        self.context = config.context or DEFAULT_CONTEXT
+        self.wte = nn.Embedding(vocab_size, d)
+        self.wpe = nn.Embedding(self.context, d) if config.positions == "learned" else None
+        if config.positions == "rotary":
+            dh = d // config.heads
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(d, config.heads, config.dropout) for _ in range(config.layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.proj, self.head = output_layers(d, vocab_size, self.wte if config.tie_weights else None)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                # GPT-2: N(0, 0.02), residual projections scaled down by sqrt(2 * layers).
+                scaled = name.endswith("out.weight") or name.endswith("mlp.2.weight")
+                nn.init.normal_(p, 0.0, 0.02 / (math.sqrt(2 * len(self.blocks)) if scaled else 1.0))
+
+    @classmethod
+    def preset(cls, n_train_chars: int) -> dict[str, dict[str, Any]]:
+        # 2 blocks on small corpora, 4 on mid-sized ones, 6 on large, 5/16 as wide as the RNN preset:
+        # 4 x 12 x 160^2 weights ~ the 1.2M of a 512-unit LSTM layer. Tied weights; random windows
+        # of 128 tokens starting every 64 (the cache cannot carry across batches).
+        base = preset_for(n_train_chars)
+        model = {**base["model"], "layers": 2 * base["model"]["layers"] + (0 if n_train_chars < 200_000 else 2),
+                 "hidden": base["model"]["hidden"] * 5 // 16, "tie_weights": True}
+        train = {**base["train"], "batching": "windows", "seq_len": 128, "window_step": 64}
+        return {"model": model, "train": train}
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, train: TrainConfig | None = None) -> None:
+        super().check_config(model, train)
+        if model.input != "embedding":
+            raise ConfigError("input", "a transformer reads an embedding; use --input embedding")
+        if model.hidden % model.heads:
+            raise ConfigError("heads", f"--hidden {model.hidden} must be a multiple of --heads {model.heads}")
+        if model.positions == "rotary" and (model.hidden // model.heads) % 2:
+            raise ConfigError("heads", "rotary positions need an even head size (--hidden / --heads)")
+        if train is not None and model.context and train.seq_len > model.context:
+            raise ConfigError("seq_len", f"--seq-len {train.seq_len} is longer than the transformer's --context {model.context}")
+        if train is not None and model.positions == "learned" and model.context > train.seq_len:
+            raise ConfigError("context", f"with learned positions --context ({model.context}) must not exceed --seq-len "
+                              f"({train.seq_len}): positions past it would never be trained")
+
+    def _run(self, idx: torch.Tensor, cache: State) -> tuple[torch.Tensor, State]:
+        """One pass over ``idx`` (B, n) after ``cache`` (L tokens, L + n <= context)."""
+        B, n = idx.shape
+        L = 0 if cache is None else cache["ids"].shape[1]
+        pos = torch.arange(L, L + n, device=idx.device)  # (n,)
+        x = self.wte(idx)  # (B, n, D)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            angles = pos[:, None].float() * self.inv_freq[None, :]  # (n, dh / 2)
+            angles = torch.cat([angles, angles], dim=-1)  # (n, dh)
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        x = self.drop(x)
+        mask = None
+        if L and n > 1:
+            mask = torch.arange(L + n, device=idx.device)[None, :] <= (L + torch.arange(n, device=idx.device))[:, None]
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            past = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, k, v = block(x, rope, mask, past)
+            keys.append(k)
+            values.append(v)
+        out = self.ln_f(x)
+        if self.proj is not None:
+            out = self.proj(out)
+        ids = idx if cache is None else torch.cat([cache["ids"], idx], dim=1)
+        return self.head(out), {"ids": ids, "k": tuple(keys), "v": tuple(values)}  # (B, n, V), cache
+
+    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        C, T = self.context, idx.shape[1]
+        pieces, t = [], 0
+        while t < T:
+            L = 0 if state is None else state["ids"].shape[1]
+            if L >= C:
+                # Full: keep the newest half and rebuild its cache from those tokens alone.
+                keep = C // 2
+                state = self._run(state["ids"][:, L - keep:], None)[1] if keep else None
+                L = keep
+            n = min(C - L, T - t)
+            logits, state = self._run(idx[:, t:t + n], state)
+            pieces.append(logits)
+            t += n
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), state
