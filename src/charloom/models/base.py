@@ -10,6 +10,7 @@ logits only; the trainer owns the loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -29,6 +30,22 @@ def register(name: str) -> Callable[[type["LanguageModel"]], type["LanguageModel
         return cls
 
     return wrap
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What ``charloom export`` needs from an architecture whose state is a fixed set of tensors.
+
+    The exported one-step model maps ``(token (B,), *state) -> (logits (B, V), *state)``.
+    """
+
+    state_names: tuple[str, ...]  # one name per flat state tensor (ONNX input names)
+    state_batch_dims: tuple[int, ...]  # the batch axis of each
+    zero_state: Callable[[int], tuple[torch.Tensor, ...]]  # batch size -> the state before any token
+    to_flat: Callable[[Any], tuple[torch.Tensor, ...]]  # model state -> flat tensors
+    from_flat: Callable[[tuple[torch.Tensor, ...]], Any]  # flat tensors -> model state
+    numpy_kind: str | None = None  # the network charloom's NumPy sampler runs ("lstm", "gru"); None: ONNX only
+    numpy_arrays: Callable[[], dict[str, Any]] | None = None  # the weights that network reads, by name
 
 
 def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
@@ -66,6 +83,10 @@ class LanguageModel(nn.Module):
         """Keep (or repeat, or reorder) batch rows ``index`` of ``state``."""
         dim = self.state_batch_dim
         return tree_map(lambda t: t.index_select(dim, index), state)
+
+    def export_spec(self) -> ExportSpec:
+        """How to export this model (see :mod:`charloom.export`); architectures that cannot, raise."""
+        raise NotImplementedError(f"export is not supported for this architecture ({self.config.arch})")
 
     def num_parameters(self) -> int:
         """Trainable parameters (a tied matrix counted once)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import LanguageModel, State, register
+from .base import ExportSpec, LanguageModel, State, register
 
 
 class RecurrentLM(LanguageModel):
@@ -58,6 +58,31 @@ class RecurrentLM(LanguageModel):
             x = self.embed(idx)  # (B, T, E)
         out, state = self.rnn(x, state)  # (B, T, H)
         return self.head(self.drop(out)), state  # (B, T, V)
+
+    def export_spec(self) -> ExportSpec:
+        """State ``h`` (and ``c`` for an LSTM), each (layers, B, hidden); NumPy network ``lstm`` or ``gru``."""
+        lstm = self.cell is nn.LSTM
+        names = ("h", "c") if lstm else ("h",)
+        layers, hidden = self.config.layers, self.config.hidden
+
+        def zero_state(batch: int) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(layers, batch, hidden) for _ in names)
+
+        def arrays() -> dict[str, object]:
+            # Names charloom.export.npsampler reads; gate order as torch stores it (i, f, g, o / r, z, n).
+            out = {"head.w": self.head.weight, "head.b": self.head.bias}
+            if self.embed is not None:
+                out["embed"] = self.embed.weight
+            for layer in range(layers):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    out[f"rnn.{layer}.{name}"] = getattr(self.rnn, f"{name}_l{layer}")
+            return {k: v.detach().cpu().float().numpy() for k, v in out.items()}
+
+        return ExportSpec(
+            state_names=names, state_batch_dims=(1,) * len(names), zero_state=zero_state,
+            to_flat=lambda state: tuple(state) if lstm else (state,),
+            from_flat=lambda flat: (flat[0], flat[1]) if lstm else flat[0],
+            numpy_kind="lstm" if lstm else "gru", numpy_arrays=arrays)
 
 
 @register("lstm")
