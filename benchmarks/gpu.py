@@ -1,7 +1,11 @@
 """GPU benchmark: validation loss reached on Tiny Shakespeare in 60 s and 180 s, throughput, generation speed.
 
     PYTHONPATH=src CHARLOOM_DATA=../shared/corpora python benchmarks/gpu.py        # one H100/H200: about 5 minutes
+    PYTHONPATH=src python benchmarks/gpu.py --corpus path/to/tinyshakespeare.txt  # a machine without CHARLOOM_DATA
     PYTHONPATH=src python benchmarks/gpu.py --smoke                               # CPU check of this script, ~1 minute
+
+A GPU machine without internet cannot download the corpus: bring tinyshakespeare.txt along
+(CHARLOOM_DATA or --corpus); the script checks the GPU and the corpus before it trains anything.
 
 One command, well under 10 minutes on one H100/H200-class GPU: two training runs on Tiny Shakespeare
 limited by wall-clock time (evaluations and checkpoints included in the budget), each scored at the
@@ -38,7 +42,7 @@ NANOGPT_NATS = 1.47  # nanoGPT README: shakespeare-char, 6 layers x 384, ~3 minu
 # (~13M parameters, about nanoGPT's 10.7M) with dropout against Tiny Shakespeare's quick overfit,
 # wide batches because cuDNN's LSTM is latency-bound per time step, not FLOP-bound.
 GPU_SETTINGS: dict[str, Any] = dict(
-    arch="lstm", layers=2, hidden=1024, embedding_dim=128, dropout=0.25, seq_len=256, batch_size=128,
+    arch="lstm", layers=2, hidden=1024, embedding_dim=128, dropout=0.3, seq_len=256, batch_size=128,
     lr=2e-3, weight_decay=0.1, warmup_steps=100, clip=1.0, epochs=100_000, patience=0, eval_every=400,
     sample_temperatures=(), seed=0,
 )
@@ -160,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
                            "nanogpt_target_nats": NANOGPT_NATS, "runs": []}
     print(json.dumps(doc["environment"]), file=sys.stderr, flush=True)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu.py: no CUDA GPU is visible; run --smoke on a CPU", file=sys.stderr)
+        return 2
+    try:
+        from charloom.corpus import load_corpus
+
+        load_corpus(args.corpus)  # fail now, not after minutes of training
+    except charloom.CharloomError as exc:
+        print(f"gpu.py: {exc.message}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="charloom-gpu-bench-") as tmp:
         best_run = None

@@ -58,3 +58,13 @@ def test_two_gpus_with_nccl_match_one_gpu(tmp_path, tiny_file):
     charloom.train(tiny_file, out=tmp_path / "one", **settings)
     torchrun(2, "train", str(tiny_file), "--out", str(tmp_path / "two"), "--quiet", *_flags(settings), cwd=tmp_path)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)  # cuDNN sums in its own order
+
+
+@pytest.mark.slow
+def test_compiled_training_step_learns_like_the_eager_one(tmp_path, tiny_file):
+    settings = dict(batch_size=8, max_steps=6, eval_every=6, **SETTINGS)
+    charloom.train(tiny_file, out=tmp_path / "eager", **settings)
+    compiled = charloom.train(tiny_file, out=tmp_path / "compiled", compile=True, **settings)
+    assert compiled.train_config.compile
+    # Inductor fuses and reorders float work, so equal to float tolerance, not bit for bit.
+    assert_same_weights(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-4)
