@@ -122,7 +122,7 @@ def build_parser() -> Parser:
     x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
     x.add_argument("--format", choices=["onnx", "numpy"], default="onnx",
                    help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
-    x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export)")
+    x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
     x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
     return parser
 
