@@ -23,6 +23,7 @@ from .config import (RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfi
                      to_dict)
 from .corpus import load_corpus
 from .data import open_ids, write_ids
+from .distributed import Runtime
 from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
@@ -34,7 +35,8 @@ from .train import Listener, StopFlag, Trainer, graceful_interrupt
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
-RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads"}
+RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
+                    "device", "precision", "compile"}
 
 
 class Completion(str):
@@ -368,6 +370,16 @@ class _RunListener(Listener):
         trainer.model.train()
 
 
+class _WorkerListener(_RunListener):
+    """Ranks other than 0 of a distributed job: rank 0 alone logs, samples and writes checkpoints."""
+
+    def on_eval(self, trainer: Trainer, row: dict[str, float], improved: bool) -> None: ...
+    def on_epoch_end(self, trainer: Trainer) -> None: ...
+
+    def save(self, trainer: Trainer, best: bool) -> Path:
+        return self.run.path
+
+
 def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *, out: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, encoding: str = "utf-8", errors: str = "strict",
           verbose: bool = False, progress: bool | None = False, stream: TextIO | None = None,
@@ -377,19 +389,34 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ``settings`` are ModelConfig and TrainConfig fields (``recipe="book"``, ``hidden=256``,
     ``max_time=60``...). ``resume=RUN_DIR`` continues a run from its last checkpoint. The run
     directory (``out``, default ``runs/<corpus>-<time>``) is created only once every input is valid.
+    Under ``torchrun`` every process calls this and they train as one job (see charloom.distributed).
     """
+    if resume is not None:
+        settings.setdefault("device", "auto")  # a resumed run may run on other hardware
+    runtime = Runtime.start(settings.get("device", "auto"), settings.get("precision", "auto"))
+    try:
+        return _train(runtime, corpus, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
+                      progress=progress, stream=stream, stop=stop, **settings)
+    finally:
+        runtime.close()
+
+
+def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: str, errors: str, verbose: bool,
+           progress: bool | None, stream: TextIO | None, stop: StopFlag | None, **settings: Any) -> Model:
     stream = stream or sys.stdout
+    verbose, progress = verbose and runtime.is_main, progress if runtime.is_main else False
     if resume is not None:
         run, model, trainer_state, tcfg, ids, split, val_chars = _prepare_resume(Path(resume), settings)
     else:
-        run, model, tcfg, ids, split, val_chars = _prepare_new(corpus, out, encoding, errors, settings, verbose, stream)
+        run, model, tcfg, ids, split, val_chars = _prepare_new(corpus, out, encoding, errors, settings, verbose, stream, runtime)
         trainer_state = None
-    torch.set_num_threads(tcfg.threads or available_cores())
-    listener = _RunListener(run, model, model.config, verbose, progress, stream, ids[:split])
+    torch.set_num_threads(tcfg.threads or runtime.default_threads(available_cores()))
+    listener = (_RunListener if runtime.is_main else _WorkerListener)(run, model, model.config, verbose, progress, stream, ids[:split])
     stop = stop or StopFlag()
-    trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars)
+    trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
+    runtime.decorrelate_rng(tcfg.seed + trainer.progress.step)
     listener.open_bar(trainer)
     try:
         with graceful_interrupt(stop):
@@ -400,6 +427,7 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                 listener.sample(trainer)  # a run shorter than an epoch still shows what it learned
     finally:
         listener.close_bar()
+    runtime.barrier()  # rank 0's last checkpoint is on disk before any rank reads the index
     model.net.eval()
     model.stop_reason = progress_state.stop_reason
     model.history = progress_state.history
@@ -411,7 +439,7 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 
 
 def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
-                 verbose: bool, stream: TextIO) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
+                 verbose: bool, stream: TextIO, runtime: Runtime | None = None) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
     """Read and check everything; only then create the run directory and the id cache."""
     text_corpus = load_corpus(corpus, encoding=encoding, errors=errors)
     _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
@@ -441,12 +469,15 @@ def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: di
         raise CharloomError(where, f"too short for one training sequence ({len(train_ids)} training tokens of "
                             f"{tcfg.tokens}; need {need} with --seq-len {tcfg.seq_len})", "use a longer text or a smaller --seq-len")
     ids = np.concatenate([train_ids, val_ids])
-    run = RunDir(Path(out) if out is not None else default_run_dir(text_corpus.name))
+    runtime = runtime or Runtime()
+    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(text_corpus.name)))
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
     net = build_model(mcfg, tokenizer.vocab_size)
-    write_ids(ids, run.ids_path)
+    if runtime.is_main:
+        write_ids(ids, run.ids_path)
+    runtime.barrier()  # every rank maps the ids rank 0 wrote
     config = {
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
         "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
@@ -488,3 +519,19 @@ def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model
     ids = open_ids(run.ids_path, corpus["dtype"])
     model.net.train()
     return run, model, state, tcfg, ids, int(corpus["split"]), int(corpus["val_chars"])
+
+
+def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathLike | None = None,
+           which: str = "best") -> Any:
+    """Export a run's (or checkpoint's) model as ONNX or NumPy into ``out`` (default RUN_DIR/export).
+
+    Returns a :class:`charloom.export.ExportResult` (files written, largest difference from PyTorch).
+    """
+    from .checkpoint import CONFIG_FILE
+    from .export import export_model
+
+    model = load(path, which=which)
+    if out is None:
+        is_run = not (Path(path) / CONFIG_FILE).is_file()
+        out = Path(path) / "export" if is_run else Path("charloom-export")
+    return export_model(model.net, model.tokenizer.to_dict(), model.config, format, out)

@@ -141,6 +141,13 @@ def build_parser() -> Parser:
                    help="a generation running longer ends with finish_reason 'time' (default: 60s)")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
     _add_insight_parsers(sub)
+    x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",
+                       description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
+    x.add_argument("--format", choices=["onnx", "numpy"], default="onnx",
+                   help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
+    x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
+    x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
     return parser
 
 
@@ -194,6 +201,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import api
+    from .distributed import is_main_process
 
     names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
     settings = _read_config_file(args.config) if args.config else {}
@@ -201,6 +209,8 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     model = api.train(args.corpus or None, out=args.out, resume=args.resume, encoding=args.encoding, errors=args.errors,
                       verbose=not args.quiet, progress=None, stream=stdout, **settings)
     run_dir = model.path.parent.parent if model.path else args.out
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 alone reports
     if model.stop_reason.startswith("stopped by"):
         print(f"charloom: interrupted; checkpoint saved in {run_dir}; resume with: charloom train --resume {run_dir}", file=stderr)
         return 130
@@ -337,8 +347,19 @@ def _cmd_neurons(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate,
-            "serve": _cmd_serve, "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons}
+def _cmd_export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from . import api
+
+    result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint)
+    for path in result.files:
+        stdout.write(f"{path}\n")
+    stdout.write(f"checked against PyTorch on {result.checked_batches} random batches of tokens and states: "
+                 f"largest difference {result.max_abs_diff:.2g}\n")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve,
+            "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:

@@ -91,6 +91,9 @@ class TrainConfig:
     generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state"))
     seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples"))
     threads: int = field(default=0, metadata=_help("torch threads (0 = all cores available to this process)"))
+    device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA, else fp32), fp32 or bf16"))
+    compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile"))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
@@ -103,6 +106,9 @@ class TrainConfig:
         _choice(self, "batching", ("stream", "windows"))
         _choice(self, "optimizer", ("adamw", "rmsprop"))
         _choice(self, "schedule", ("cosine", "constant"))
+        _choice(self, "precision", ("auto", "fp32", "bf16"))
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError("device", f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step")
         _nonnegative_int(self, "max_steps", "warmup_steps", "eval_every", "patience", "threads", "generation_window")
         if not (0.0 < self.val_fraction < 1.0):

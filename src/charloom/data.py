@@ -16,6 +16,11 @@ Each epoch starts at a random offset in [0, T) so batch boundaries move between 
 
 Random windows (``batching=windows``): windows of T ids starting every ``step`` ids, shuffled each
 epoch (the book's recipe takes one every 3 chars and learns only the id after each window).
+
+Data-parallel training (``rank``, ``world``): every rank computes the same global plan from the
+same seed and cuts only its own contiguous share of the B rows out of the memory map, so
+N ranks x B/N rows take exactly the ids that 1 rank x B rows takes, and the saved cursor means the
+same thing whatever the number of ranks that resumes it.
 """
 
 from __future__ import annotations
@@ -46,11 +51,29 @@ def open_ids(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
-class Batcher:
-    """Yields ``(x, y)`` LongTensors of shape (B, T) and keeps a resumable cursor."""
+def shard_rows(rows: int, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """Rank ``rank``'s contiguous share of ``rows`` batch rows, and that share as a fraction.
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+    A rank left without a row (fewer rows than ranks) gets row 0 with fraction 0, so it still runs
+    a step that contributes nothing to the gradient.
+    """
+    lo, hi = rows * rank // world, rows * (rank + 1) // world
+    if hi > lo:
+        return np.arange(lo, hi), (hi - lo) / rows
+    return np.zeros(1, dtype=np.int64), 0.0
+
+
+class Batcher:
+    """Yields ``(x, y)`` LongTensors of shape (B, T) and keeps a resumable cursor.
+
+    With ``world > 1`` each batch holds only this rank's rows (see :func:`shard_rows`), and
+    ``share`` says which fraction of the global batch they are.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.ids, self.batch_size, self.seq_len = ids, batch_size, seq_len
+        self.rank, self.world = rank, world
+        self.share = 1.0  # this rank's fraction of the rows of the last batch
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.index = 0  # batches already taken in this epoch
@@ -64,8 +87,16 @@ class Batcher:
     def _make_plan(self) -> Any:
         raise NotImplementedError
 
-    def _batch(self, k: int) -> np.ndarray:
+    def _starts(self, k: int) -> np.ndarray:
+        """Where the rows of global batch ``k`` start in ``ids``, (B,)."""
         raise NotImplementedError
+
+    def _batch(self, k: int) -> np.ndarray:
+        starts = self._starts(k)  # (B,) global
+        if self.world > 1:
+            rows, self.share = shard_rows(len(starts), self.rank, self.world)
+            starts = starts[rows]  # (B / world,) this rank's rows only
+        return self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The next batch and whether it starts a new epoch (the caller then resets its state)."""
@@ -97,8 +128,8 @@ class Batcher:
 class StreamBatcher(Batcher):
     """B contiguous streams, T columns per step, random start offset per epoch."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
-        super().__init__(ids, batch_size, seq_len, seed)
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__(ids, batch_size, seq_len, seed, rank, world)
         if (len(ids) - seq_len) // batch_size < seq_len + 1:
             # Too few ids for B streams of one window each: use fewer streams.
             self.batch_size = max(1, (len(ids) - seq_len - 1) // (seq_len + 1))
@@ -115,16 +146,16 @@ class StreamBatcher(Batcher):
         offset = int(torch.randint(0, self.seq_len, (1,), generator=self.generator))
         return offset + np.arange(self.batch_size) * self.stream_len  # stream starts, (B,)
 
-    def _batch(self, k: int) -> np.ndarray:
-        starts = self._plan + k * self.seq_len  # (B,)
-        return self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T + 1)
+    def _starts(self, k: int) -> np.ndarray:
+        return self._plan + k * self.seq_len  # (B,)
 
 
 class WindowBatcher(Batcher):
     """Windows of T (+1 target) ids starting every ``step`` ids, in a fresh random order each epoch."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int = 1) -> None:
-        super().__init__(ids, batch_size, seq_len, seed)
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int = 1,
+                 rank: int = 0, world: int = 1) -> None:
+        super().__init__(ids, batch_size, seq_len, seed, rank, world)
         self.step = step
         self.num_windows = max(0, (len(ids) - seq_len - 1) // step + 1)
 
@@ -135,6 +166,5 @@ class WindowBatcher(Batcher):
     def _make_plan(self) -> Any:
         return torch.randperm(self.num_windows, generator=self.generator).numpy() * self.step
 
-    def _batch(self, k: int) -> np.ndarray:
-        starts = self._plan[k * self.batch_size:(k + 1) * self.batch_size]  # (B,), last batch may be short
-        return self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T + 1)
+    def _starts(self, k: int) -> np.ndarray:
+        return self._plan[k * self.batch_size:(k + 1) * self.batch_size]  # (B,), last batch may be short

@@ -33,7 +33,8 @@ def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, 
         lane_index = torch.as_tensor(list(lanes) if lanes is not None else range(rows), dtype=torch.long)
         p = len(prompt_ids)
         # history holds prompt + generated ids for every row: (rows, P + N).
-        history = torch.empty(rows, p + max_new_tokens, dtype=torch.long)
+        device = next(model.parameters()).device  # generate where the model is (CPU or GPU)
+        history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
         if window:
             logits, _ = model(history[:1, max(0, p - window):p])  # (1, <=W, V)
@@ -41,12 +42,12 @@ def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, 
         else:
             # Prefill once for one row, then copy the state to every row.
             logits, state = model(history[:1, :p])
-            state = model.select_state(state, torch.zeros(rows, dtype=torch.long))
+            state = model.select_state(state, torch.zeros(rows, dtype=torch.long, device=device))
         next_logits = logits[:, -1].expand(rows, -1)  # (rows, V)
         for i in range(max_new_tokens):
             t = p + i
             scores = process(pipeline, history[:, :t], next_logits.float())
-            ids = draw(scores, noise.next()[lane_index])  # (rows,)
+            ids = draw(scores, noise.next()[lane_index].to(device))  # (rows,)
             history[:, t] = ids
             yield ids
             if i + 1 == max_new_tokens:

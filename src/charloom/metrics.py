@@ -43,6 +43,11 @@ class EvalResult:
                 "tokens": self.tokens, "chars": self.chars}
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: its inputs go there (a CPU model keeps CPU tensors)."""
+    return next(model.parameters()).device
+
+
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # (N, V), (N,) -> (N,) in float32 for stable sums
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -77,7 +82,9 @@ def stateful_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, *
     for i, (row, (burn, count)) in enumerate(zip(rows, scored)):
         block[i, :len(row)] = torch.from_numpy(row)
         mask[i, burn:burn + count] = True
+    mask = mask.to(_device(model))
     model.eval()
+    block = block.to(_device(model))
     total, state = 0.0, None
     for c in range(0, length - 1, chunk):
         x = block[:, c:c + chunk]
@@ -99,13 +106,13 @@ def windowed_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, w
     # Targets with a full window, batched; the few early ones with shorter context, one by one.
     full_from = max(start, window)
     for t in range(start, min(full_from, end)):
-        x = torch.as_tensor(np.asarray(ids[:t], dtype=np.int64)).unsqueeze(0)
+        x = torch.as_tensor(np.asarray(ids[:t], dtype=np.int64)).unsqueeze(0).to(_device(model))
         logits, _ = model(x)
-        total += float(_nll(logits[:, -1], torch.tensor([int(ids[t])])).sum())
+        total += float(_nll(logits[:, -1], torch.tensor([int(ids[t])], device=x.device)).sum())
     offsets = np.arange(-window, 1)
     for b in range(full_from, end, batch):
         targets = np.arange(b, min(end, b + batch))
-        block = torch.as_tensor(np.asarray(ids[targets[:, None] + offsets], dtype=np.int64))  # (N, W + 1)
+        block = torch.as_tensor(np.asarray(ids[targets[:, None] + offsets], dtype=np.int64)).to(_device(model))  # (N, W + 1)
         logits, _ = model(block[:, :-1])
         total += float(_nll(logits[:, -1], block[:, -1]).sum())
     return total, max(0, end - start)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import Batcher, StreamBatcher, WindowBatcher
+from .distributed import Runtime, resolve_device
 from .metrics import stateful_nats, windowed_nats
 from .models import LanguageModel
 
@@ -76,12 +77,12 @@ def graceful_interrupt(flag: StopFlag) -> Iterator[StopFlag]:
             signal.signal(s, h)
 
 
-def make_batcher(ids: np.ndarray, cfg: TrainConfig) -> Batcher:
-    """The batcher for ``cfg.batching`` over training ids."""
+def make_batcher(ids: np.ndarray, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Batcher:
+    """The batcher for ``cfg.batching`` over training ids (rank ``rank``'s rows of each batch)."""
     if cfg.batching == "stream":
-        return StreamBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed)
+        return StreamBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     step = cfg.window_step if cfg.objective == "last" else max(1, cfg.window_step)
-    return WindowBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, step=step)
+    return WindowBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, step=step, rank=rank, world=world)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -101,12 +102,15 @@ class Trainer:
 
     def __init__(self, model: LanguageModel, ids: np.ndarray, split: int, cfg: TrainConfig,
                  listener: Listener | None = None, stop: StopFlag | None = None,
-                 val_chars: int | None = None) -> None:
+                 val_chars: int | None = None, runtime: Runtime | None = None) -> None:
         self.model, self.ids, self.split, self.cfg = model, ids, split, cfg
         self.listener = listener or Listener()
         self.stop = stop or StopFlag()
         self.val_chars = val_chars if val_chars is not None else len(ids) - split
-        self.batcher = make_batcher(ids[:split], cfg)
+        # Device, precision and (under torchrun) the process group; see charloom.distributed.
+        self.runtime = runtime or Runtime(resolve_device(cfg.device))
+        self.batcher = make_batcher(ids[:split], cfg, self.runtime.rank, self.runtime.world_size)
+        self.step_model = self.runtime.prepare(model, cfg, self.batcher)  # model, or DDP / compiled
         self.optimizer = make_optimizer(model, cfg)
         self.progress = Progress()
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
@@ -133,7 +137,9 @@ class Trainer:
     def evaluate(self, exact: bool = False) -> float:
         """Mean validation nats per token over the whole validation split."""
         end = len(self.ids)
-        if self.cfg.generation_window:
+        if self.runtime.distributed:
+            total, n = self.runtime.validation_nats(self.model, self.ids, self.split, end, self.cfg, exact)
+        elif self.cfg.generation_window:
             total, n = windowed_nats(self.model, self.ids, self.split, end, self.cfg.generation_window)
         else:
             total, n = stateful_nats(self.model, self.ids, self.split, end, streams=1 if exact else 16,
@@ -200,26 +206,31 @@ class Trainer:
             if p.step >= self.total_steps:
                 p.stop_reason = "reached max steps" if cfg.max_steps and p.step >= cfg.max_steps else "finished all epochs"
                 break
-            if cfg.max_time and time.perf_counter() - session_start >= cfg.max_time:
+            elapsed, stop_requested = self.runtime.sync_clock(time.perf_counter() - session_start, self.stop.requested)
+            if cfg.max_time and elapsed >= cfg.max_time:
                 p.stop_reason = "reached max time"
                 break
-            if self.stop.requested:
+            if stop_requested:
                 p.stop_reason = f"stopped by {self.stop.signal_name or 'request'}"
                 break
             t0 = time.perf_counter()
             x, y, new_epoch = self.batcher.next()  # (B, T) each
+            x, y = self.runtime.to_device(x, y)
             if new_epoch or cfg.batching == "windows":
                 state = None
-            lr = self.lr_at(p.step, time.perf_counter() - session_start)
+            lr = self.lr_at(p.step, elapsed)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits, state = model(x, state)  # (B, T, V)
+            with self.runtime.autocast():
+                logits, state = self.step_model(x, state)  # (B, T, V)
+            logits = logits.float()  # the loss in fp32 whatever precision the forward ran in
             if cfg.objective == "last":
                 loss = F.cross_entropy(logits[:, -1], y[:, -1])
                 supervised = y.shape[0]
             else:
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
                 supervised = y.numel()
+            supervised *= self.runtime.world_size  # the whole job's characters, for chars/s
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:

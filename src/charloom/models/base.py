@@ -15,6 +15,7 @@ and ``check_config`` (settings it cannot work with, e.g. a window longer than it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -34,6 +35,22 @@ def register(name: str) -> Callable[[type["LanguageModel"]], type["LanguageModel
         return cls
 
     return wrap
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What ``charloom export`` needs from an architecture whose state is a fixed set of tensors.
+
+    The exported one-step model maps ``(token (B,), *state) -> (logits (B, V), *state)``.
+    """
+
+    state_names: tuple[str, ...]  # one name per flat state tensor (ONNX input names)
+    state_batch_dims: tuple[int, ...]  # the batch axis of each
+    zero_state: Callable[[int], tuple[torch.Tensor, ...]]  # batch size -> the state before any token
+    to_flat: Callable[[Any], tuple[torch.Tensor, ...]]  # model state -> flat tensors
+    from_flat: Callable[[tuple[torch.Tensor, ...]], Any]  # flat tensors -> model state
+    numpy_kind: str | None = None  # the network charloom's NumPy sampler runs ("lstm", "gru"); None: ONNX only
+    numpy_arrays: Callable[[], dict[str, Any]] | None = None  # the weights that network reads, by name
 
 
 def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
@@ -96,6 +113,10 @@ class LanguageModel(nn.Module):
 
         raise CharloomError(f"architecture {self.config.arch!r}", "does not expose per-step cell activations",
                             "the neuron view works with recurrent models (lstm, gru)")
+
+    def export_spec(self) -> ExportSpec:
+        """How to export this model (see :mod:`charloom.export`); architectures that cannot, raise."""
+        raise NotImplementedError(f"export is not supported for this architecture ({self.config.arch})")
 
     def num_parameters(self) -> int:
         """Trainable parameters (a tied matrix counted once)."""

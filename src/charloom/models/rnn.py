@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import LanguageModel, State, output_layers, register
+from .base import ExportSpec, LanguageModel, State, output_layers, register
 
 
 class RecurrentLM(LanguageModel):
@@ -96,6 +96,33 @@ class RecurrentLM(LanguageModel):
             h = torch.sigmoid(o) * torch.tanh(c)
             cells.append(c)
         return torch.stack(cells, dim=1)  # (B, T, H)
+
+    def export_spec(self) -> ExportSpec:
+        """State ``h`` (and ``c`` for an LSTM), each (layers, B, hidden); NumPy network ``lstm`` or ``gru``."""
+        lstm = self.cell is nn.LSTM
+        names = ("h", "c") if lstm else ("h",)
+        layers, hidden = self.config.layers, self.config.hidden
+
+        def zero_state(batch: int) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(layers, batch, hidden) for _ in names)
+
+        def arrays() -> dict[str, object]:
+            # Names charloom.export.npsampler reads; gate order as torch stores it (i, f, g, o / r, z, n).
+            out = {"head.w": self.head.weight, "head.b": self.head.bias}
+            if self.embed is not None:
+                out["embed"] = self.embed.weight
+            for layer in range(layers):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    out[f"rnn.{layer}.{name}"] = getattr(self.rnn, f"{name}_l{layer}")
+            return {k: v.detach().cpu().float().numpy() for k, v in out.items()}
+
+        return ExportSpec(
+            state_names=names, state_batch_dims=(1,) * len(names), zero_state=zero_state,
+            to_flat=lambda state: tuple(state) if lstm else (state,),
+            from_flat=lambda flat: (flat[0], flat[1]) if lstm else flat[0],
+            # The NumPy sampler knows no H -> E projection, which tied weights with hidden != embedding add.
+            numpy_kind=("lstm" if lstm else "gru") if self.proj is None else None,
+            numpy_arrays=arrays if self.proj is None else None)
 
 
 @register("lstm")
