@@ -27,7 +27,7 @@ def test_run_directory_layout(tiny_run):
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json", "training_state.pt"]
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model"]["arch"] == "lstm" and config["tokenizer"] == "char" and config["torch_version"]
+    assert config["model"]["model"] == "lstm" and config["tokenizer"] == "char" and config["torch_version"]
     assert not [p for p in run.checkpoints.iterdir() if p.name.startswith(".")]  # no temporaries left
     assert run.metrics_path.read_text().startswith("step,epoch,seconds,lr,train_loss,val_loss,val_bpc")
 

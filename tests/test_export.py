@@ -31,7 +31,7 @@ def tiny_model(arch: str, input_kind: str, layers: int, window: int = 0) -> Mode
     """An untrained model over TINY_TEXT's alphabet (random weights are as good a test as trained ones)."""
     torch.manual_seed(1)
     tokenizer = CharTokenizer.fit(TINY_TEXT)
-    mcfg = ModelConfig(arch=arch, layers=layers, hidden=24, embedding_dim=8, input=input_kind, dropout=0.0)
+    mcfg = ModelConfig(model=arch, layers=layers, hidden=24, embedding_dim=8, input=input_kind, dropout=0.0)
     net = build_model(mcfg, tokenizer.vocab_size).eval()
     config = {"model": mcfg.__dict__, "train": {"generation_window": window, "lowercase": False}}
     return Model(net, tokenizer, config)
@@ -135,7 +135,7 @@ class NoExport(LanguageModel):
 @pytest.mark.parametrize("fmt", ["onnx", "numpy"])
 def test_architectures_without_an_export_hook_are_refused(tmp_path, monkeypatch, fmt):
     monkeypatch.setitem(MODELS, "noexport", NoExport)
-    net = build_model(ModelConfig(arch="noexport"), 5)
+    net = build_model(ModelConfig(model="noexport"), 5)
     with pytest.raises(CharloomError, match="not supported for this architecture \\(noexport\\); export one of: gru, lstm"):
         export_model(net, CharTokenizer("abcde").to_dict(), {}, fmt, tmp_path / "out")
     assert not (tmp_path / "out").exists()

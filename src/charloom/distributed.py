@@ -174,7 +174,7 @@ class Runtime:
         """
         if self.device is not None:
             model.to(self.device)
-        device = self.device or next(model.parameters()).device
+        device = self.device or next(model.parameters(), torch.empty(0)).device
         for module in model.modules():
             if isinstance(module, nn.RNNBase):
                 # One contiguous weight buffer: the layout cuDNN's fused LSTM/GRU kernels want.

@@ -33,7 +33,7 @@ def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, 
         lane_index = torch.as_tensor(list(lanes) if lanes is not None else range(rows), dtype=torch.long)
         p = len(prompt_ids)
         # history holds prompt + generated ids for every row: (rows, P + N).
-        device = next(model.parameters()).device  # generate where the model is (CPU or GPU)
+        device = next(model.parameters(), torch.empty(0)).device  # generate where the model is (CPU or GPU)
         history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
         if window:

@@ -45,7 +45,7 @@ class EvalResult:
 
 def _device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are: its inputs go there (a CPU model keeps CPU tensors)."""
-    return next(model.parameters()).device
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
