@@ -27,6 +27,7 @@ from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model
+from .preflight import check_memory_for
 from .sampling import Noise, build_pipeline, resolve_seed
 from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
@@ -34,7 +35,8 @@ from .train import Listener, StopFlag, Trainer, graceful_interrupt
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
-RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads"}
+RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
+                     "keep_last"}
 
 
 class Completion(str):
@@ -290,7 +292,8 @@ class _RunListener(Listener):
         self.config.update({"step": p.step, "epoch": p.epoch, "val_loss": p.history[-1]["val_loss"] if p.history else None,
                             "stop_reason": p.stop_reason})
         tok = self.model.tokenizer.to_dict()
-        path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best)
+        path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best,
+                             keep_last=trainer.cfg.keep_last)
         self.last_saved_step = p.step
         return path
 
@@ -339,7 +342,8 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     try:
         with graceful_interrupt(stop):
             progress_state = trainer.fit()
-            if listener.last_saved_step != progress_state.step:
+            diverged = progress_state.stop_reason.startswith("diverged")
+            if listener.last_saved_step != progress_state.step and not diverged:
                 listener.save(trainer, best=False)
     finally:
         listener.close_bar()
@@ -347,7 +351,13 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     model.stop_reason = progress_state.stop_reason
     model.history = progress_state.history
     index = run.index()
-    model.path = run.checkpoints / index["last"]
+    if diverged:
+        # The weights in memory are broken: give back the best checkpoint instead.
+        if not index:
+            raise CharloomError(str(run.path), progress_state.stop_reason.split("; ")[0] + "; no checkpoint was saved",
+                                f"lower the learning rate (e.g. --lr {tcfg.lr / 10:g}) and train again")
+        load_weights(run.checkpoints / index["best"], model.net)
+    model.path = run.checkpoints / index["best" if diverged else "last"]
     if verbose:
         print(f"stopped: {progress_state.stop_reason} at step {progress_state.step}; checkpoint saved in {run.path}", file=stream)
     return model
@@ -356,6 +366,7 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
                  verbose: bool, stream: TextIO) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
     """Read and check everything; only then create the run directory and the id cache."""
+    check_memory_for(corpus)
     text_corpus = load_corpus(corpus, encoding=encoding, errors=errors)
     _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
     lowercase = settings.get("lowercase")

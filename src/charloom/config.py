@@ -77,6 +77,7 @@ class TrainConfig:
     generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state"))
     seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples"))
     threads: int = field(default=0, metadata=_help("torch threads (0 = all cores available to this process)"))
+    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best"))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
@@ -85,7 +86,7 @@ class TrainConfig:
         _choice(self, "batching", ("stream", "windows"))
         _choice(self, "optimizer", ("adamw", "rmsprop"))
         _choice(self, "schedule", ("cosine", "constant"))
-        _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step")
+        _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step", "keep_last")
         _nonnegative_int(self, "max_steps", "warmup_steps", "eval_every", "patience", "threads", "generation_window")
         if not (0.0 < self.val_fraction < 1.0):
             raise ConfigError("val_fraction", f"val-fraction must be between 0 and 1, got {self.val_fraction}")
