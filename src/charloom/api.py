@@ -35,6 +35,7 @@ from .train import Listener, StopFlag, Trainer, graceful_interrupt
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
+MAX_GENERATED_TOKENS = 10_000_000  # one call's history buffer: rows x (prompt + length) int64 ids
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
                      "keep_last"}
 
@@ -110,6 +111,11 @@ class Model:
             raise CharloomError("--num-samples", f"must be a whole number >= 1, got {num_samples!r}", "ask for at least one sample")
         for t in temperatures:
             sample_config(t, top_k, top_p)
+        if len(temperatures) * num_samples * length > MAX_GENERATED_TOKENS:
+            raise CharloomError("--length", f"length x samples x temperatures is more than {MAX_GENERATED_TOKENS:,} tokens",
+                                "ask for fewer characters or samples")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63 - num_samples):
+            raise CharloomError("--seed", f"must be a whole number between -2**63 and 2**63 - 1, got {seed!r}", "use e.g. --seed 42")
         base = sample_config(temperatures[0], top_k, top_p)
         seed = resolve_seed(seed)
         ids = self.encode_prompt(prompt, unknown)

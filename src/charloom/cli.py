@@ -244,6 +244,9 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     except KeyboardInterrupt:
         print("charloom: interrupted", file=stderr)
         return 130
+    except OSError as exc:  # e.g. the disk filled while writing logs
+        print(f"charloom: {exc.filename or 'I/O'}: {exc.strerror or exc}; check free disk space and permissions", file=stderr)
+        return 2
     except MemoryError:
         print("charloom: out of memory: the allocation failed before the work was done; "
               "use a smaller corpus, batch or model, or raise the memory limit", file=stderr)
