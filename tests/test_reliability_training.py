@@ -277,3 +277,17 @@ def _io():
     import io
 
     return io.StringIO(), io.StringIO()
+
+
+def test_divergence_before_any_checkpoint_is_a_clean_error(tmp_path, tiny_file, monkeypatch):
+    from charloom.models.rnn import RecurrentLM
+
+    original = RecurrentLM.forward
+    monkeypatch.setattr(RecurrentLM, "forward", lambda self, idx, state=None: (
+        original(self, idx, state)[0] * (float("nan") if self.training else 1.0), None))
+    out, err = _io()
+    args = [a for k, v in dict(TINY_SETTINGS, sample_temperatures="").items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    code = main(["train", str(tiny_file), "--out", str(tmp_path / "run"), *args], out, err)
+    assert code == 2 and err.getvalue() == (f"charloom: {tmp_path / 'run'}: diverged at step 0: the loss was nan for 5 steps "
+                                            "in a row; no checkpoint was saved; lower the learning rate (e.g. --lr 0.0003) "
+                                            "and train again\n")
