@@ -140,6 +140,7 @@ def _train_args(corpus: Path, run: Path, **extra) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_within_a_step_and_saves(tmp_path, tiny_file, sig):
     run = tmp_path / "run"
@@ -154,7 +155,7 @@ def test_signal_stops_within_a_step_and_saves(tmp_path, tiny_file, sig):
         proc.kill()
     assert proc.returncode == 130, err
     assert f"resume with: charloom train --resume {run}" in err
-    assert took < 10, f"took {took:.1f}s to stop"
+    assert took < 15, f"took {took:.1f}s to stop"  # a step and a save take milliseconds; slack for loaded CI
     ckpt = checkpoint.resolve(run, "last")
     checkpoint.verify(ckpt)
     state = checkpoint.load_training_state(ckpt)
@@ -168,6 +169,7 @@ def test_signal_stops_within_a_step_and_saves(tmp_path, tiny_file, sig):
     assert int(resumed.path.name.split("-")[1]) == state["progress"]["step"] + 2
 
 
+@pytest.mark.slow
 def test_second_sigint_during_save_aborts_and_keeps_previous(tmp_path, tiny_file):
     run = tmp_path / "run"
     # The third save (step 15) sleeps just before its rename: signals arrive in the middle of it.
@@ -185,7 +187,7 @@ def test_second_sigint_during_save_aborts_and_keeps_previous(tmp_path, tiny_file
         took = time.monotonic() - sent
     finally:
         proc.kill()
-    assert proc.returncode == 130 and took < 5, (proc.returncode, err)
+    assert proc.returncode == 130 and took < 10, (proc.returncode, err)
     assert "Traceback" not in err
     index = json.loads((ckpts / "index.json").read_text())
     assert index["last"] == "step-00000010"
