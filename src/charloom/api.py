@@ -28,6 +28,7 @@ from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
+from .preflight import check_memory_for
 from .sampling import Noise, build_pipeline, process, resolve_seed
 from .tokenizers import Tokenizer, UnknownSymbolsError, fit_tokenizer, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
@@ -35,8 +36,9 @@ from .train import Listener, StopFlag, Trainer, graceful_interrupt
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
+MAX_GENERATED_TOKENS = 10_000_000  # one call's history buffer: rows x (prompt + length) int64 ids
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
-                    "device", "precision", "compile"}
+                    "device", "precision", "compile", "keep_last"}
 
 
 class Completion(str):
@@ -117,6 +119,11 @@ class Model:
             raise CharloomError("--num-samples", f"must be a whole number >= 1, got {num_samples!r}", "ask for at least one sample")
         for t in temperatures:
             sample_config(t, top_k, top_p)
+        if len(temperatures) * num_samples * length > MAX_GENERATED_TOKENS:
+            raise CharloomError("--length", f"length x samples x temperatures is more than {MAX_GENERATED_TOKENS:,} tokens",
+                                "ask for fewer characters or samples")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63 - num_samples):
+            raise CharloomError("--seed", f"must be a whole number between -2**63 and 2**63 - 1, got {seed!r}", "use e.g. --seed 42")
         base = sample_config(temperatures[0], top_k, top_p)
         seed = resolve_seed(seed)
         ids = self.encode_prompt(prompt, unknown)
@@ -343,7 +350,8 @@ class _RunListener(Listener):
         self.config.update({"step": p.step, "epoch": p.epoch, "val_loss": p.history[-1]["val_loss"] if p.history else None,
                             "stop_reason": p.stop_reason})
         tok = self.model.tokenizer.to_dict()
-        path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best)
+        path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best,
+                             keep_last=trainer.cfg.keep_last)
         self.last_saved_step = p.step
         return path
 
@@ -421,7 +429,8 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
     try:
         with graceful_interrupt(stop):
             progress_state = trainer.fit()
-            if listener.last_saved_step != progress_state.step:
+            diverged = progress_state.stop_reason.startswith("diverged")
+            if listener.last_saved_step != progress_state.step and not diverged:
                 listener.save(trainer, best=False)
             if not progress_state.stop_reason.startswith("stopped by"):
                 listener.sample(trainer)  # a run shorter than an epoch still shows what it learned
@@ -432,7 +441,13 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
     model.stop_reason = progress_state.stop_reason
     model.history = progress_state.history
     index = run.index()
-    model.path = run.checkpoints / index["last"]
+    if diverged:
+        # The weights in memory are broken: give back the best checkpoint instead.
+        if not index:
+            raise CharloomError(str(run.path), progress_state.stop_reason.split("; ")[0] + "; no checkpoint was saved",
+                                f"lower the learning rate (e.g. --lr {tcfg.lr / 10:g}) and train again")
+        load_weights(run.checkpoints / index["best"], model.net)
+    model.path = run.checkpoints / index["best" if diverged else "last"]
     if verbose:
         print(f"stopped: {progress_state.stop_reason} at step {progress_state.step}; checkpoint saved in {run.path}", file=stream)
     return model
@@ -441,6 +456,7 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
 def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
                  verbose: bool, stream: TextIO, runtime: Runtime | None = None) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
     """Read and check everything; only then create the run directory and the id cache."""
+    check_memory_for(corpus)
     text_corpus = load_corpus(corpus, encoding=encoding, errors=errors)
     _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
     lowercase = settings.get("lowercase")

@@ -15,16 +15,27 @@
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place;
 only then does ``index.json`` (itself replaced atomically) point at it. A crash at any moment
 leaves the previous checkpoint whole and referenced. Nothing is ever unpickled: weights come from
-safetensors and the training state from ``torch.load(weights_only=True)``.
+safetensors and the training state from ``torch.load(weights_only=True)``. A tensor holding NaN or
+infinity is refused on save as on load. A failed write (disk full) removes its temporary directory
+and raises a one-line CharloomError; the previous checkpoint stays referenced.
+
+Fault injection (for the reliability tests): ``CHARLOOM_FAULT=POINT[:ACTION]`` makes the N-th save
+of this process (``CHARLOOM_FAULT_AT=N``, default 1) stop at POINT, one of :data:`FAULT_POINTS`.
+ACTION is ``kill`` (SIGKILL, the default), ``enospc`` (raise a disk-full OSError) or ``sleep``
+(wait ``CHARLOOM_FAULT_SLEEP`` seconds, default 120, so a test can signal the process mid-save).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .errors import CheckpointError
+from .errors import CharloomError, CheckpointError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -41,6 +52,36 @@ STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
+FAULT_POINTS = ("after-temp-write", "before-rename", "after-rename", "before-index", "before-prune")
+_saves_started = 0  # saves begun by this process, counted for CHARLOOM_FAULT_AT
+
+
+def _fault(point: str) -> None:
+    """The fault-injection hook (see the module docstring); does nothing unless CHARLOOM_FAULT names ``point``."""
+    spec = os.environ.get("CHARLOOM_FAULT")
+    if not spec:
+        return
+    where, _, action = spec.partition(":")
+    if where != point or _saves_started != int(os.environ.get("CHARLOOM_FAULT_AT", "1")):
+        return
+    if action in ("", "kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == "sleep":
+        time.sleep(float(os.environ.get("CHARLOOM_FAULT_SLEEP", "120")))
+
+
+def _non_finite(tensors: Any, prefix: str = "") -> str:
+    """The name of the first floating tensor in a nested dict/list/tuple holding NaN or infinity, or ''."""
+    if isinstance(tensors, torch.Tensor):
+        return prefix if tensors.is_floating_point() and not bool(torch.isfinite(tensors).all()) else ""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors) if isinstance(tensors, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return ""
 
 
 def _sha256(path: Path) -> str:
@@ -125,49 +166,83 @@ class RunDir:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def save(self, step: int, model: torch.nn.Module, config: dict[str, Any], tokenizer: dict[str, Any],
-             training_state: dict[str, Any] | None, *, best: bool, extra_index: dict[str, Any] | None = None) -> Path:
-        """Write checkpoint ``step`` atomically, point ``last`` (and ``best`` if asked) at it, drop unreferenced ones."""
+             training_state: dict[str, Any] | None, *, best: bool, extra_index: dict[str, Any] | None = None,
+             keep_last: int = 1) -> Path:
+        """Write checkpoint ``step`` atomically, point ``last`` (and ``best`` if asked) at it, keep the
+        ``keep_last`` newest checkpoints plus the best, drop the rest."""
+        global _saves_started
+        _saves_started += 1
+        bad = _non_finite(model.state_dict()) or _non_finite(training_state or {})
+        if bad:
+            raise CheckpointError(f"checkpoint at step {step}", f"refused to save: tensor {bad} holds NaN or infinity",
+                                  "training diverged; lower the learning rate (--lr) and train again")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:08d}"
+        # A step saved again (an eval, then Ctrl-C after a resume) gets a new name, so the directory
+        # the index points at is never moved or deleted before the index points elsewhere.
+        name, n = f"step-{step:08d}", 0
+        while (self.checkpoints / name).exists():
+            n += 1
+            name = f"step-{step:08d}-{n}"
         final = self.checkpoints / name
         tmp = self.checkpoints / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, ensure_ascii=False)
-        with open(tmp / TOKENIZER_FILE, "w", encoding="utf-8") as fh:
-            json.dump(tokenizer, fh, ensure_ascii=False)
-        if training_state is not None:
-            torch.save(training_state, tmp / STATE_FILE)
-        files = sorted(p.name for p in tmp.iterdir())
-        for fname in files:
-            with open(tmp / fname, "rb") as fh:
-                os.fsync(fh.fileno())
-        manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
-        _write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        if final.exists():  # the same step saved again (e.g. an eval, then Ctrl-C): replace it
-            old = self.checkpoints / f".old-{name}-{os.getpid()}"
-            os.rename(final, old)
+        referenced = False
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_model(model, str(tmp / MODEL_FILE))
+            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
+                json.dump(config, fh, indent=2, ensure_ascii=False)
+            with open(tmp / TOKENIZER_FILE, "w", encoding="utf-8") as fh:
+                json.dump(tokenizer, fh, ensure_ascii=False)
+            if training_state is not None:
+                # Serialised in memory first: torch's zip writer reports a full disk as a bare RuntimeError.
+                buffer = io.BytesIO()
+                torch.save(training_state, buffer)
+                with open(tmp / STATE_FILE, "wb") as fh:
+                    fh.write(buffer.getbuffer())
+            _fault("after-temp-write")
+            files = sorted(p.name for p in tmp.iterdir())
+            for fname in files:
+                with open(tmp / fname, "rb") as fh:
+                    os.fsync(fh.fileno())
+            manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
+            _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+            _fault("before-rename")
             os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(self.checkpoints)
-        index = self.index()
-        index["last"] = name
-        if best or "best" not in index:
-            index["best"] = name
-        index.update(extra_index or {})
-        _write_json_atomic(self.checkpoints / INDEX_FILE, index)
-        self._prune(index)
+            _fault("after-rename")
+            _fsync_dir(self.checkpoints)
+            index = self.index()
+            index["last"] = name
+            if best or "best" not in index:
+                index["best"] = name
+            index.update(extra_index or {})
+            _fault("before-index")
+            _write_json_atomic(self.checkpoints / INDEX_FILE, index)
+            referenced = True
+        except (OSError, SafetensorError) as exc:
+            # Disk full or gone: drop the partial write; the index still names the previous checkpoint.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not referenced:
+                shutil.rmtree(final, ignore_errors=True)
+            # safetensors says "Error while serializing: I/O error: No space left on device (os error 28)"
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc).split("I/O error: ")[-1].split(" (os error")[0]
+            raise CharloomError(str(final), f"cannot write the checkpoint ({reason or exc})",
+                                f"free some disk space, then continue with: charloom train --resume {self.path}") from None
+        _fault("before-prune")
+        self._prune(index, keep_last)
         return final
 
-    def _prune(self, index: dict[str, Any]) -> None:
-        keep = {index.get("last"), index.get("best")}
+    def _prune(self, index: dict[str, Any], keep_last: int = 1) -> None:
+        steps = sorted(e.name for e in self.checkpoints.iterdir() if e.is_dir() and e.name.startswith("step-"))
+        keep = set(steps[-max(1, keep_last):]) | {index.get("last"), index.get("best")}
         for entry in self.checkpoints.iterdir():
             if entry.is_dir() and entry.name not in keep and (entry.name.startswith("step-") or entry.name.startswith(".")):
+                if not entry.name.startswith("."):
+                    # Rename first: a crash mid-delete must not leave a half checkpoint under a step- name.
+                    doomed = entry.with_name(f".del-{entry.name}-{os.getpid()}")
+                    os.rename(entry, doomed)
+                    entry = doomed
                 shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -214,6 +214,9 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if model.stop_reason.startswith("stopped by"):
         print(f"charloom: interrupted; checkpoint saved in {run_dir}; resume with: charloom train --resume {run_dir}", file=stderr)
         return 130
+    if model.stop_reason.startswith("diverged"):
+        print(f"charloom: {model.stop_reason}; best checkpoint: {model.path}", file=stderr)
+        return 2
     if args.quiet:
         print(run_dir, file=stdout)
     return 0
@@ -389,5 +392,12 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     except KeyboardInterrupt:
         print("charloom: interrupted", file=stderr)
         return 130
+    except OSError as exc:  # e.g. the disk filled while writing logs
+        print(f"charloom: {exc.filename or 'I/O'}: {exc.strerror or exc}; check free disk space and permissions", file=stderr)
+        return 2
+    except MemoryError:
+        print("charloom: out of memory: the allocation failed before the work was done; "
+              "use a smaller corpus, batch or model, or raise the memory limit", file=stderr)
+        return 2
     except BrokenPipeError:
         return 0

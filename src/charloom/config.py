@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA, else fp32), fp32 or bf16"))
     compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile"))
+    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best"))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
@@ -109,7 +110,7 @@ class TrainConfig:
         _choice(self, "precision", ("auto", "fp32", "bf16"))
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step")
+        _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step", "keep_last")
         _nonnegative_int(self, "max_steps", "warmup_steps", "eval_every", "patience", "threads", "generation_window")
         if not (0.0 < self.val_fraction < 1.0):
             raise ConfigError("val_fraction", f"val-fraction must be between 0 and 1, got {self.val_fraction}")

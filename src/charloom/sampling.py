@@ -33,7 +33,10 @@ def temperature(values: float | Sequence[float]) -> Processor:
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         t = torch.tensor(temps, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # (B or 1, 1)
         greedy = t == 0
-        scaled = logits / torch.where(greedy, torch.ones_like(t), t)
+        # Rows with T < 1 are shifted by their max first (softmax is unchanged): with a tiny T,
+        # logits / T would overflow to +inf and the softmax to NaN; shifted, every value stays <= 0.
+        shifted = torch.where(t < 1, logits - logits.max(dim=-1, keepdim=True).values, logits)
+        scaled = shifted / torch.where(greedy, torch.ones_like(t), t)
         if bool(greedy.any()):
             # Keep exactly one token per greedy row: the first argmax, as np.argmax would.
             top = logits.argmax(dim=-1, keepdim=True)

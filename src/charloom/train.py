@@ -36,6 +36,15 @@ class Progress:
     evals_since_best: int = 0
     stop_reason: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    loss_ema: float = math.nan  # saved so a resumed run logs the same smoothed losses
+    skipped: int = 0  # steps skipped because the loss was not finite (or absurdly high)
+
+
+# The divergence guard: a step whose loss is not finite, or above DIVERGED_FACTOR * ln(vocab) (far
+# worse than guessing uniformly, as the book's run at epoch 56: 14.57 nats over 57 chars), is
+# skipped; DIVERGED_STEPS such steps in a row stop the run, keeping the best checkpoint.
+DIVERGED_FACTOR = 3.0
+DIVERGED_STEPS = 5
 
 
 class Listener:
@@ -113,6 +122,8 @@ class Trainer:
         self.step_model = self.runtime.prepare(model, cfg, self.batcher)  # model, or DDP / compiled
         self.optimizer = make_optimizer(model, cfg)
         self.progress = Progress()
+        self.rnn_state: Any = None  # the recurrent state carried between stream batches, (layers, B, H)
+        self.diverge_above = max(10.0, DIVERGED_FACTOR * math.log(max(2, model.vocab_size)))
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -157,7 +168,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "progress": {"step": p.step, "epoch": p.epoch, "train_seconds": p.train_seconds,
                          "best_val": p.best_val, "evals_since_best": p.evals_since_best,
-                         "history": p.history},
+                         "history": p.history, "loss_ema": p.loss_ema, "skipped": p.skipped},
+            **({"rnn_state": self.rnn_state} if self.rnn_state is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -168,7 +180,9 @@ class Trainer:
         p = state["progress"]
         self.progress = Progress(step=int(p["step"]), epoch=int(p["epoch"]), train_seconds=float(p["train_seconds"]),
                                  best_val=float(p["best_val"]), evals_since_best=int(p["evals_since_best"]),
-                                 history=list(p["history"]))
+                                 history=list(p["history"]), loss_ema=float(p.get("loss_ema", math.nan)),
+                                 skipped=int(p.get("skipped", 0)))
+        self.rnn_state = state.get("rnn_state")
 
     # -- the loop -------------------------------------------------------------------------------
     def _eval_due(self, step: int, epoch_ended: bool) -> bool:
@@ -179,6 +193,9 @@ class Trainer:
     def _run_eval(self, loss_ema: float, chars_per_s: float) -> bool:
         p = self.progress
         val = self.evaluate()
+        if not math.isfinite(val):
+            p.stop_reason = self._diverged(f"the validation loss is {val}")
+            return False
         improved = val < p.best_val
         if improved:
             p.best_val, p.evals_since_best = val, 0
@@ -194,12 +211,17 @@ class Trainer:
             p.stop_reason = f"no better validation loss in {self.cfg.patience} evaluations (early stopping)"
         return improved
 
+    def _diverged(self, what: str) -> str:
+        return (f"diverged at step {self.progress.step}: {what}; lower the learning rate "
+                f"(e.g. --lr {self.cfg.lr / 10:g}) and train again (the best checkpoint is kept)")
+
     def fit(self) -> Progress:
         """Train until epochs, steps, time, patience or a stop request end it."""
         cfg, p, model = self.cfg, self.progress, self.model
         model.train()
-        state = None
-        loss_ema = math.nan
+        state = self.rnn_state  # None, or the stream state a resumed run left off with
+        loss_ema = p.loss_ema
+        bad_run = 0  # consecutive skipped steps
         chars_per_s = 0.0
         session_start = time.perf_counter()
         while not p.stop_reason:
@@ -232,17 +254,28 @@ class Trainer:
                 supervised = y.numel()
             supervised *= self.runtime.world_size  # the whole job's characters, for chars/s
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            value = loss.item()
+            if math.isfinite(value) and value <= self.diverge_above:
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip else None
+                value = value if norm is None or bool(torch.isfinite(norm)) else math.inf
+            if not math.isfinite(value) or value > self.diverge_above:
+                # Skip the update; after DIVERGED_STEPS in a row, stop.
+                self.optimizer.zero_grad(set_to_none=True)
+                state = self.rnn_state = None
+                p.skipped, bad_run = p.skipped + 1, bad_run + 1
+                if bad_run >= DIVERGED_STEPS:
+                    p.stop_reason = self._diverged(f"the loss was {value:g} for {bad_run} steps in a row")
+                continue
+            bad_run = 0
             self.optimizer.step()
             if state is not None:
                 state = model.detach_state(state)
+            self.rnn_state = state
             p.step += 1
             dt = time.perf_counter() - t0
             p.train_seconds += dt
-            value = loss.item()
-            loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
+            loss_ema = p.loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
             chars_per_s = supervised / dt if chars_per_s == 0 else 0.9 * chars_per_s + 0.1 * supervised / dt
             self.listener.on_step(self, loss_ema, chars_per_s)
             epoch_ended = self.batcher.index >= self.batcher.steps_per_epoch
@@ -252,7 +285,7 @@ class Trainer:
                 p.epoch += 1
                 self.listener.on_epoch_end(self)
         # A final evaluation unless the last step was just evaluated or a signal asks us to hurry.
-        interrupted = p.stop_reason.startswith("stopped by")
+        interrupted = p.stop_reason.startswith(("stopped by", "diverged"))
         if p.step > 0 and not interrupted and (not p.history or p.history[-1]["step"] != p.step):
             self._run_eval(loss_ema, chars_per_s)
         return p

@@ -1,0 +1,100 @@
+"""Pre-flight checks: refuse work that cannot fit in memory before anything starts.
+
+Preparing a corpus today reads it whole, decodes it, and encodes it with NumPy: the peak is
+about :data:`PREPARE_BYTES_PER_BYTE` times the file size (measured on a 20 MB English corpus,
+2026-11-29: 22 bytes per byte above the interpreter, plus a lowercased copy). A process that asks
+for more than it may have is either refused by the kernel mid-way (``RLIMIT_AS``: a MemoryError
+after minutes of work) or killed outright (a cgroup limit or the OOM killer). So we compare the
+estimate with what this process may still use and stop at once with the amount needed.
+
+When corpus preparation becomes streaming, lower :data:`PREPARE_BYTES_PER_BYTE` to match.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from .errors import CharloomError
+
+PREPARE_BYTES_PER_BYTE = 26  # peak bytes of memory per corpus byte while reading and encoding
+BASE_BYTES = 128 << 20  # the model, optimiser and batches of a small run, on top of the corpus
+
+
+def corpus_bytes(sources: Any) -> int:
+    """Total size in bytes of the files that ``load_corpus(sources)`` would read (0 for what it will refuse)."""
+    if sources is None or isinstance(sources, (str, os.PathLike)):
+        sources = [sources] if sources else []
+    total = 0
+    for source in sources:
+        path = Path(os.fspath(source))
+        try:
+            if path.is_dir():
+                total += sum(p.stat().st_size for p in path.rglob("*.txt") if p.is_file())
+            elif path.is_file():
+                total += path.stat().st_size
+        except OSError:  # unreadable: load_corpus gives the message
+            pass
+    return total
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes this process may still allocate, and what limits it (RLIMIT_AS, cgroup or free RAM)."""
+    found: list[tuple[int, str]] = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _proc_kib("/proc/self/status", "VmSize") or 0
+        found.append((soft - used, f"the address-space limit (ulimit -v) of {fmt_bytes(soft)}"))
+    limit, current = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and current is not None:
+        found.append((limit - current, f"the cgroup memory limit of {fmt_bytes(limit)}"))
+    free = _proc_kib("/proc/meminfo", "MemAvailable")
+    if free is not None:
+        found.append((free, "the memory available on this machine"))
+    return min(found) if found else (1 << 62, "no known limit")
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.5 GiB``-style text for a byte count."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def needed_memory(n_bytes: int) -> int:
+    """Estimated peak bytes to prepare and start training on a corpus of ``n_bytes``."""
+    return BASE_BYTES + PREPARE_BYTES_PER_BYTE * n_bytes
+
+
+def check_memory_for(sources: Any) -> None:
+    """Raise a CharloomError (exit 2) naming the amount needed when the corpus cannot fit in memory."""
+    size = corpus_bytes(sources)
+    need = needed_memory(size)
+    have, what = available_memory()
+    if need > have:
+        where = ", ".join(os.fspath(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources]))
+        raise CharloomError(where, f"preparing this {fmt_bytes(size)} corpus needs about {fmt_bytes(need)} of memory, "
+                            f"but only {fmt_bytes(max(0, have))} is left under {what}",
+                            "raise the limit, free memory, or train on a smaller part of the corpus")
