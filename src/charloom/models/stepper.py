@@ -1,0 +1,128 @@
+"""Fast single-token steps for generation: the same maths as ``model(idx[:, None], state)``, fewer ops.
+
+Generating one token at a time is dominated by per-op overhead, not arithmetic, for small models.
+A stepper takes the weights out of a recurrent model once and runs each step as a handful of
+tensor ops:
+
+- the first layer's input projection ``W_ih x + b_ih (+ b_hh)`` is precomputed for every token
+  into a table (V, G*H), since the input is an embedding row or a one-hot vector: one row lookup
+  replaces the embedding, the one-hot and a matmul;
+- the LSTM gates are reordered to (i, f, o, g) so one sigmoid and one tanh cover all of them.
+
+Only architectures in this package get a stepper (``make_stepper`` returns None otherwise), and the
+generation loop falls back to ``model.forward``. ``tests/test_generate_fast.py`` checks every
+stepper against ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import LanguageModel
+from .rnn import RecurrentLM
+
+
+class RecurrentStepper:
+    """One LSTM/GRU step for a batch of rows; ``state`` is a list of per-layer tensors (B, H)."""
+
+    def __init__(self, model: RecurrentLM) -> None:
+        self.model = model
+        self.lstm = model.cell is nn.LSTM
+        gates = 4 if self.lstm else 3
+        h = model.config.hidden
+        # LSTM rows (i, f, g, o) -> (i, f, o, g): sigmoid over the first 3H, tanh over the last H.
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]) if self.lstm else None
+        self.layers: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            for layer in range(model.config.layers):
+                w_ih = getattr(model.rnn, f"weight_ih_l{layer}").detach()  # (G*H, in)
+                w_hh = getattr(model.rnn, f"weight_hh_l{layer}").detach()  # (G*H, H)
+                b_ih = getattr(model.rnn, f"bias_ih_l{layer}").detach()
+                b_hh = getattr(model.rnn, f"bias_hh_l{layer}").detach()
+                if self.lstm:
+                    w_ih, w_hh, b_ih, b_hh = (t[order] for t in (w_ih, w_hh, b_ih, b_hh))
+                # GRU keeps b_hh apart: its n gate multiplies (W_hn h + b_hn) by r.
+                in_bias = b_ih + b_hh if self.lstm else b_ih
+                entry = {"w_hh_t": w_hh.t().contiguous(), "b_hh": b_hh.clone()}
+                if layer == 0:
+                    if model.embed is None:  # one-hot: W_ih x is column x of W_ih
+                        table = w_ih.t() + in_bias
+                    else:
+                        table = model.embed.weight.detach() @ w_ih.t() + in_bias  # (V, G*H)
+                    entry["table"] = table.contiguous()
+                else:
+                    entry["w_ih_t"] = w_ih.t().contiguous()
+                    entry["b_in"] = in_bias.clone()
+                self.layers.append(entry)
+            self.head_w_t = model.head.weight.detach().t().contiguous()  # (H, V)
+            self.head_b = model.head.bias.detach().clone()
+        self.hidden, self.gates = h, gates
+
+    def from_state(self, state: Any, rows: int) -> list[torch.Tensor]:
+        """Our per-layer state from the model's (``None`` = zeros)."""
+        n = len(self.layers)
+        if state is None:
+            zeros = lambda: torch.zeros(rows, self.hidden)  # noqa: E731
+            return [zeros() for _ in range(n * (2 if self.lstm else 1))]
+        if self.lstm:
+            h, c = state  # (layers, B, H) each
+            return [h[i].contiguous() for i in range(n)] + [c[i].contiguous() for i in range(n)]
+        return [state[i].contiguous() for i in range(n)]
+
+    def to_state(self, ours: list[torch.Tensor]) -> Any:
+        """The model's state format from ours."""
+        n = len(self.layers)
+        if self.lstm:
+            return torch.stack(ours[:n]), torch.stack(ours[n:])
+        return torch.stack(ours)
+
+    def step(self, ids: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """Advance every row by token ``ids`` (B,), updating ``state`` in place; returns logits (B, V)."""
+        n, h = len(self.layers), self.hidden
+        x = None
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                proj = layer["table"].index_select(0, ids)  # (B, G*H)
+            else:
+                proj = torch.addmm(layer["b_in"], x, layer["w_ih_t"])
+            if self.lstm:
+                hx, cx = state[i], state[n + i]
+                gates = torch.addmm(proj, hx, layer["w_hh_t"])  # (B, 4H) as (i, f, o, g)
+                ifo = gates[:, :3 * h].sigmoid()
+                g = gates[:, 3 * h:].tanh()
+                in_gate, forget, out_gate = ifo.chunk(3, 1)
+                c = torch.addcmul(forget * cx, in_gate, g)
+                x = out_gate * c.tanh()
+                state[n + i] = c
+            else:
+                hx = state[i]
+                gh = torch.addmm(layer["b_hh"], hx, layer["w_hh_t"])  # (B, 3H) as (r, z, n)
+                rz = (proj[:, :2 * h] + gh[:, :2 * h]).sigmoid()
+                r, z = rz.chunk(2, 1)
+                cand = torch.addcmul(proj[:, 2 * h:], r, gh[:, 2 * h:]).tanh()
+                x = torch.addcmul(cand, z, hx - cand)  # (1 - z) * n + z * h
+            state[i] = x
+        return torch.addmm(self.head_b, x, self.head_w_t)  # (B, V)
+
+    @staticmethod
+    def select(state: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """Rows ``index`` of every state tensor."""
+        return [s.index_select(0, index) for s in state]
+
+    @staticmethod
+    def reset(state: list[torch.Tensor], index: torch.Tensor) -> None:
+        """Set rows ``index`` back to the initial (zero) state, in place."""
+        for s in state:
+            s.index_fill_(0, index, 0.0)
+
+
+def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
+    """A fast stepper for ``model``, or None when its architecture has none (use ``forward``)."""
+    # Only the exact architectures written here: a subclass with its own forward gets none.
+    if (isinstance(model, RecurrentLM) and type(model).forward is RecurrentLM.forward
+            and model.cell in (nn.LSTM, nn.GRU) and not model.training):
+        return RecurrentStepper(model)
+    return None
