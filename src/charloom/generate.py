@@ -26,8 +26,8 @@ import torch
 
 from .models import LanguageModel
 from .models.base import tree_map
-from .models.stepper import make_stepper
-from .sampling import Noise, Processor, draw, process
+from .models.stepper import NumpyStepper, make_stepper
+from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
 @dataclass
@@ -41,16 +41,27 @@ class Step:
     top_logprobs: torch.Tensor | None = None
 
 
+# Small steps run in numpy (lower per-call overhead): up to this many rows, and weight matrices up to
+# this many elements (beyond, OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
+NUMPY_MAX_ROWS = 4
+NUMPY_MAX_MATRIX = 1 << 18
+
+
 class _Carried:
     """Carried state: prefill the prompt once, then one step per token."""
 
-    def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool) -> None:
+    def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False) -> None:
         self.model = model
         self.stepper = make_stepper(model) if fast else None
         logits, state = model(prompt)  # (1, p, V): prefill once for one row
         state = model.select_state(state, torch.zeros(rows, dtype=torch.long))  # copy to every row
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
+        self.numpy = None
+        if (allow_numpy and self.stepper is not None and rows <= NUMPY_MAX_ROWS
+                and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX):
+            self.numpy = NumpyStepper(self.stepper)
+            self.state = self.numpy.from_torch(self.state)
 
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         if self.stepper is not None:
@@ -139,13 +150,12 @@ class _Reread:
 
 def _reader(model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool) -> Any:
     if not window:
-        return _Carried(model, history[:1, :p], rows, fast)
+        return _Carried(model, history[:1, :p], rows, fast, allow_numpy=True)
     if fast and _Staggered.exact_for(model, history[:1, :1]):
         return _Staggered(model, history, p, rows, window, fast)
     return _Reread(model, history, p, rows, window)
 
 
-@torch.inference_mode()
 def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, max_new_tokens: int,
                    pipeline: Sequence[Processor], noise: Noise, lanes: Sequence[int] | None = None,
                    window: int = 0, logprobs: int | None = None, fast: bool = True) -> Iterator[Step]:
@@ -166,23 +176,59 @@ def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int
         # history holds prompt + generated ids for every row: (rows, P + N).
         history = torch.empty(rows, p + max_new_tokens, dtype=torch.long)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-        read = _reader(model, history, p, rows, window, fast)
-        logits = read.first  # (rows, V)
-        uniforms = noise.rows(lane_index)
-        for i in range(max_new_tokens):
-            t = p + i
-            scores = process(pipeline, history[:, :t], logits) if pipeline else logits
-            ids = draw(scores, next(uniforms))  # (rows,)
-            history[:, t] = ids
-            if logprobs is None:
-                yield Step(ids)
-            else:
-                yield _with_logprobs(ids, logits, logprobs)
-            if i + 1 == max_new_tokens:
-                break
-            logits = read(ids, t)
+        with torch.inference_mode():
+            read = _reader(model, history, p, rows, window, fast)
+        if getattr(read, "numpy", None) is not None:
+            # numpy needs no inference mode: the loop stays free of torch's per-resume context switch.
+            yield from _numpy_steps(read, history, p, max_new_tokens, pipeline, noise, lane_index, logprobs)
+        else:
+            yield from _torch_steps(read, history, p, max_new_tokens, pipeline, noise, lane_index, logprobs)
     finally:
         model.train(was_training)
+
+
+@torch.inference_mode()
+def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
+                 noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
+    """The loop of :func:`generate_steps` in torch (any model, any number of rows)."""
+    logits = read.first  # (rows, V)
+    uniforms = noise.rows(lanes)
+    for i in range(n):
+        t = p + i
+        scores = process(pipeline, history[:, :t], logits) if pipeline else logits
+        ids = draw(scores, next(uniforms))  # (rows,)
+        history[:, t] = ids
+        yield Step(ids) if logprobs is None else _with_logprobs(ids, logits, logprobs)
+        if i + 1 < n:
+            logits = read(ids, t)
+
+
+def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
+                 noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
+    """The loop of :func:`generate_steps` for a few rows, with the model step and the draw in numpy.
+
+    ``history`` and its numpy view share memory, so processors still see every id."""
+    step, state = read.numpy.step, read.state  # type: ignore[union-attr]
+    hist = history.numpy()  # (rows, P + N), same memory as `history`
+    logits = read.first.contiguous().numpy()  # (rows, V) float32
+    uniforms = noise.rows_numpy(lanes)
+    # A plain temperature (the common case) is applied in numpy; anything else goes through torch.
+    divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
+    for i in range(n):
+        t = p + i
+        if divisor is not None:
+            scores = logits / divisor
+        elif pipeline:
+            with torch.inference_mode():
+                scores = process(pipeline, history[:, :t], torch.from_numpy(logits)).numpy()
+        else:
+            scores = logits
+        ids = draw_numpy(scores, next(uniforms))  # (rows,) int64
+        hist[:, t] = ids
+        ids_t = torch.from_numpy(ids)
+        yield Step(ids_t) if logprobs is None else _with_logprobs(ids_t, torch.from_numpy(logits), logprobs)
+        if i + 1 < n:
+            logits = step(ids, state)
 
 
 def _with_logprobs(ids: torch.Tensor, logits: torch.Tensor, k: int) -> Step:

@@ -25,6 +25,7 @@ import math
 import secrets
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .config import SampleConfig, check_temperature
@@ -76,6 +77,12 @@ class Temperature:
             greedy = t == 0
             self._cache[key] = (torch.where(greedy, torch.ones_like(t), t).contiguous(), greedy, bool(greedy.any()))
         return self._cache[key]
+
+    def numpy_divisor(self, rows: int) -> np.ndarray | None:
+        """(rows, 1) float32 divisor when this is a plain per-row temperature without greedy rows (a numpy fast path)."""
+        if self.schedule is not None or 0.0 in self.temps or len(self.temps) not in (1, rows):
+            return None
+        return np.broadcast_to(np.asarray(self.temps, dtype=np.float32).reshape(-1, 1), (rows, 1)).copy()
 
     def __call__(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.schedule is not None:
@@ -345,6 +352,18 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).view(-1)
 
 
+def draw_numpy(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """:func:`draw` in numpy for ``logits`` (B, V) float32 and ``uniforms`` (B,) float64 -> ids (B,) int64.
+
+    The same rule (float64 CDF, first entry above ``u * total``, so a removed token is never drawn);
+    the CDF is left unnormalised, which changes nothing but rounding.
+    """
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))  # (B, V); -inf -> 0
+    cdf = np.cumsum(e, axis=1, dtype=np.float64)
+    target = uniforms * cdf[:, -1]  # (B,)
+    return (cdf <= target[:, None]).sum(axis=1)  # entries <= target == searchsorted(side="right")
+
+
 class Noise:
     """Uniform random numbers for the draw: one independent, seeded stream per lane.
 
@@ -369,6 +388,11 @@ class Noise:
         out = self._buffer[:, self._pos]
         self._pos += 1
         return out
+
+    def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
+        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
+        for u in self.rows(lanes):
+            yield u.numpy().reshape(-1)
 
     def rows(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
         """Endless per-step uniforms for rows drawing from ``lanes`` (rows,): each a float64 (rows, 1).

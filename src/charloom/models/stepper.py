@@ -107,6 +107,11 @@ class RecurrentStepper:
             state[i] = x
         return torch.addmm(self.head_b, x, self.head_w_t)  # (B, V)
 
+    def largest_matrix(self) -> int:
+        """Elements in the largest weight matrix a step multiplies by."""
+        mats = [t for layer in self.layers for k, t in layer.items() if k in ("w_hh_t", "w_ih_t")] + [self.head_w_t]
+        return max(t.numel() for t in mats)
+
     @staticmethod
     def select(state: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``index`` of every state tensor."""
@@ -117,6 +122,50 @@ class RecurrentStepper:
         """Set rows ``index`` back to the initial (zero) state, in place."""
         for s in state:
             s.index_fill_(0, index, 0.0)
+
+
+class NumpyStepper:
+    """The same step in numpy, for a handful of rows: numpy's per-call overhead on small arrays is a
+    fraction of torch's, and at one stream that overhead, not arithmetic, sets the speed.
+    ``state`` is a list of float32 arrays (B, H), replaced (not mutated) each step."""
+
+    def __init__(self, stepper: RecurrentStepper) -> None:
+        import numpy as np
+
+        self.np = np
+        self.lstm, self.hidden = stepper.lstm, stepper.hidden
+        self.layers = [{k: v.numpy().astype(np.float32) for k, v in layer.items()} for layer in stepper.layers]
+        self.head_w_t, self.head_b = stepper.head_w_t.numpy(), stepper.head_b.numpy()
+        self.from_torch = lambda state: [t.numpy().copy() for t in state]
+
+    def _sigmoid(self, x: Any) -> Any:
+        np = self.np
+        np.negative(x, out=x)
+        np.exp(x, out=x)
+        x += 1.0
+        return np.reciprocal(x, out=x)
+
+    def step(self, ids: Any, state: list[Any]) -> Any:
+        """Advance rows by token ids (B,) int64; returns logits (B, V) float32."""
+        np, h = self.np, self.hidden
+        n = len(self.layers)
+        x = None
+        for i, layer in enumerate(self.layers):
+            proj = layer["table"][ids] if i == 0 else x @ layer["w_ih_t"] + layer["b_in"]  # (B, G*H)
+            if self.lstm:
+                gates = proj + state[i] @ layer["w_hh_t"]  # (B, 4H) as (i, f, o, g)
+                ifo = self._sigmoid(gates[:, :3 * h])
+                g = np.tanh(gates[:, 3 * h:])
+                c = ifo[:, h:2 * h] * state[n + i] + ifo[:, :h] * g
+                x = ifo[:, 2 * h:] * np.tanh(c)
+                state[n + i] = c
+            else:
+                gh = state[i] @ layer["w_hh_t"] + layer["b_hh"]  # (B, 3H) as (r, z, n)
+                rz = self._sigmoid(proj[:, :2 * h] + gh[:, :2 * h])
+                cand = np.tanh(proj[:, 2 * h:] + rz[:, :h] * gh[:, 2 * h:])
+                x = cand + rz[:, h:] * (state[i] - cand)
+            state[i] = x
+        return x @ self.head_w_t + self.head_b
 
 
 def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
