@@ -67,7 +67,7 @@ def ref_freq_presence(row, history, freq, presence):
 
 def ref_no_repeat(row, history, n):
     out = np.array(row, dtype=np.float64)
-    if len(history) + 1 < n + 1 - 1 + 1 and len(history) < n:
+    if len(history) < n:  # no complete n-gram yet
         return out
     seen = {}
     for i in range(len(history) - n + 1):
