@@ -118,6 +118,8 @@ class _Staggered:
         """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V)."""
         w = self.window
         self._reset(self.run_rows[position % w])  # that run just gave its logits: restart it here
+        if self.stepper is not None:  # the head only for the run that gives the logits
+            return self.stepper.step(ids.repeat_interleave(w), self.state, only=self.run_rows[(position + 1) % w])
         logits = self._step(ids.repeat_interleave(w))  # (rows * W, V)
         return logits.view(self.rows, w, -1)[:, (position + 1) % w]
 

@@ -79,8 +79,9 @@ class RecurrentStepper:
             return torch.stack(ours[:n]), torch.stack(ours[n:])
         return torch.stack(ours)
 
-    def step(self, ids: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
-        """Advance every row by token ``ids`` (B,), updating ``state`` in place; returns logits (B, V)."""
+    def step(self, ids: torch.Tensor, state: list[torch.Tensor], only: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row by token ``ids`` (B,), updating ``state`` in place; returns logits (B, V),
+        or only those of rows ``only`` (windowed generation needs one run's logits per row)."""
         n, h = len(self.layers), self.hidden
         x = None
         for i, layer in enumerate(self.layers):
@@ -105,6 +106,8 @@ class RecurrentStepper:
                 cand = torch.addcmul(proj[:, 2 * h:], r, gh[:, 2 * h:]).tanh()
                 x = torch.addcmul(cand, z, hx - cand)  # (1 - z) * n + z * h
             state[i] = x
+        if only is not None:
+            x = x.index_select(0, only)
         return torch.addmm(self.head_b, x, self.head_w_t)  # (B, V)
 
     def largest_matrix(self) -> int:
