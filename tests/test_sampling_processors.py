@@ -310,3 +310,14 @@ def test_numpy_draw_matches_torch_draw():
     logits = torch.randn(300, 40) * 2
     u = torch.rand(300, dtype=torch.float64)
     assert (sampling.draw(logits, u).numpy() == sampling.draw_numpy(logits.numpy(), u.numpy())).mean() > 0.99
+
+
+def test_noise_rows_are_next_by_lane_in_any_chunking():
+    lanes = torch.tensor([1, 0, 1])
+    reference = sampling.Noise([11, 12], chunk=7)
+    rows = sampling.Noise([11, 12], chunk=5).rows(lanes)
+    rows_np = sampling.Noise([11, 12], chunk=3).rows_numpy(lanes)
+    for _ in range(25):
+        want = reference.next()[lanes].double()
+        assert torch.equal(next(rows)[:, 0], want)
+        assert np.array_equal(next(rows_np), want.numpy())

@@ -40,8 +40,8 @@ RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every",
 class Completion(str):
     """Generated text (a ``str``) that also carries its token ids, settings and why it ended.
 
-    ``finish_reason`` is ``length``, ``stop`` (a stop string; not included in the text) or
-    ``time`` (``max_time`` ran out). With ``logprobs`` asked for, ``token_logprobs`` holds the
+    ``finish_reason`` is ``length``, ``stop`` (a stop string; not included in the text, though
+    ``tokens`` holds every token drawn up to it) or ``time`` (``max_time`` ran out). With ``logprobs`` asked for, ``token_logprobs`` holds the
     model's log-probability of each token, ``top_logprobs`` its likeliest tokens at each step, and
     ``logprob`` their sum (for beam search: the beam's score).
     """

@@ -61,7 +61,7 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        shown = (",".join(str(x) for x in default) or "none") if isinstance(default, tuple) else default
+        shown = (",".join(str(x) for x in default) or "none") if isinstance(default, tuple) else (default if default != "" else "off")
         if f.name == "lowercase":
             shown = "on for nietzsche and the book recipe, else off"
         notes = [f"default: {shown}"]

@@ -389,22 +389,27 @@ class Noise:
         self._pos += 1
         return out
 
-    def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
-        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
-        for u in self.rows(lanes):
-            yield u.numpy().reshape(-1)
+    def _blocks(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The rest of each chunk for rows drawing from ``lanes`` (rows,): float64 (n, rows)."""
+        while True:
+            if self._pos >= self._buffer.shape[1]:
+                self._refill()
+            block = self._buffer[:, self._pos:][lanes].t().to(torch.float64).contiguous()
+            self._pos = self._buffer.shape[1]
+            yield block
 
     def rows(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
         """Endless per-step uniforms for rows drawing from ``lanes`` (rows,): each a float64 (rows, 1).
 
         Same numbers as :meth:`next` indexed by ``lanes``, laid out so each step is one cheap slice.
         """
-        while True:
-            if self._pos >= self._buffer.shape[1]:
-                self._refill()
-            block = self._buffer[:, self._pos:][lanes].t().to(torch.float64).unsqueeze(-1).contiguous()  # (n, rows, 1)
-            self._pos = self._buffer.shape[1]
-            yield from block
+        for block in self._blocks(lanes):
+            yield from block.unsqueeze(-1)
+
+    def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
+        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
+        for block in self._blocks(lanes):
+            yield from block.numpy()
 
 
 def resolve_seed(seed: int | None) -> int:
