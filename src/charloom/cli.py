@@ -227,7 +227,7 @@ def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     if args.logprobs is not None and args.format != "jsonl":
         raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
     model = api.load(args.run_dir, which=args.checkpoint)
-    model._check_generation(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
+    api.check_options(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
     echo = "" if args.no_echo else (prompt.lower() if model.train_config.lowercase else prompt)
@@ -285,8 +285,8 @@ def _interactive(model: Any, args: argparse.Namespace, options: dict[str, Any], 
                 out.write(f"(temperature {temperature})\n")
                 continue
             if command == "/length":
+                api.check_options(int(value), 1, 1, None, 0, ())
                 options["length"] = int(value)
-                model._check_generation(options["length"], 1, 1, None, 0, ())
                 out.write(f"(length {options['length']})\n")
                 continue
             if command.startswith("/"):
