@@ -27,6 +27,22 @@ def softmax(x):
 
 # -- references -----------------------------------------------------------------------------------
 
+def ref_top_k(row, k):
+    kth = np.sort(row)[::-1][min(k, len(row)) - 1]
+    return np.where(np.asarray(row) < kth, NEG, row)
+
+
+def ref_top_p(row, p):
+    row = np.asarray(row, dtype=np.float64)
+    order = np.argsort(row, kind="stable")  # ascending
+    cum = np.cumsum(softmax(row[order]))
+    remove = cum <= 1 - p
+    remove[-1] = False
+    out = row.copy()
+    out[order[remove]] = NEG
+    return out
+
+
 def ref_min_p(row, p):
     probs = softmax(row)
     out = np.array(row, dtype=np.float64)
@@ -103,6 +119,18 @@ def same(a, b):
 RNG = np.random.default_rng(1234)
 ROWS = [RNG.normal(0, s, 30) for s in (0.5, 2.0, 5.0) for _ in range(4)]
 HISTORIES = [list(RNG.integers(0, 30, size=n)) for n in (0, 1, 5, 40) for _ in range(3)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 29, 30, 100])
+def test_top_k_matches_reference(k):
+    for row in ROWS:
+        assert same(apply(sampling.top_k(k), [row], [[]])[0], ref_top_k(row, k))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.8, 0.95, 1.0])
+def test_top_p_matches_reference(p):
+    for row in ROWS:
+        assert same(apply(sampling.top_p(p), [row], [[]])[0], ref_top_p(row, p))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.5, 1.0])
