@@ -359,7 +359,7 @@ def draw_numpy(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     the CDF is left unnormalised, which changes nothing but rounding.
     """
     e = np.exp(logits - logits.max(axis=1, keepdims=True))  # (B, V); -inf -> 0
-    cdf = np.cumsum(e, axis=1, dtype=np.float64)
+    cdf = e.astype(np.float64).cumsum(axis=1)  # the method: np.cumsum(dtype=) is several times slower here
     target = uniforms * cdf[:, -1]  # (B,)
     return (cdf <= target[:, None]).sum(axis=1)  # entries <= target == searchsorted(side="right")
 

@@ -130,23 +130,27 @@ class RecurrentStepper:
 class NumpyStepper:
     """The same step in numpy, for a handful of rows: numpy's per-call overhead on small arrays is a
     fraction of torch's, and at one stream that overhead, not arithmetic, sets the speed.
-    ``state`` is a list of float32 arrays (B, H), replaced (not mutated) each step."""
+    ``state`` is a list of float32 arrays (B, H), replaced (not mutated) each step.
+
+    The LSTM's sigmoid-gate columns are stored negated, so ``sigmoid(x) = 1 / (1 + exp(-x))`` costs
+    three in-place calls on the gate block.
+    """
 
     def __init__(self, stepper: RecurrentStepper) -> None:
         import numpy as np
 
         self.np = np
         self.lstm, self.hidden = stepper.lstm, stepper.hidden
-        self.layers = [{k: v.numpy().astype(np.float32) for k, v in layer.items()} for layer in stepper.layers]
+        self.layers = []
+        for layer in stepper.layers:
+            arrays = {k: v.numpy().astype(np.float32) for k, v in layer.items()}
+            if self.lstm:  # negate the (i, f, o) columns of everything that adds into the gates
+                for key in ("table", "w_hh_t", "w_ih_t", "b_in"):
+                    if key in arrays:
+                        arrays[key][..., :3 * self.hidden] *= -1.0
+            self.layers.append(arrays)
         self.head_w_t, self.head_b = stepper.head_w_t.numpy(), stepper.head_b.numpy()
         self.from_torch = lambda state: [t.numpy().copy() for t in state]
-
-    def _sigmoid(self, x: Any) -> Any:
-        np = self.np
-        np.negative(x, out=x)
-        np.exp(x, out=x)
-        x += 1.0
-        return np.reciprocal(x, out=x)
 
     def step(self, ids: Any, state: list[Any]) -> Any:
         """Advance rows by token ids (B,) int64; returns logits (B, V) float32."""
@@ -156,19 +160,28 @@ class NumpyStepper:
         for i, layer in enumerate(self.layers):
             proj = layer["table"][ids] if i == 0 else x @ layer["w_ih_t"] + layer["b_in"]  # (B, G*H)
             if self.lstm:
-                gates = proj + state[i] @ layer["w_hh_t"]  # (B, 4H) as (i, f, o, g)
-                ifo = self._sigmoid(gates[:, :3 * h])
-                g = np.tanh(gates[:, 3 * h:])
-                c = ifo[:, h:2 * h] * state[n + i] + ifo[:, :h] * g
+                gates = proj + state[i] @ layer["w_hh_t"]  # (B, 4H) as (-i, -f, -o, g)
+                ifo = gates[:, :3 * h]
+                np.exp(ifo, out=ifo)
+                ifo += 1.0
+                np.reciprocal(ifo, out=ifo)  # sigmoid of the un-negated gates
+                c = ifo[:, h:2 * h] * state[n + i]
+                c += ifo[:, :h] * np.tanh(gates[:, 3 * h:])
                 x = ifo[:, 2 * h:] * np.tanh(c)
                 state[n + i] = c
             else:
                 gh = state[i] @ layer["w_hh_t"] + layer["b_hh"]  # (B, 3H) as (r, z, n)
-                rz = self._sigmoid(proj[:, :2 * h] + gh[:, :2 * h])
+                rz = proj[:, :2 * h] + gh[:, :2 * h]
+                np.negative(rz, out=rz)
+                np.exp(rz, out=rz)
+                rz += 1.0
+                np.reciprocal(rz, out=rz)
                 cand = np.tanh(proj[:, 2 * h:] + rz[:, :h] * gh[:, 2 * h:])
                 x = cand + rz[:, h:] * (state[i] - cand)
             state[i] = x
-        return x @ self.head_w_t + self.head_b
+        x = x @ self.head_w_t
+        x += self.head_b
+        return x
 
 
 def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
