@@ -121,28 +121,16 @@ ROWS = [RNG.normal(0, s, 30) for s in (0.5, 2.0, 5.0) for _ in range(4)]
 HISTORIES = [list(RNG.integers(0, 30, size=n)) for n in (0, 1, 5, 40) for _ in range(3)]
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 29, 30, 100])
-def test_top_k_matches_reference(k):
+WARPERS = ([(sampling.top_k, ref_top_k, k) for k in (1, 2, 5, 29, 30, 100)]
+           + [(sampling.top_p, ref_top_p, p) for p in (0.01, 0.3, 0.8, 0.95, 1.0)]
+           + [(sampling.min_p, ref_min_p, p) for p in (0.0, 0.05, 0.2, 0.5, 1.0)]
+           + [(sampling.typical_p, ref_typical, m) for m in (0.05, 0.3, 0.7, 0.95, 1.0)])
+
+
+@pytest.mark.parametrize("make,reference,value", WARPERS, ids=[f"{m.__name__}={v}" for m, _, v in WARPERS])
+def test_warpers_match_reference(make, reference, value):
     for row in ROWS:
-        assert same(apply(sampling.top_k(k), [row], [[]])[0], ref_top_k(row, k))
-
-
-@pytest.mark.parametrize("p", [0.01, 0.3, 0.8, 0.95, 1.0])
-def test_top_p_matches_reference(p):
-    for row in ROWS:
-        assert same(apply(sampling.top_p(p), [row], [[]])[0], ref_top_p(row, p))
-
-
-@pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.5, 1.0])
-def test_min_p_matches_reference(p):
-    for row in ROWS:
-        assert same(apply(sampling.min_p(p), [row], [[]])[0], ref_min_p(row, p))
-
-
-@pytest.mark.parametrize("mass", [0.05, 0.3, 0.7, 0.95, 1.0])
-def test_typical_p_matches_reference(mass):
-    for row in ROWS:
-        assert same(apply(sampling.typical_p(mass), [row], [[]])[0], ref_typical(row, mass))
+        assert same(apply(make(value), [row], [[]])[0], reference(row, value))
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.0])
