@@ -25,50 +25,23 @@ from .corpus import load_corpus
 from .data import open_ids, write_ids
 from .distributed import Runtime
 from .errors import CharloomError, CheckpointError
-from .generate import generate_ids
+from .completion import GENERATE_KEYWORDS, SAMPLE_FIELDS, Completion, check_options, make_plan, run, run_beams, sample_config  # noqa: F401
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .preflight import check_memory_for
-from .sampling import Noise, build_pipeline, process, resolve_seed
+from .sampling import build_pipeline, process
 from .tokenizers import Tokenizer, UnknownSymbolsError, fit_tokenizer, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
-MAX_GENERATED_TOKENS = 10_000_000  # one call's history buffer: rows x (prompt + length) int64 ids
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
                     "device", "precision", "compile", "keep_last"}
 
 
-class Completion(str):
-    """Generated text (a ``str``) that also carries its token ids, settings and why it ended."""
-
-    tokens: list[int]
-    temperature: float
-    seed: int
-    finish_reason: str
-
-    def __new__(cls, text: str, tokens: list[int], temperature: float, seed: int, finish_reason: str) -> "Completion":
-        obj = super().__new__(cls, text)
-        obj.tokens, obj.temperature, obj.seed, obj.finish_reason = tokens, temperature, seed, finish_reason
-        return obj
-
-    @property
-    def text(self) -> str:
-        return str.__str__(self)
-
-
 def _config_error(exc: ConfigError) -> CharloomError:
     return CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom train --help")
-
-
-def sample_config(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SampleConfig:
-    """A validated SampleConfig, with bad values turned into CharloomErrors."""
-    try:
-        return SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p).validate()
-    except ConfigError as exc:
-        raise CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom generate --help") from None
 
 
 @dataclass
@@ -88,6 +61,7 @@ class Model:
         self.train_config: TrainConfig = from_dict(TrainConfig, config.get("train", {}))
         self.stop_reason: str = config.get("stop_reason", "")
         self.history: list[dict[str, float]] = []
+        self.last_completion: Completion | None = None  # what the last stream() produced, with its finish reason
 
     def __repr__(self) -> str:
         m = self.net.config
@@ -111,67 +85,39 @@ class Model:
         return ids
 
     # -- generation -----------------------------------------------------------------------------
-    def _iterate(self, prompt: str, *, length: int, temperatures: Sequence[float], num_samples: int,
-                 top_k: int, top_p: float, seed: int | None, unknown: str) -> tuple[Iterator[torch.Tensor], int]:
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-            raise CharloomError("--length", f"must be a whole number >= 1, got {length!r}", "ask for at least one character")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise CharloomError("--num-samples", f"must be a whole number >= 1, got {num_samples!r}", "ask for at least one sample")
-        for t in temperatures:
-            sample_config(t, top_k, top_p)
-        if len(temperatures) * num_samples * length > MAX_GENERATED_TOKENS:
-            raise CharloomError("--length", f"length x samples x temperatures is more than {MAX_GENERATED_TOKENS:,} tokens",
-                                "ask for fewer characters or samples")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63 - num_samples):
-            raise CharloomError("--seed", f"must be a whole number between -2**63 and 2**63 - 1, got {seed!r}", "use e.g. --seed 42")
-        base = sample_config(temperatures[0], top_k, top_p)
-        seed = resolve_seed(seed)
-        ids = self.encode_prompt(prompt, unknown)
-        # Row (t, s) = temperature t, sample s; sample s uses noise lane s (seed + s) at every temperature.
-        rows = len(temperatures) * num_samples
-        row_temps = [t for t in temperatures for _ in range(num_samples)]
-        lanes = [s for _ in temperatures for s in range(num_samples)]
-        pipeline = build_pipeline(base, temperatures=row_temps, banned=self.tokenizer.banned_ids)
-        noise = Noise([seed + s for s in range(num_samples)])
-        steps = generate_ids(self.net, ids, rows=rows, max_new_tokens=length, pipeline=pipeline, noise=noise,
-                             lanes=lanes, window=self.train_config.generation_window)
-        return steps, seed
+    def stream(self, prompt: str = "", *, length: int = 400, temperature: float = 1.0, seed: int | None = None,
+               unknown: str = "error", stop: Sequence[str] = (), max_time: float = 0.0, **options: Any) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` piece by piece as it is drawn.
 
-    def stream(self, prompt: str = "", *, length: int = 400, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, unknown: str = "error") -> Iterator[str]:
-        """Yield the continuation of ``prompt`` piece by piece as it is drawn."""
-        steps, _ = self._iterate(prompt, length=length, temperatures=[temperature], num_samples=1,
-                                 top_k=top_k, top_p=top_p, seed=seed, unknown=unknown)
-        # One piece per token; a byte-level token may complete no character yet (an empty piece), and
-        # whatever is still held back at the end joins the last piece.
-        decoder = self.tokenizer.stream_decoder()
-        piece = None
-        for ids in steps:
-            if piece is not None:
-                yield piece
-            piece = decoder.push(int(ids[0]))
-        if piece is not None:
-            yield piece + decoder.flush()
+        Takes the keywords of :meth:`generate` (one temperature, one sample, no beams). Text that
+        may be the start of a stop string is held back until it is known not to be one.
+        """
+        plan = make_plan(self, prompt, temperature, length, 1, seed, unknown, stop, max_time, 1, None, options)
+        for _, piece in run(plan, pieces=True):
+            yield piece
+        self.last_completion = plan["results"][0]
 
     def generate(self, prompt: str = "", *, length: int = 400, temperature: float | Sequence[float] = 1.0,
-                 num_samples: int = 1, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 unknown: str = "error") -> Completion | list[Completion]:
+                 num_samples: int = 1, seed: int | None = None, unknown: str = "error", stop: Sequence[str] = (),
+                 max_time: float = 0.0, num_beams: int = 1, logprobs: int | None = None,
+                 **options: Any) -> Completion | list[Completion]:
         """The continuation of ``prompt`` (not including it).
 
         One temperature and one sample give a :class:`Completion`; a list of temperatures or
-        ``num_samples > 1`` gives a list ordered temperature-major, all drawn in one batch.
+        ``num_samples > 1`` gives a list ordered temperature-major, all drawn in one batch;
+        ``num_beams = K > 1`` gives the K likeliest continuations, best first. ``options`` are
+        :class:`~charloom.config.SampleConfig` fields (``top_k``, ``min_p``, ``repetition_penalty``,
+        ``ban``, ``logit_bias``, ``samplers``, ``temperature_schedule``...). ``stop`` ends a text at the
+        first of these strings; ``max_time`` (seconds, 0 = none) ends all of them; ``logprobs=K``
+        adds log-probabilities (of the model's own distribution) with the K likeliest tokens per step.
         """
-        many = not isinstance(temperature, (int, float)) or num_samples > 1
-        temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
-        if not temps:
-            raise CharloomError("--temperature", "no temperature given", "give one or more, e.g. 0.5 or 0.2,0.5,1.0")
-        steps, seed = self._iterate(prompt, length=length, temperatures=temps, num_samples=num_samples,
-                                    top_k=top_k, top_p=top_p, seed=seed, unknown=unknown)
-        drawn = torch.stack(list(steps), dim=1)  # (rows, length)
-        out = []
-        for r, row in enumerate(drawn.tolist()):
-            t, s = temps[r // num_samples], r % num_samples
-            out.append(Completion(self.tokenizer.decode(row), row, float(t), seed + s, "length"))
+        many = not isinstance(temperature, (int, float)) or num_samples > 1 or num_beams > 1
+        plan = make_plan(self, prompt, temperature, length, num_samples, seed, unknown, stop, max_time, num_beams, logprobs, options)
+        if num_beams > 1:
+            return run_beams(plan)
+        for _ in run(plan, pieces=False):
+            pass
+        out = plan["results"]
         return out if many else out[0]
 
     @torch.inference_mode()

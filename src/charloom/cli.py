@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from .config import RECIPES, ConfigError, ModelConfig, TrainConfig, parse_duration
+from .config import RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfig, parse_duration
 from .errors import CharloomError
 
 PRESET_FIELDS = {"layers", "hidden", "dropout", "epochs"}
@@ -46,13 +46,25 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def _bias(text: str) -> tuple[str, float]:
+    token, sep, value = text.rpartition("=")
+    try:
+        if not sep or not token:
+            raise ValueError
+        return token, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN=BIAS, e.g. e=-2, got {text!r}") from None
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group(title)
     book = {**RECIPES["book"]["model"], **RECIPES["book"]["train"]}
     for f in fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        shown = ",".join(str(x) for x in default) if isinstance(default, tuple) else default
+        shown = (",".join(str(x) for x in default) or "none") if isinstance(default, tuple) else (default if default != "" else "off")
         if f.name == "lowercase":
             shown = "on for nietzsche and the book recipe, else off"
         notes = [f"default: {shown}"]
@@ -67,6 +79,10 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) 
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if f.metadata.get("kind") == "duration":
             kwargs.update(type=_duration, metavar="DURATION")
+        elif f.metadata.get("kind") == "strings":
+            kwargs.update(action="append", metavar="TEXT")
+        elif f.metadata.get("kind") == "bias":
+            kwargs.update(action="append", type=_bias, metavar="TOKEN=BIAS")
         elif kind.startswith("bool"):
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif kind.startswith("tuple"):
@@ -105,14 +121,23 @@ def build_parser() -> Parser:
                    help="softmax temperature; 0 = greedy, <1 conservative, >1 surprising; a list gives one labelled sample each (default: 1.0)")
     g.add_argument("--length", type=int, default=400, metavar="N", help="characters (tokens) to generate (default: 400)")
     g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed; the same seed gives the same text (default: random)")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K most likely tokens (default: 0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens with probability >= P (default: 1.0 = off)")
     g.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per temperature, drawn in one batch (default: 1)")
     g.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
                    help="prompt characters (words, for a word model) the model never saw: error, skip them, or replace them "
                         "with a space (<unk> for a word model) (default: error)")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample at this string (not printed; repeat for more; \\n is a newline) (default: none)")
+    g.add_argument("--max-time", type=_duration, default=0.0, metavar="DURATION", help="stop generating after this long, e.g. 2s (default: 0 = no limit)")
+    g.add_argument("--num-beams", type=int, default=1, metavar="K",
+                   help="beam search: print the K likeliest continuations with their log-probabilities (default: 1 = sample)")
+    g.add_argument("--format", choices=["text", "jsonl"], default="text", help="text, or one JSON object per sample (default: text)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="with --format jsonl: each token's log-probability and the K likeliest tokens at each step (default: off)")
+    g.add_argument("--interactive", action="store_true",
+                   help="a loop: type a prompt, the continuation streams back; empty line continues, /temp T, /length N, /reset, /quit")
+    _add_config_options(g, SampleConfig, "sampling (applied in --samplers order)", skip=("temperature",))
 
     e = sub.add_parser("evaluate", help="loss, bits per char and perplexity on the validation split or a text file",
                        description="Score a model: loss (nats), bits per character and perplexity.")
@@ -222,40 +247,130 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
+class SafeWriter:
+    """Writes text to a stream whose encoding may not hold every character: those are escaped (\\xNN)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+        self.stream.flush()
+
+
+def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of Model.generate/stream from the parsed flags (same names)."""
+    sampling = {f.name for f in fields(SampleConfig)} - {"temperature"}
+    options = {k: v for k, v in vars(args).items() if k in sampling}
+    for key in ("ban", "logit_bias"):
+        if key in options:
+            options[key] = tuple(options[key])
+    # "\n" and "\t" typed on a command line mean a newline and a tab.
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    return dict(length=args.length, seed=args.seed, unknown=args.unknown, stop=stops, max_time=args.max_time, **options)
+
+
 def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import api
     from .corpus import decode_file
 
+    out = SafeWriter(stdout)
     prompt = args.prompt
     if args.prompt_file:
         prompt = decode_file(Path(args.prompt_file))
+    options = _generate_options(args)
     # Check every argument before loading the model, so bad input fails fast.
-    for t in args.temperature:
-        api.sample_config(t, args.top_k, args.top_p)
     if not args.temperature:
         raise CharloomError("--temperature", "no temperature given", "give one or more, e.g. 0.5 or 0.2,0.5,1.0")
-    if args.length <= 0:
-        raise CharloomError("--length", f"must be a whole number >= 1, got {args.length}", "ask for at least one character")
-    if args.num_samples <= 0:
-        raise CharloomError("--num-samples", f"must be a whole number >= 1, got {args.num_samples}", "ask for at least one sample")
+    sampling = {k: v for k, v in options.items() if k not in api.GENERATE_KEYWORDS}
+    for t in args.temperature:
+        api.sample_config(t, **sampling)
+    if args.logprobs is not None and args.format != "jsonl":
+        raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
     model = api.load(args.run_dir, which=args.checkpoint)
+    api.check_options(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
+    if args.interactive:
+        return _interactive(model, args, options, out, sys.stdin)
     echo = "" if args.no_echo else (prompt.lower() if model.train_config.lowercase else prompt)
-    options = dict(length=args.length, top_k=args.top_k, top_p=args.top_p, seed=args.seed, unknown=args.unknown)
-    if len(args.temperature) == 1 and args.num_samples == 1:
+    if args.format == "text" and len(args.temperature) == 1 and args.num_samples == 1 and args.num_beams == 1:
         pieces = model.stream(prompt, temperature=args.temperature[0], **options)
-        first = next(pieces)  # raises on a bad prompt before anything is printed
-        stdout.write(echo + first)
-        stdout.flush()
+        first = next(pieces, "")  # raises on a bad prompt before anything is printed
+        out.write(echo + first)
         for piece in pieces:
-            stdout.write(piece)
-            stdout.flush()
-        stdout.write("\n")
+            out.write(piece)
+        out.write("\n")
         return 0
-    samples = model.generate(prompt, temperature=list(args.temperature), num_samples=args.num_samples, **options)
+    samples = model.generate(prompt, temperature=list(args.temperature), num_samples=args.num_samples,
+                             num_beams=args.num_beams, logprobs=args.logprobs, **options)
     for sample in samples:  # type: ignore[union-attr]
-        stdout.write(f"--- temperature {sample.temperature} | seed {sample.seed}\n{echo}{sample}\n")
-    stdout.flush()
+        if args.format == "jsonl":
+            out.write(json.dumps({"prompt": prompt, **sample.as_dict()}, ensure_ascii=False) + "\n")
+        elif args.num_beams > 1:
+            out.write(f"--- beam log-probability {sample.logprob:.3f}\n{echo}{sample}\n")
+        else:
+            out.write(f"--- temperature {sample.temperature} | seed {sample.seed}\n{echo}{sample}\n")
     return 0
+
+
+INTERACTIVE_HELP = ("type a prompt and press Enter; an empty line continues the text; "
+                    "/temp T sets the temperature, /length N the length, /reset forgets the text, /quit ends")
+
+
+def _interactive(model: Any, args: argparse.Namespace, options: dict[str, Any], out: SafeWriter, stdin: TextIO) -> int:
+    """The REPL: each turn continues the whole conversation so far (the model re-reads it)."""
+    from . import api
+
+    temperature, context, turn = args.temperature[0], "", 0
+    out.write(f"charloom interactive: {INTERACTIVE_HELP}\n")
+    while True:
+        out.write("> ")
+        line = stdin.readline()
+        if not line:
+            out.write("\n")
+            return 0
+        line = line.rstrip("\n")
+        command, _, value = line.strip().partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                context = ""
+                out.write("(reset)\n")
+                continue
+            if command == "/help":
+                out.write(INTERACTIVE_HELP + "\n")
+                continue
+            if command in ("/temp", "/temperature"):
+                temperature = float(value)
+                api.sample_config(temperature)
+                out.write(f"(temperature {temperature})\n")
+                continue
+            if command == "/length":
+                api.check_options(int(value), 1, 1, None, 0, ())
+                options["length"] = int(value)
+                out.write(f"(length {options['length']})\n")
+                continue
+            if command.startswith("/"):
+                out.write(f"unknown command {command}; {INTERACTIVE_HELP}\n")
+                continue
+            text = line  # empty: continue from where the text stopped
+            seed = None if args.seed is None else args.seed + turn
+            pieces = model.stream(context + text, temperature=temperature, **{**options, "seed": seed})
+            generated = []
+            for piece in pieces:
+                generated.append(piece)
+                out.write(piece)
+            out.write("\n")
+            context += (text.lower() if model.train_config.lowercase else text) + "".join(generated)
+            turn += 1
+        except ValueError:
+            out.write(f"cannot read {value!r}; {INTERACTIVE_HELP}\n")
+        except CharloomError as exc:
+            out.write(f"charloom: {exc.message}\n")
 
 
 def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

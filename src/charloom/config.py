@@ -125,22 +125,107 @@ class TrainConfig:
         return self
 
 
+SAMPLER_STAGES = ("penalties", "temperature", "top_k", "top_p", "min_p", "typical_p")
+DEFAULT_SAMPLERS = ",".join(SAMPLER_STAGES)
+
+
 @dataclass
 class SampleConfig:
-    """How to draw the next token: temperature (the book's reweighting), top-k, top-p."""
+    """How to draw the next token: penalties, temperature (the book's reweighting) and truncation.
+
+    Each field is a logits processor with Hugging Face transformers' semantics (see
+    ``charloom.sampling``); ``samplers`` orders them (default: penalties first, then temperature,
+    top-k, top-p, min-p, typical-p).
+    """
 
     temperature: float = field(default=1.0, metadata=_help("softmax temperature: 0 = greedy, <1 safer, >1 wilder"))
     top_k: int = field(default=0, metadata=_help("keep only the k most likely tokens (0 = off)"))
     top_p: float = field(default=1.0, metadata=_help("keep the smallest set of tokens whose probability reaches p (1 = off)"))
+    min_p: float = field(default=0.0, metadata=_help("drop tokens less likely than min-p times the likeliest one (0 = off)"))
+    typical_p: float = field(default=1.0, metadata=_help("locally typical sampling: keep the tokens closest to the entropy, up to this mass (1 = off)"))
+    repetition_penalty: float = field(default=1.0, metadata=_help("divide positive (multiply negative) logits of tokens seen in the last N by this (1 = off, >1 repeats less)"))
+    frequency_penalty: float = field(default=0.0, metadata=_help("subtract this times a token's count in the last N tokens (0 = off)"))
+    presence_penalty: float = field(default=0.0, metadata=_help("subtract this from tokens that occur in the last N tokens (0 = off)"))
+    penalty_last_n: int = field(default=64, metadata=_help("the N of the three penalties above: how many recent tokens they look at (0 = all)"))
+    no_repeat_ngram_size: int = field(default=0, metadata=_help("never repeat an n-gram of this many tokens (0 = off)"))
+    ban: tuple[str, ...] = field(default=(), metadata=_help("never generate this character or word (repeat the option for more)", kind="strings"))
+    logit_bias: tuple[tuple[str, float], ...] = field(default=(), metadata=_help("add a bias to a token's logit, written TOKEN=BIAS, e.g. e=-2 (repeatable)", kind="bias"))
+    samplers: str = field(default=DEFAULT_SAMPLERS, metadata=_help("the order the processors run in, comma-separated; a stage left out is off"))
+    temperature_schedule: str = field(default="", metadata=_help("temperatures across the run: T1,T2,... cycles one per token (textgenrnn), A:B ramps linearly from A to B (empty = off)"))
 
     def validate(self) -> "SampleConfig":
-        """Refuse temperatures and cut-offs that have no meaning."""
+        """Refuse temperatures, cut-offs and penalties that have no meaning."""
         check_temperature(self.temperature, "temperature")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError("top_k", f"top-k must be a whole number >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise ConfigError("top_p", f"top-p must be in (0, 1], got {self.top_p!r}")
+        _nonnegative_int(self, "top_k", "penalty_last_n", "no_repeat_ngram_size")
+        _unit_interval(self, "top_p", low_open=True)
+        _unit_interval(self, "typical_p", low_open=True)
+        _unit_interval(self, "min_p", low_open=False)
+        _finite(self, "frequency_penalty", "presence_penalty", "repetition_penalty")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty", f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if isinstance(self.ban, str) or not all(isinstance(b, str) and b for b in self.ban):
+            raise ConfigError("ban", f"--ban takes non-empty strings, got {self.ban!r}")
+        for pair in self.logit_bias:
+            if len(pair) != 2 or not isinstance(pair[0], str) or not _is_number(pair[1]) or not math.isfinite(pair[1]):
+                raise ConfigError("logit_bias", f"--logit-bias takes TOKEN=BIAS with a finite bias, got {pair!r}")
+        self.sampler_order()
+        self.schedule()
         return self
+
+    def sampler_order(self) -> list[str]:
+        """The processor stages in run order; every stage that is switched on must be listed."""
+        names = [n.strip().replace("-", "_") for n in self.samplers.split(",") if n.strip()]
+        for n in names:
+            if n not in SAMPLER_STAGES:
+                raise ConfigError("samplers", f"unknown sampler {n!r} in --samplers; use some of {DEFAULT_SAMPLERS}")
+        if len(set(names)) != len(names):
+            raise ConfigError("samplers", f"--samplers lists a stage twice: {self.samplers!r}")
+        active = {"top_k": self.top_k > 0, "top_p": self.top_p < 1, "min_p": self.min_p > 0, "typical_p": self.typical_p < 1,
+                  "penalties": self.has_penalties, "temperature": self.temperature != 1 or bool(self.temperature_schedule)}
+        for stage, on in active.items():
+            if on and stage not in names:
+                raise ConfigError("samplers", f"{_flag(stage)} is set but --samplers {self.samplers!r} leaves it out; add {stage} to --samplers")
+        return names
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any stage of the ``penalties`` group is on."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or self.no_repeat_ngram_size > 0 or bool(self.ban) or bool(self.logit_bias))
+
+    def schedule(self) -> tuple[str, list[float]]:
+        """``("cycle", [T...])``, ``("ramp", [A, B])`` or ``("", [])`` from ``temperature_schedule``."""
+        text = self.temperature_schedule.strip()
+        if not text:
+            return "", []
+        kind, sep = ("ramp", ":") if ":" in text else ("cycle", ",")
+        try:
+            values = [float(x) for x in text.split(sep) if x.strip()]
+        except ValueError:
+            raise ConfigError("temperature_schedule", f"cannot read --temperature-schedule {text!r}; write 1.0,0.5,0.2 or 1.2:0.2") from None
+        if not values or (kind == "ramp" and len(values) != 2):
+            raise ConfigError("temperature_schedule", f"cannot read --temperature-schedule {text!r}; write 1.0,0.5,0.2 or 1.2:0.2")
+        for v in values:
+            check_temperature(v, "temperature_schedule")
+        return kind, values
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not _is_number(value) or not math.isfinite(value):
+            raise ConfigError(name, f"{_flag(name)} must be a finite number, got {value!r}")
+
+
+def _unit_interval(obj: Any, name: str, low_open: bool) -> None:
+    value = getattr(obj, name)
+    ok = _is_number(value) and not math.isnan(value) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
+    if not ok:
+        raise ConfigError(name, f"{_flag(name)} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
 
 
 def check_temperature(value: Any, field_name: str = "temperature") -> float:

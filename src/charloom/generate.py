@@ -2,28 +2,171 @@
 
 Several rows (temperatures x samples) run in one batch. Each row draws its randomness from a
 lane of :class:`~charloom.sampling.Noise`, so row results do not depend on what else is batched.
-A model trained on fixed windows (the book's recipe) is instead re-run on its last ``window``
-tokens for every new token, as it was trained.
+
+Two ways of reading the context:
+
+- carried state (our default): one model step per token, through a fused stepper
+  (``models/stepper.py``) when the architecture has one;
+- a window (the book's recipe): the model is re-run from zero state on the last ``W`` tokens for
+  every new token. Re-running the window equals keeping ``W`` staggered runs that each advance one
+  token per step in one batched call: run ``j`` started at a position ``= j (mod W)``; the run that
+  has read exactly the last ``W`` tokens gives the logits and then restarts from zero. Exact, and
+  about ``W`` times less work than re-reading.
+
+Also here: beam search and the stop-string matcher that holds back text while a stop string may
+be starting.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .models import LanguageModel
-from .sampling import Noise, Processor, draw, process
+from .models.base import tree_map
+from .models.stepper import NumpyStepper, make_stepper
+from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
-@torch.inference_mode()
-def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, max_new_tokens: int,
-                 pipeline: Sequence[Processor], noise: Noise, lanes: Sequence[int] | None = None,
-                 window: int = 0) -> Iterator[torch.Tensor]:
-    """Yield the next id of every row, shape (rows,), ``max_new_tokens`` times.
+@dataclass
+class Step:
+    """One generated token per row: ``ids`` (B,), and when asked, the model's log-probabilities of
+    them (B,) and of its ``k`` likeliest tokens (B, k)."""
+
+    ids: torch.Tensor
+    logprob: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+# Small steps run in numpy (lower per-call overhead): up to this many rows, and weight matrices up to
+# this many elements (beyond, OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
+NUMPY_MAX_ROWS = 4
+NUMPY_MAX_MATRIX = 1 << 18
+
+
+class _Carried:
+    """Carried state: prefill the prompt once, then one step per token."""
+
+    def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False) -> None:
+        self.model = model
+        self.stepper = make_stepper(model) if fast else None
+        logits, state = model(prompt)  # (1, p, V): prefill once for one row
+        state = model.select_state(state, torch.zeros(rows, dtype=torch.long))  # copy to every row
+        self.state = self.stepper.from_state(state, rows) if self.stepper else state
+        self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
+        self.numpy = None
+        if (allow_numpy and self.stepper is not None and rows <= NUMPY_MAX_ROWS
+                and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX):
+            self.numpy = NumpyStepper(self.stepper)
+            self.state = self.numpy.from_torch(self.state)
+
+    def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        if self.stepper is not None:
+            return self.stepper.step(ids, self.state)
+        logits, self.state = self.model(ids.unsqueeze(1), self.state)  # (rows, 1, V)
+        return logits[:, -1]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Reorder rows (beam search)."""
+        if self.stepper is not None:
+            self.state = self.stepper.select(self.state, index)
+        else:
+            self.state = self.model.select_state(self.state, index)
+
+
+class _Staggered:
+    """Windowed generation as W staggered runs per row (rows * W state rows, row-major)."""
+
+    def __init__(self, model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool) -> None:
+        self.model, self.window, self.rows = model, window, rows
+        self.stepper = make_stepper(model) if fast else None
+        w = window
+        # Rows of run j across all rows r: r * W + j.
+        self.run_rows = [torch.arange(rows) * w + j for j in range(w)]
+        self.state: Any = self.stepper.from_state(None, w) if self.stepper else None
+        start = max(0, p - w)
+        logits = None
+        for q in range(start, p):  # prefill: run j has read history[max(0, s_j):q+1]
+            if q > start:
+                self._reset(torch.tensor([q % w]))
+            logits = self._step(history[0, q].repeat(w))  # (W, V)
+        assert logits is not None
+        expand = torch.arange(w).repeat(rows)
+        if self.stepper is not None:
+            self.state = self.stepper.select(self.state, expand)
+        else:
+            self.state = model.select_state(self.state, expand)
+        self.first = logits[p % w].expand(rows, -1)  # (rows, V)
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.stepper is not None:
+            return self.stepper.step(ids, self.state)
+        logits, self.state = self.model(ids.unsqueeze(1), self.state)
+        return logits[:, -1]
+
+    def _reset(self, index: torch.Tensor) -> None:
+        if self.stepper is not None:
+            self.stepper.reset(self.state, index)
+        else:
+            dim = self.model.state_batch_dim
+            self.state = tree_map(lambda t: t.index_fill(dim, index, 0), self.state)
+
+    def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V)."""
+        w = self.window
+        self._reset(self.run_rows[position % w])  # that run just gave its logits: restart it here
+        if self.stepper is not None:  # the head only for the run that gives the logits
+            return self.stepper.step(ids.repeat_interleave(w), self.state, only=self.run_rows[(position + 1) % w])
+        logits = self._step(ids.repeat_interleave(w))  # (rows * W, V)
+        return logits.view(self.rows, w, -1)[:, (position + 1) % w]
+
+    @staticmethod
+    def exact_for(model: LanguageModel, token: torch.Tensor) -> bool:
+        """Whether a zeroed state behaves as a fresh one (``None``) for ``model``: then staggering is exact."""
+        try:
+            a, state = model(token, None)
+            b, _ = model(token, tree_map(torch.zeros_like, state))
+            _, state2 = model(token, state)
+            zeroed = tree_map(lambda t: t.index_fill(model.state_batch_dim, torch.tensor([0]), 0), state2)
+            c, _ = model(token, zeroed)
+        except (TypeError, RuntimeError, IndexError):
+            return False
+        return torch.allclose(a, b) and torch.allclose(a, c)
+
+
+class _Reread:
+    """The book's loop, literally: re-run the model on the last W tokens for every token (fallback)."""
+
+    def __init__(self, model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int) -> None:
+        self.model, self.history, self.window = model, history, window
+        logits, _ = model(history[:1, max(0, p - window):p])  # (1, <=W, V)
+        self.first = logits[:, -1].expand(rows, -1)
+
+    def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        logits, _ = self.model(self.history[:, max(0, position + 1 - self.window):position + 1])
+        return logits[:, -1]
+
+
+def _reader(model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool) -> Any:
+    if not window:
+        return _Carried(model, history[:1, :p], rows, fast, allow_numpy=True)
+    if fast and _Staggered.exact_for(model, history[:1, :1]):
+        return _Staggered(model, history, p, rows, window, fast)
+    return _Reread(model, history, p, rows, window)
+
+
+def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, max_new_tokens: int,
+                   pipeline: Sequence[Processor], noise: Noise, lanes: Sequence[int] | None = None,
+                   window: int = 0, logprobs: int | None = None, fast: bool = True) -> Iterator[Step]:
+    """Yield a :class:`Step` (the next id of every row) ``max_new_tokens`` times.
 
     ``prompt_ids`` (non-empty) is shared by all rows; ``lanes[r]`` is the noise lane of row ``r``
-    (default: row r uses lane r).
+    (default: row r uses lane r). ``logprobs=k`` adds the model's log-probabilities (of its own
+    distribution, before any processor) of each drawn token and of its ``k`` likeliest tokens.
+    ``fast=False`` uses only ``model.forward`` (the reference path for tests).
     """
     if not prompt_ids:
         raise ValueError("generation needs at least one prompt token")
@@ -36,26 +179,171 @@ def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, 
         device = next(model.parameters(), torch.empty(0)).device  # generate where the model is (CPU or GPU)
         history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-        if window:
-            logits, _ = model(history[:1, max(0, p - window):p])  # (1, <=W, V)
-            state = None
+        with torch.inference_mode():
+            read = _reader(model, history, p, rows, window, fast)
+        if getattr(read, "numpy", None) is not None:
+            # numpy needs no inference mode: the loop stays free of torch's per-resume context switch.
+            yield from _numpy_steps(read, history, p, max_new_tokens, pipeline, noise, lane_index, logprobs)
         else:
-            # Prefill once for one row, then copy the state to every row.
-            logits, state = model(history[:1, :p])
-            state = model.select_state(state, torch.zeros(rows, dtype=torch.long, device=device))
-        next_logits = logits[:, -1].expand(rows, -1)  # (rows, V)
-        for i in range(max_new_tokens):
-            t = p + i
-            scores = process(pipeline, history[:, :t], next_logits.float())
-            ids = draw(scores, noise.next()[lane_index].to(device))  # (rows,)
-            history[:, t] = ids
-            yield ids
-            if i + 1 == max_new_tokens:
-                break
-            if window:
-                logits, _ = model(history[:, max(0, t + 1 - window):t + 1])
-            else:
-                logits, state = model(ids.unsqueeze(1), state)  # (rows, 1, V)
-            next_logits = logits[:, -1]
+            yield from _torch_steps(read, history, p, max_new_tokens, pipeline, noise, lane_index, logprobs)
     finally:
         model.train(was_training)
+
+
+@torch.inference_mode()
+def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
+                 noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
+    """The loop of :func:`generate_steps` in torch (any model, any number of rows)."""
+    logits = read.first  # (rows, V)
+    uniforms = noise.rows(lanes)
+    for i in range(n):
+        t = p + i
+        scores = process(pipeline, history[:, :t], logits) if pipeline else logits
+        ids = draw(scores, next(uniforms))  # (rows,)
+        history[:, t] = ids
+        yield Step(ids) if logprobs is None else _with_logprobs(ids, logits, logprobs)
+        if i + 1 < n:
+            logits = read(ids, t)
+
+
+def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
+                 noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
+    """The loop of :func:`generate_steps` for a few rows, with the model step and the draw in numpy.
+
+    ``history`` and its numpy view share memory, so processors still see every id."""
+    step, state = read.numpy.step, read.state  # type: ignore[union-attr]
+    hist = history.numpy()  # (rows, P + N), same memory as `history`
+    logits = read.first.contiguous().numpy()  # (rows, V) float32
+    uniforms = noise.rows_numpy(lanes)
+    # A plain temperature (the common case) is applied in numpy; anything else goes through torch.
+    divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
+    for i in range(n):
+        t = p + i
+        if divisor is not None:
+            # Shifted by the row max first, as Temperature does: a tiny T must not overflow to inf.
+            scores = (logits - logits.max(axis=1, keepdims=True)) / divisor
+        elif pipeline:
+            with torch.inference_mode():
+                scores = process(pipeline, history[:, :t], torch.from_numpy(logits)).numpy()
+        else:
+            scores = logits
+        ids = draw_numpy(scores, next(uniforms))  # (rows,) int64
+        hist[:, t] = ids
+        ids_t = torch.from_numpy(ids)
+        yield Step(ids_t) if logprobs is None else _with_logprobs(ids_t, torch.from_numpy(logits), logprobs)
+        if i + 1 < n:
+            logits = step(ids, state)
+
+
+def _with_logprobs(ids: torch.Tensor, logits: torch.Tensor, k: int) -> Step:
+    logp = logits.float().log_softmax(dim=-1)  # (B, V)
+    chosen = logp.gather(1, ids.unsqueeze(1)).squeeze(1)
+    if k <= 0:
+        return Step(ids, chosen)
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return Step(ids, chosen, top.indices, top.values)
+
+
+def generate_ids(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int, max_new_tokens: int,
+                 pipeline: Sequence[Processor], noise: Noise, lanes: Sequence[int] | None = None,
+                 window: int = 0, fast: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next id of every row, shape (rows,), ``max_new_tokens`` times (see :func:`generate_steps`)."""
+    for step in generate_steps(model, prompt_ids, rows=rows, max_new_tokens=max_new_tokens, pipeline=pipeline,
+                               noise=noise, lanes=lanes, window=window, fast=fast):
+        yield step.ids
+
+
+@dataclass
+class Beams:
+    """The result of a beam search, best first: ids (K, n), total log-probability (K,), per token (K, n)."""
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    token_logprobs: torch.Tensor
+    timed_out: bool = False
+
+
+@torch.inference_mode()
+def beam_search(model: LanguageModel, prompt_ids: Sequence[int], *, beams: int, max_new_tokens: int,
+                pipeline: Sequence[Processor] = (), window: int = 0,
+                out_of_time: Callable[[], bool] | None = None) -> Beams:
+    """The ``beams`` likeliest continuations of ``max_new_tokens`` tokens (Hugging Face's beam search
+    without sampling: processors act on log-probabilities, a beam's score is their sum).
+
+    Stops early, returning what it has, when ``out_of_time()`` turns true.
+    """
+    if not prompt_ids:
+        raise ValueError("generation needs at least one prompt token")
+    was_training = model.training
+    model.eval()
+    try:
+        k, p = beams, len(prompt_ids)
+        history = torch.empty(k, p + max_new_tokens, dtype=torch.long)
+        history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        read = _Reread(model, history, p, k, window) if window else _Carried(model, history[:1, :p], k, fast=True)
+        logits = read.first
+        # Every beam starts as the same prompt: only beam 0 may expand at first, or all K would be copies.
+        scores = torch.full((k,), float("-inf"))
+        scores[0] = 0.0
+        token_lp = torch.zeros(k, max_new_tokens)
+        n = 0
+        for i in range(max_new_tokens):
+            t = p + i
+            logp = process(pipeline, history[:, :t], logits.float().log_softmax(dim=-1))  # (K, V)
+            vocab = logp.shape[-1]
+            best, flat = (scores.unsqueeze(1) + logp).view(-1).topk(k)  # (K,)
+            beam, tok = flat // vocab, flat % vocab
+            history = history[beam]
+            history[:, t] = tok
+            token_lp = token_lp[beam]
+            token_lp[:, i] = logp[beam, tok]
+            scores = best
+            n = i + 1
+            if n == max_new_tokens or (out_of_time is not None and out_of_time()):
+                break
+            if window:
+                read.history = history
+            else:
+                read.select(beam)
+            logits = read(tok, t)
+        return Beams(history[:, p:p + n].clone(), scores, token_lp[:, :n].clone(), timed_out=n < max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+class StopText:
+    """Cuts generated text at the first stop string, holding back text that may start one.
+
+    ``feed(piece)`` returns the text that is safe to show now and whether a stop string was hit
+    (the stop string itself is never shown); ``flush()`` returns what was held back when
+    generation ends for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return text[:min(hits)], True
+        # Hold back the longest tail of `text` that is a proper prefix of some stop string.
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

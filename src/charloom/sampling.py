@@ -1,7 +1,14 @@
 """Sampling: pure logits processors, the pipeline built from a SampleConfig, and the draw.
 
 A processor is ``(history: LongTensor[B, t], logits: FloatTensor[B, V]) -> FloatTensor[B, V]`` and
-never changes its input in place. Removed tokens get ``-inf``. Order: temperature, top-k, top-p.
+never changes its input in place. Removed tokens get ``-inf``; every processor keeps at least one
+token per row. The definitions follow Hugging Face transformers' logits processors (temperature,
+top-k, top-p, min-p, typical-p, repetition penalty, no-repeat n-gram, bad words) and OpenAI's
+frequency/presence penalties and logit bias; tests check them against independent numpy code.
+
+Default order (``SampleConfig.samplers``): penalties (logit bias, repetition, frequency/presence,
+no-repeat n-gram, bans), then temperature, top-k, top-p, min-p, typical-p -- the order Hugging Face
+applies them in. The tokenizer's banned ids (e.g. ``<unk>``) are removed first, always.
 
 The book's ``reweight_distribution`` computes ``exp(log(p) / T)`` and renormalises; since
 ``log(p) = logits - logsumexp(logits)``, that is exactly ``softmax(logits / T)``. ``T = 0`` means
@@ -16,8 +23,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .config import SampleConfig, check_temperature
@@ -26,31 +34,98 @@ Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = float("-inf")
 
 
-def temperature(values: float | Sequence[float]) -> Processor:
-    """Divide logits by T (one T, or one per batch row); rows with T = 0 keep only their argmax."""
-    temps = [check_temperature(v) for v in ([values] if isinstance(values, (int, float)) else values)]
+def _keep_one(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Rows of ``after`` that lost every token get back the best token of ``before``."""
+    empty = (after == NEG_INF).all(dim=-1, keepdim=True)  # (B, 1)
+    if not bool(empty.any()):
+        return after
+    best = before.argmax(dim=-1, keepdim=True)
+    rescue = torch.full_like(after, NEG_INF).scatter(-1, best, before.gather(-1, best))
+    return torch.where(empty, rescue, after)
 
-    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        t = torch.tensor(temps, dtype=logits.dtype, device=logits.device).unsqueeze(1)  # (B or 1, 1)
-        greedy = t == 0
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+# -- warpers: reshape the distribution ------------------------------------------------------------
+
+class Temperature:
+    """Divide logits by T: one T, one per batch row, or a schedule over the run; T = 0 keeps the argmax.
+
+    ``schedule(step) -> T`` (step 0 = the first generated token, counted from ``start`` history
+    tokens) overrides the per-row values.
+    """
+
+    def __init__(self, values: float | Sequence[float], schedule: Callable[[int], float] | None = None,
+                 start: int = 0) -> None:
+        self.temps = [check_temperature(v) for v in ([values] if _number(values) else values)]  # type: ignore[union-attr]
+        self.schedule, self.start = schedule, start
+        self._cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def _rows(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        # Built once per batch size: a (B, 1) divisor with 1 for greedy rows, and the greedy mask.
+        key = (n, dtype)
+        if key not in self._cache:
+            t = torch.tensor(self.temps, dtype=dtype).unsqueeze(1).expand(n, 1) if len(self.temps) in (1, n) else None
+            _check(t is not None, f"temperature has {len(self.temps)} values for a batch of {n} rows; give one or one per row")
+            greedy = t == 0
+            self._cache[key] = (torch.where(greedy, torch.ones_like(t), t).contiguous(), greedy, bool(greedy.any()))
+        return self._cache[key]
+
+    def numpy_divisor(self, rows: int) -> np.ndarray | None:
+        """(rows, 1) float32 divisor when this is a plain per-row temperature without greedy rows (a numpy fast path)."""
+        if self.schedule is not None or 0.0 in self.temps or len(self.temps) not in (1, rows):
+            return None
+        return np.broadcast_to(np.asarray(self.temps, dtype=np.float32).reshape(-1, 1), (rows, 1)).copy()
+
+    def __call__(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.schedule is not None:
+            t = self.schedule(history.shape[1] - self.start)
+            if t == 0:
+                return greedy_only(logits)
+            return (_shift_to_max(logits) if t < 1 else logits) / t
+        divisor, greedy, any_greedy = self._rows(logits.shape[0], logits.dtype)
         # Rows with T < 1 are shifted by their max first (softmax is unchanged): with a tiny T,
         # logits / T would overflow to +inf and the softmax to NaN; shifted, every value stays <= 0.
-        shifted = torch.where(t < 1, logits - logits.max(dim=-1, keepdim=True).values, logits)
-        scaled = shifted / torch.where(greedy, torch.ones_like(t), t)
-        if bool(greedy.any()):
-            # Keep exactly one token per greedy row: the first argmax, as np.argmax would.
-            top = logits.argmax(dim=-1, keepdim=True)
-            only_top = torch.full_like(logits, NEG_INF).scatter(-1, top, 0.0)
-            scaled = torch.where(greedy, only_top, scaled)
+        scaled = torch.where(divisor < 1, _shift_to_max(logits), logits) / divisor
+        if any_greedy:
+            scaled = torch.where(greedy, greedy_only(logits), scaled)
         return scaled
 
-    return apply
+
+def _shift_to_max(logits: torch.Tensor) -> torch.Tensor:
+    return logits - logits.max(dim=-1, keepdim=True).values
+
+
+def greedy_only(logits: torch.Tensor) -> torch.Tensor:
+    """Keep exactly one token per row: the first argmax, as np.argmax would."""
+    top = logits.argmax(dim=-1, keepdim=True)
+    return torch.full_like(logits, NEG_INF).scatter(-1, top, 0.0)
+
+
+def temperature(values: float | Sequence[float]) -> Processor:
+    """Divide logits by T (one T, or one per batch row); rows with T = 0 keep only their argmax."""
+    return Temperature(values)
+
+
+def schedule_fn(kind: str, values: Sequence[float], length: int) -> Callable[[int], float]:
+    """Temperature at generated step i: ``cycle`` repeats ``values`` (textgenrnn), ``ramp`` goes A -> B over ``length``."""
+    if kind == "cycle":
+        return lambda i: values[i % len(values)]
+    a, b = values
+    span = max(1, length - 1)
+    return lambda i: a + (b - a) * min(i, span) / span
 
 
 def top_k(k: int) -> Processor:
     """Keep the k highest logits (ties at the k-th value kept, as Hugging Face does)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top-k must be a whole number >= 1, got {k!r}")
+    _check(not isinstance(k, bool) and isinstance(k, int) and k >= 1, f"top-k must be a whole number >= 1, got {k!r}")
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         kk = min(k, logits.shape[-1])
@@ -62,8 +137,7 @@ def top_k(k: int) -> Processor:
 
 def top_p(p: float) -> Processor:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not (0.0 < p <= 1.0):
-        raise ValueError(f"top-p must be in (0, 1], got {p!r}")
+    _check(_number(p) and 0.0 < p <= 1.0, f"top-p must be in (0, 1], got {p!r}")
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # Hugging Face's definition: sort ascending, drop tokens whose cumulative mass stays
@@ -74,6 +148,123 @@ def top_p(p: float) -> Processor:
         drop_sorted[..., -1] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         return logits.masked_fill(drop, NEG_INF)
+
+    return apply
+
+
+def min_p(p: float) -> Processor:
+    """Drop tokens whose probability is below ``p`` times the likeliest token's (the top one always stays)."""
+    _check(_number(p) and 0.0 <= p <= 1.0, f"min-p must be in [0, 1], got {p!r}")
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.softmax(dim=-1)  # (B, V)
+        threshold = p * probs.max(dim=-1, keepdim=True).values  # (B, 1)
+        drop = probs < threshold
+        return _keep_one(logits, logits.masked_fill(drop, NEG_INF))
+
+    return apply
+
+
+def typical_p(mass: float) -> Processor:
+    """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprisal is closest to
+    the entropy, in that order, until their probability reaches ``mass``."""
+    _check(_number(mass) and 0.0 < mass <= 1.0, f"typical-p must be in (0, 1], got {mass!r}")
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logp = logits.log_softmax(dim=-1)  # (B, V)
+        probs = logp.exp()
+        entropy = -(logp * probs).nansum(dim=-1, keepdim=True)  # (B, 1); 0 * -inf counts as 0
+        distance = (-logp - entropy).abs()
+        sorted_distance, order = torch.sort(distance, dim=-1)  # most typical first
+        cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        # Hugging Face: the cut is the first sorted position whose cumulative mass reaches `mass`;
+        # everything strictly less typical than it goes (so ties with the cut stay).
+        last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+        drop_sorted = sorted_distance > sorted_distance.gather(-1, last)
+        drop_sorted[..., 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        return logits.masked_fill(drop, NEG_INF)
+
+    return apply
+
+
+# -- penalties: look at the history ---------------------------------------------------------------
+
+def _recent(history: torch.Tensor, last_n: int) -> torch.Tensor:
+    return history[:, -last_n:] if last_n else history
+
+
+def repetition_penalty(penalty: float, last_n: int = 0) -> Processor:
+    """Tokens seen in the last ``last_n`` ids (0 = all): positive logits / penalty, negative * penalty (CTRL, Keskar et al. 2019)."""
+    _check(_number(penalty) and math.isfinite(penalty) and penalty > 0, f"repetition penalty must be > 0, got {penalty!r}")
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen = _recent(history, last_n)  # (B, n)
+        if seen.shape[1] == 0:
+            return logits
+        score = logits.gather(1, seen)
+        score = torch.where(score < 0, score * penalty, score / penalty)
+        return logits.scatter(1, seen, score)  # repeated ids write the same value
+
+    return apply
+
+
+def _counts(history: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """How often each id occurs in each row of ``history``: (B, V)."""
+    out = torch.zeros(history.shape[0], vocab, dtype=dtype)
+    return out.scatter_add_(1, history, torch.ones(history.shape, dtype=dtype))
+
+
+def frequency_presence_penalty(frequency: float, presence: float, last_n: int = 0) -> Processor:
+    """OpenAI's penalties: ``logit - frequency * count - presence * (count > 0)`` over the last ``last_n`` ids."""
+    _check(_number(frequency) and _number(presence) and math.isfinite(frequency) and math.isfinite(presence),
+           f"frequency and presence penalties must be finite numbers, got {frequency!r}, {presence!r}")
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen = _recent(history, last_n)
+        if seen.shape[1] == 0:
+            return logits
+        counts = _counts(seen, logits.shape[-1], logits.dtype)
+        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+    return apply
+
+
+def no_repeat_ngram(n: int) -> Processor:
+    """Ban every token that would complete an n-gram already in the history (prompt included)."""
+    _check(not isinstance(n, bool) and isinstance(n, int) and n >= 1, f"no-repeat n-gram size must be >= 1, got {n!r}")
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        t = history.shape[1]
+        if t < n:  # no complete n-gram yet (Hugging Face: cur_len + 1 < n)
+            return logits
+        grams = history.unfold(1, n, 1)  # (B, t - n + 1, n)
+        prefix = history[:, t - n + 1:]  # (B, n - 1): what the next token would extend
+        match = (grams[:, :, :n - 1] == prefix.unsqueeze(1)).all(dim=-1)  # (B, t - n + 1)
+        # scatter_add, not scatter: several n-grams may end in the same token.
+        hits = torch.zeros_like(logits).scatter_add_(1, grams[:, :, -1], match.to(logits.dtype))
+        return _keep_one(logits, logits.masked_fill(hits > 0, NEG_INF))
+
+    return apply
+
+
+def ban_sequences(sequences: Sequence[Sequence[int]]) -> Processor:
+    """Never complete any of ``sequences`` (Hugging Face's bad words): a one-token sequence is always
+    banned; a longer one bans its last token whenever the history ends with the rest."""
+    seqs = [list(map(int, s)) for s in sequences]
+    _check(all(seqs), "a banned sequence must hold at least one token")
+    single = sorted({s[0] for s in seqs if len(s) == 1})
+    longer = [(torch.tensor(s[:-1], dtype=torch.long), s[-1]) for s in seqs if len(s) > 1]
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        drop = torch.zeros_like(logits, dtype=torch.bool)
+        if single:
+            drop[:, single] = True
+        for prefix, last in longer:
+            k = len(prefix)
+            if history.shape[1] >= k:
+                drop[:, last] |= (history[:, history.shape[1] - k:] == prefix).all(dim=-1)
+        return _keep_one(logits, logits.masked_fill(drop, NEG_INF))
 
     return apply
 
@@ -90,18 +281,63 @@ def ban(token_ids: Sequence[int]) -> Processor:
     return apply
 
 
+def logit_bias(bias: dict[int, float], vocab_size: int) -> Processor:
+    """Add ``bias[id]`` to the logit of each listed id (OpenAI's ``logit_bias``)."""
+    vector = torch.zeros(vocab_size, dtype=torch.float64)
+    for i, b in bias.items():
+        _check(0 <= int(i) < vocab_size and _number(b) and math.isfinite(b), f"logit bias {i}={b} is not a known token and a finite number")
+        vector[int(i)] += float(b)
+
+    def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits + vector.to(logits.dtype)
+
+    return apply
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
 def build_pipeline(config: SampleConfig, temperatures: Sequence[float] | None = None,
-                   banned: Sequence[int] = ()) -> list[Processor]:
-    """The ordered processors for ``config``; ``temperatures`` overrides T with one value per row."""
+                   banned: Sequence[int] = (), *, ban_ids: Sequence[Sequence[int]] = (),
+                   bias_ids: dict[int, float] | None = None, vocab_size: int = 0,
+                   prompt_length: int = 0, length: int = 0) -> list[Processor]:
+    """The ordered processors for ``config``.
+
+    ``temperatures`` overrides T with one value per row; ``banned`` are the tokenizer's never-drawn
+    ids; ``ban_ids`` / ``bias_ids`` are ``config.ban`` / ``config.logit_bias`` already turned into
+    token ids by the caller (who owns the tokenizer). ``prompt_length`` and ``length`` place a
+    temperature schedule on the run.
+    """
     config.validate()
-    pipeline: list[Processor] = []
-    if banned:
-        pipeline.append(ban(banned))
-    pipeline.append(temperature(list(temperatures) if temperatures is not None else config.temperature))
-    if config.top_k:
-        pipeline.append(top_k(config.top_k))
-    if config.top_p < 1.0:
-        pipeline.append(top_p(config.top_p))
+    pipeline: list[Processor] = [ban(banned)] if banned else []
+    temps = list(temperatures) if temperatures is not None else [config.temperature]
+    kind, values = config.schedule()
+    for stage in config.sampler_order():
+        if stage == "penalties":
+            if bias_ids:
+                pipeline.append(logit_bias(bias_ids, vocab_size))
+            if config.repetition_penalty != 1:
+                pipeline.append(repetition_penalty(config.repetition_penalty, config.penalty_last_n))
+            if config.frequency_penalty or config.presence_penalty:
+                pipeline.append(frequency_presence_penalty(config.frequency_penalty, config.presence_penalty, config.penalty_last_n))
+            if config.no_repeat_ngram_size:
+                pipeline.append(no_repeat_ngram(config.no_repeat_ngram_size))
+            if ban_ids:
+                pipeline.append(ban_sequences(ban_ids))
+        elif stage == "temperature":
+            if kind:
+                pipeline.append(Temperature(1.0, schedule_fn(kind, values, length), prompt_length))
+            elif any(t != 1 for t in temps):
+                pipeline.append(Temperature(temps))
+        elif stage == "top_k" and config.top_k:
+            pipeline.append(top_k(config.top_k))
+        elif stage == "top_p" and config.top_p < 1.0:
+            pipeline.append(top_p(config.top_p))
+        elif stage == "min_p" and config.min_p > 0:
+            pipeline.append(min_p(config.min_p))
+        elif stage == "typical_p" and config.typical_p < 1.0:
+            pipeline.append(typical_p(config.typical_p))
+    if "temperature" not in config.sampler_order() and any(t != 1 for t in temps):
+        raise ValueError("a temperature is set but --samplers leaves temperature out; add temperature to --samplers")
     return pipeline
 
 
@@ -113,12 +349,27 @@ def process(pipeline: Sequence[Processor], history: torch.Tensor, logits: torch.
 
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Sample one id per row of ``logits`` (B, V) by inverting the CDF at ``uniforms`` (B,)."""
-    probs = torch.softmax(logits.float(), dim=-1)  # -inf -> probability 0
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1), in [0, total)
-    ids = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return ids.clamp_(max=logits.shape[-1] - 1)
+    """Sample one id per row of ``logits`` (B, V) by inverting the CDF at ``uniforms`` (B,) or (B, 1).
+
+    The CDF is summed in float64, so ``u * total < total`` for every float32 ``u < 1``: the id is
+    always a token with non-zero probability (a removed token can never be drawn).
+    """
+    probs = torch.softmax(logits, dim=-1)  # -inf -> probability 0
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
+    target = uniforms.to(device=cdf.device, dtype=torch.float64).view(-1, 1) * cdf[:, -1:]  # (B, 1), in [0, total)
+    return torch.searchsorted(cdf, target, right=True).view(-1)
+
+
+def draw_numpy(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """:func:`draw` in numpy for ``logits`` (B, V) float32 and ``uniforms`` (B,) float64 -> ids (B,) int64.
+
+    The same rule (float64 CDF, first entry above ``u * total``, so a removed token is never drawn);
+    the CDF is left unnormalised, which changes nothing but rounding.
+    """
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))  # (B, V); -inf -> 0
+    cdf = e.astype(np.float64).cumsum(axis=1)  # the method: np.cumsum(dtype=) is several times slower here
+    target = uniforms * cdf[:, -1]  # (B,)
+    return (cdf <= target[:, None]).sum(axis=1)  # entries <= target == searchsorted(side="right")
 
 
 class Noise:
@@ -134,16 +385,42 @@ class Noise:
         self._buffer = torch.empty(len(seeds), 0)
         self._pos = 0
 
+    def _refill(self) -> None:
+        self._buffer = torch.stack([torch.rand(self.chunk, generator=g) for g in self.generators])  # (lanes, chunk)
+        self._pos = 0
+
     def next(self) -> torch.Tensor:
         """The next uniform of every lane, shape (lanes,)."""
         if self._pos >= self._buffer.shape[1]:
-            self._buffer = torch.stack([torch.rand(self.chunk, generator=g) for g in self.generators])
-            self._pos = 0
+            self._refill()
         out = self._buffer[:, self._pos]
         self._pos += 1
         return out
+
+    def _blocks(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The rest of each chunk for rows drawing from ``lanes`` (rows,): float64 (n, rows)."""
+        while True:
+            if self._pos >= self._buffer.shape[1]:
+                self._refill()
+            block = self._buffer[:, self._pos:][lanes].t().to(torch.float64).contiguous()
+            self._pos = self._buffer.shape[1]
+            yield block
+
+    def rows(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Endless per-step uniforms for rows drawing from ``lanes`` (rows,): each a float64 (rows, 1).
+
+        Same numbers as :meth:`next` indexed by ``lanes``, laid out so each step is one cheap slice.
+        """
+        for block in self._blocks(lanes):
+            yield from block.unsqueeze(-1)
+
+    def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
+        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
+        for block in self._blocks(lanes):
+            yield from block.numpy()
 
 
 def resolve_seed(seed: int | None) -> int:
     """``seed``, or a fresh random one when None."""
     return int(seed) if seed is not None else secrets.randbits(31)
+

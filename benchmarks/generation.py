@@ -1,0 +1,177 @@
+"""Generation speed: characters per second through ``Model.generate``, and the machine's limits.
+
+    PYTHONPATH=src python benchmarks/generation.py [--quick] [--threads N]
+
+Prints one JSON object. Models have random weights (speed does not depend on what they learned):
+
+- ``book``: the book's LSTM(128) with one-hot input over 57 characters (lowercased Nietzsche);
+  one stream with carried state, 64 streams in one batch, and the book's windowed generation
+  (60-char window) both as staggered runs (ours) and literally re-read every step (reference);
+- ``default``: the model the default recipe builds for Nietzsche (1 x LSTM(512), embedding 64);
+  one stream and 64 streams.
+
+Limits, measured on this machine: ``weight_read``: how many times per second the machine can
+read the model's weights (summing a float32 buffer of that size), i.e. the one-stream speed if
+each character only had to read every weight once; ``matmul``: the float32 matrix-multiply rate
+(GFLOP/s) on a (64, H) x (H, 4H) product, the shape of a batched step. Shares compare our speed to
+them. The targets from issue 4 are reported next to each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from charloom.api import Model  # noqa: E402
+from charloom.config import ModelConfig  # noqa: E402
+from charloom.generate import generate_ids  # noqa: E402
+from charloom.models import build_model  # noqa: E402
+from charloom.config import SampleConfig  # noqa: E402
+from charloom.sampling import Noise, build_pipeline  # noqa: E402
+from charloom.tokenizers import CharTokenizer  # noqa: E402
+
+ALPHABET = "\n !\"'(),-.0123456789:;=?[]_abcdefghijklmnopqrstuvwxyzäæéë"  # 57 symbols, as lowercased Nietzsche
+KERAS_BOOK_CHARS_PER_S = 22.0  # the book's loop in Keras 3 + TensorFlow on this machine (issue 4)
+
+
+def make_model(arch_config: ModelConfig, window: int = 0) -> Model:
+    torch.manual_seed(0)
+    tok = CharTokenizer(list(ALPHABET))
+    net = build_model(arch_config, tok.vocab_size).eval()
+    return Model(net, tok, {"train": {"generation_window": window}})
+
+
+def chars_per_s(model: Model, length: int, streams: int, repeats: int, threads: int = 1) -> float:
+    """Best of ``repeats`` runs of ``model.generate`` at temperature 0.5 (the noise of a shared
+    machine only slows runs down, so the best run is the least disturbed one)."""
+    torch.set_num_threads(threads)
+    prompt = "the meaning of "
+    model.generate(prompt, length=min(length, 50), num_samples=streams, seed=0, temperature=0.5)  # warm-up
+    best = float("inf")
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(prompt, length=length, num_samples=streams, seed=r, temperature=0.5)
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(1)
+    return streams * length / best
+
+
+def reread_chars_per_s(model: Model, length: int, window: int) -> float:
+    """The book's loop literally: re-run the model on the 60-char window for every character."""
+    pipeline = build_pipeline(SampleConfig())
+    ids = model.encode_prompt("the meaning of ")
+    t0 = time.perf_counter()
+    for _ in generate_ids(model.net, ids, rows=1, max_new_tokens=length, pipeline=pipeline, noise=Noise([0]),
+                          window=window, fast=False):
+        pass
+    return length / (time.perf_counter() - t0)
+
+
+def weight_read_per_s(n_params: int, repeats: int) -> float:
+    """Reads per second of a float32 buffer as large as the model (summed, so every byte is read)."""
+    buf = torch.randn(n_params)
+    buf.sum()
+    reps = max(10, int(2e8 // max(n_params, 1)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            buf.sum()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 1.0 / best
+
+
+def matmul_gflops(hidden: int, batch: int, repeats: int) -> float:
+    """Float32 GFLOP/s of a (batch, H) x (H, 4H) product, the shape of one batched LSTM step."""
+    a, b = torch.randn(batch, hidden), torch.randn(hidden, 4 * hidden)
+    reps = max(20, int(2e9 // (2 * batch * hidden * 4 * hidden)))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * batch * hidden * 4 * hidden / best / 1e9
+
+
+def step_flops(model: Model) -> float:
+    """Multiply-add FLOPs per character of a step: the recurrent and head matmuls (the first layer's
+    input projection is a table lookup)."""
+    m = model.net.config
+    gates = 4 if m.arch == "lstm" else 3
+    vocab = model.tokenizer.vocab_size
+    per_layer = gates * m.hidden * m.hidden
+    between = (m.layers - 1) * gates * m.hidden * m.hidden
+    return 2.0 * (m.layers * per_layer + between + m.hidden * vocab)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer characters and repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2,
+                        help="threads for the batched runs, which are also run on 1 thread (default: all cores)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one stream is overhead-bound: extra threads only add synchronisation
+    n, repeats = (1000, 2) if args.quick else (5000, 5)
+
+    book_cfg = ModelConfig(arch="lstm", layers=1, hidden=128, input="onehot", dropout=0.0)
+    default_cfg = ModelConfig(arch="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1)
+    results: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "threads_batched": sorted({1, args.threads}), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "quick": args.quick,
+    }
+    book = make_model(book_cfg)
+    book_1 = chars_per_s(book, n, 1, repeats)
+    book_64 = max(chars_per_s(book, n // 4, 64, repeats, t) for t in sorted({1, args.threads}))
+    windowed = make_model(book_cfg, window=60)
+    book_w = chars_per_s(windowed, n // 2, 1, repeats)
+    book_reread = reread_chars_per_s(windowed, 100 if args.quick else 300, 60)
+    results["book_lstm128"] = {
+        "one_stream_chars_per_s": round(book_1), "target_one_stream": 30000,
+        "64_streams_chars_per_s": round(book_64), "target_64_streams": 500000,
+        "windowed_chars_per_s": round(book_w), "windowed_reread_chars_per_s": round(book_reread),
+        "windowed_vs_keras": round(book_w / KERAS_BOOK_CHARS_PER_S, 1), "target_windowed_vs_keras": 100,
+    }
+    default = make_model(default_cfg)
+    d_1 = chars_per_s(default, n // 2, 1, repeats)
+    d_64 = max(chars_per_s(default, n // 8, 64, repeats, t) for t in sorted({1, args.threads}))
+    n_params = default.net.num_parameters()
+    reads = weight_read_per_s(n_params, repeats)
+    gflops = 0.0
+    for t in sorted({1, args.threads}):
+        torch.set_num_threads(t)
+        gflops = max(gflops, matmul_gflops(default_cfg.hidden, 64, repeats))
+    torch.set_num_threads(1)
+    achieved = d_64 * step_flops(default) / 1e9
+    results["default_lstm512"] = {
+        "parameters": n_params, "one_stream_chars_per_s": round(d_1), "64_streams_chars_per_s": round(d_64),
+        "weight_read_limit_chars_per_s": round(reads), "one_stream_share_of_weight_read": round(d_1 / reads, 3),
+        "matmul_gflops": round(gflops, 1), "batched_gflops": round(achieved, 1),
+        "batched_share_of_matmul": round(achieved / gflops, 3), "target_share": 0.5,
+    }
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

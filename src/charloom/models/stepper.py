@@ -1,0 +1,193 @@
+"""Fast single-token steps for generation: the same maths as ``model(idx[:, None], state)``, fewer ops.
+
+Generating one token at a time is dominated by per-op overhead, not arithmetic, for small models.
+A stepper takes the weights out of a recurrent model once and runs each step as a handful of
+tensor ops:
+
+- the first layer's input projection ``W_ih x + b_ih (+ b_hh)`` is precomputed for every token
+  into a table (V, G*H), since the input is an embedding row or a one-hot vector: one row lookup
+  replaces the embedding, the one-hot and a matmul;
+- the LSTM gates are reordered to (i, f, o, g) so one sigmoid and one tanh cover all of them.
+
+Only architectures in this package get a stepper (``make_stepper`` returns None otherwise), and the
+generation loop falls back to ``model.forward``. ``tests/test_generate_fast.py`` checks every
+stepper against ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import LanguageModel
+from .rnn import RecurrentLM
+
+
+class RecurrentStepper:
+    """One LSTM/GRU step for a batch of rows; ``state`` is a list of per-layer tensors (B, H)."""
+
+    def __init__(self, model: RecurrentLM) -> None:
+        self.model = model
+        self.lstm = model.cell is nn.LSTM
+        gates = 4 if self.lstm else 3
+        h = model.config.hidden
+        # LSTM rows (i, f, g, o) -> (i, f, o, g): sigmoid over the first 3H, tanh over the last H.
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]) if self.lstm else None
+        self.layers: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            for layer in range(model.config.layers):
+                w_ih = getattr(model.rnn, f"weight_ih_l{layer}").detach()  # (G*H, in)
+                w_hh = getattr(model.rnn, f"weight_hh_l{layer}").detach()  # (G*H, H)
+                b_ih = getattr(model.rnn, f"bias_ih_l{layer}").detach()
+                b_hh = getattr(model.rnn, f"bias_hh_l{layer}").detach()
+                if self.lstm:
+                    w_ih, w_hh, b_ih, b_hh = (t[order] for t in (w_ih, w_hh, b_ih, b_hh))
+                # GRU keeps b_hh apart: its n gate multiplies (W_hn h + b_hn) by r.
+                in_bias = b_ih + b_hh if self.lstm else b_ih
+                entry = {"w_hh_t": w_hh.t().contiguous(), "b_hh": b_hh.clone()}
+                if layer == 0:
+                    if model.embed is None:  # one-hot: W_ih x is column x of W_ih
+                        table = w_ih.t() + in_bias
+                    else:
+                        table = model.embed.weight.detach() @ w_ih.t() + in_bias  # (V, G*H)
+                    entry["table"] = table.contiguous()
+                else:
+                    entry["w_ih_t"] = w_ih.t().contiguous()
+                    entry["b_in"] = in_bias.clone()
+                self.layers.append(entry)
+            self.head_w_t = model.head.weight.detach().t().contiguous()  # (H, V)
+            self.head_b = model.head.bias.detach().clone()
+        self.hidden, self.gates = h, gates
+
+    def from_state(self, state: Any, rows: int) -> list[torch.Tensor]:
+        """Our per-layer state from the model's (``None`` = zeros)."""
+        n = len(self.layers)
+        if state is None:
+            zeros = lambda: torch.zeros(rows, self.hidden)  # noqa: E731
+            return [zeros() for _ in range(n * (2 if self.lstm else 1))]
+        if self.lstm:
+            h, c = state  # (layers, B, H) each
+            return [h[i].contiguous() for i in range(n)] + [c[i].contiguous() for i in range(n)]
+        return [state[i].contiguous() for i in range(n)]
+
+    def to_state(self, ours: list[torch.Tensor]) -> Any:
+        """The model's state format from ours."""
+        n = len(self.layers)
+        if self.lstm:
+            return torch.stack(ours[:n]), torch.stack(ours[n:])
+        return torch.stack(ours)
+
+    def step(self, ids: torch.Tensor, state: list[torch.Tensor], only: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row by token ``ids`` (B,), updating ``state`` in place; returns logits (B, V),
+        or only those of rows ``only`` (windowed generation needs one run's logits per row)."""
+        n, h = len(self.layers), self.hidden
+        x = None
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                proj = layer["table"].index_select(0, ids)  # (B, G*H)
+            else:
+                proj = torch.addmm(layer["b_in"], x, layer["w_ih_t"])
+            if self.lstm:
+                hx, cx = state[i], state[n + i]
+                gates = torch.addmm(proj, hx, layer["w_hh_t"])  # (B, 4H) as (i, f, o, g)
+                ifo = gates[:, :3 * h].sigmoid()
+                g = gates[:, 3 * h:].tanh()
+                in_gate, forget, out_gate = ifo.chunk(3, 1)
+                c = torch.addcmul(forget * cx, in_gate, g)
+                x = out_gate * c.tanh()
+                state[n + i] = c
+            else:
+                hx = state[i]
+                gh = torch.addmm(layer["b_hh"], hx, layer["w_hh_t"])  # (B, 3H) as (r, z, n)
+                rz = (proj[:, :2 * h] + gh[:, :2 * h]).sigmoid()
+                r, z = rz.chunk(2, 1)
+                cand = torch.addcmul(proj[:, 2 * h:], r, gh[:, 2 * h:]).tanh()
+                x = torch.addcmul(cand, z, hx - cand)  # (1 - z) * n + z * h
+            state[i] = x
+        if only is not None:
+            x = x.index_select(0, only)
+        return torch.addmm(self.head_b, x, self.head_w_t)  # (B, V)
+
+    def largest_matrix(self) -> int:
+        """Elements in the largest weight matrix a step multiplies by."""
+        mats = [t for layer in self.layers for k, t in layer.items() if k in ("w_hh_t", "w_ih_t")] + [self.head_w_t]
+        return max(t.numel() for t in mats)
+
+    @staticmethod
+    def select(state: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """Rows ``index`` of every state tensor."""
+        return [s.index_select(0, index) for s in state]
+
+    @staticmethod
+    def reset(state: list[torch.Tensor], index: torch.Tensor) -> None:
+        """Set rows ``index`` back to the initial (zero) state, in place."""
+        for s in state:
+            s.index_fill_(0, index, 0.0)
+
+
+class NumpyStepper:
+    """The same step in numpy, for a handful of rows: numpy's per-call overhead on small arrays is a
+    fraction of torch's, and at one stream that overhead, not arithmetic, sets the speed.
+    ``state`` is a list of float32 arrays (B, H), replaced (not mutated) each step.
+
+    The LSTM's sigmoid-gate columns are stored negated, so ``sigmoid(x) = 1 / (1 + exp(-x))`` costs
+    three in-place calls on the gate block.
+    """
+
+    def __init__(self, stepper: RecurrentStepper) -> None:
+        import numpy as np
+
+        self.np = np
+        self.lstm, self.hidden = stepper.lstm, stepper.hidden
+        self.layers = []
+        for layer in stepper.layers:
+            arrays = {k: v.numpy().astype(np.float32) for k, v in layer.items()}
+            if self.lstm:  # negate the (i, f, o) columns of everything that adds into the gates
+                for key in ("table", "w_hh_t", "w_ih_t", "b_in"):
+                    if key in arrays:
+                        arrays[key][..., :3 * self.hidden] *= -1.0
+            self.layers.append(arrays)
+        self.head_w_t, self.head_b = stepper.head_w_t.numpy(), stepper.head_b.numpy()
+        self.from_torch = lambda state: [t.numpy().copy() for t in state]
+
+    def step(self, ids: Any, state: list[Any]) -> Any:
+        """Advance rows by token ids (B,) int64; returns logits (B, V) float32."""
+        np, h = self.np, self.hidden
+        n = len(self.layers)
+        x = None
+        for i, layer in enumerate(self.layers):
+            proj = layer["table"][ids] if i == 0 else x @ layer["w_ih_t"] + layer["b_in"]  # (B, G*H)
+            if self.lstm:
+                gates = proj + state[i] @ layer["w_hh_t"]  # (B, 4H) as (-i, -f, -o, g)
+                ifo = gates[:, :3 * h]
+                np.exp(ifo, out=ifo)
+                ifo += 1.0
+                np.reciprocal(ifo, out=ifo)  # sigmoid of the un-negated gates
+                c = ifo[:, h:2 * h] * state[n + i]
+                c += ifo[:, :h] * np.tanh(gates[:, 3 * h:])
+                x = ifo[:, 2 * h:] * np.tanh(c)
+                state[n + i] = c
+            else:
+                gh = state[i] @ layer["w_hh_t"] + layer["b_hh"]  # (B, 3H) as (r, z, n)
+                rz = proj[:, :2 * h] + gh[:, :2 * h]
+                np.negative(rz, out=rz)
+                np.exp(rz, out=rz)
+                rz += 1.0
+                np.reciprocal(rz, out=rz)
+                cand = np.tanh(proj[:, 2 * h:] + rz[:, :h] * gh[:, 2 * h:])
+                x = cand + rz[:, h:] * (state[i] - cand)
+            state[i] = x
+        x = x @ self.head_w_t
+        x += self.head_b
+        return x
+
+
+def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
+    """A fast stepper for ``model``, or None when its architecture has none (use ``forward``)."""
+    # Only the exact architectures written here: a subclass with its own forward gets none.
+    if (isinstance(model, RecurrentLM) and type(model).forward is RecurrentLM.forward
+            and model.cell in (nn.LSTM, nn.GRU) and not model.training):
+        return RecurrentStepper(model)
+    return None
