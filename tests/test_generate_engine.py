@@ -24,7 +24,7 @@ ARCHS = [("lstm", "onehot", 1), ("lstm", "embedding", 2), ("gru", "embedding", 2
 
 def small(arch, inp, layers, vocab=20):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, input=inp, layers=layers, hidden=24, embedding_dim=8, dropout=0.0)
+    cfg = ModelConfig(model=arch, input=inp, layers=layers, hidden=24, embedding_dim=8, dropout=0.0)
     return build_model(cfg, vocab).eval()
 
 

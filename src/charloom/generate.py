@@ -330,10 +330,12 @@ class StopText:
         if not self.stops:
             return piece, False
         text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # As if fed one character at a time: the stop string that is complete first wins (the
+        # earliest end), and of those ending there, the one starting first.
+        hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self.pending = True, ""
-            return text[:min(hits)], True
+            return text[:min(hits)[1]], True
         # Hold back the longest tail of `text` that is a proper prefix of some stop string.
         hold = 0
         for s in self.stops:

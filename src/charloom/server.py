@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .api import Model, load, sample_config
 from .errors import CharloomError
+from .generate import StopText
 
 log = logging.getLogger("charloom.server")
 STATIC = Path(__file__).parent / "static"
@@ -183,7 +184,7 @@ class NextRequest(_Strict):
 # --------------------------------------------------------------------------------------------------
 # Adapters to today's charloom.api. Issue 4 is adding min_p, stop strings, logprobs and finish
 # reasons to Model.stream / Model.generate; until then the server holds stop strings back itself
-# (StopMatcher), passes min_p only if Model.stream accepts it, and refuses logprobs.
+# (generate.StopText), passes min_p only if Model.stream accepts it, and refuses logprobs.
 # --------------------------------------------------------------------------------------------------
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -200,39 +201,6 @@ def _sampling_options(req: CompletionRequest) -> dict[str, Any]:
     if req.logprobs is not None:
         raise invalid("logprobs", "not supported by this version of charloom; leave it out")
     return options
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that may start one.
-
-    ``feed`` returns the text that is safe to send and whether a stop string was met; nothing of a
-    stop string is ever sent.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        text = self.pending + piece
-        starts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if starts:
-            self.pending = ""
-            return text[:min(starts)], True
-        # Hold back the longest suffix of text that is a proper prefix of some stop string.
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), keep, -1):
-                if text.endswith(s[:k]):
-                    keep = k
-                    break
-        self.pending = text[len(text) - keep:]
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        """The held-back text, once the stream ends without a stop string."""
-        out, self.pending = self.pending, ""
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +253,7 @@ class Slot:
 class _Choice:
     index: int
     pieces: Iterator[str]
-    stop: StopMatcher
+    stop: StopText
     tokens: int = 0
     finish: str | None = None
 
@@ -600,7 +568,7 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
             # Sample i draws with seed + i, as Model.generate(num_samples=n, seed=seed) does.
             choices = [_Choice(i, model.stream(prompt, length=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                                                top_p=req.top_p, seed=seed + i, unknown=req.unknown, **options),
-                               StopMatcher(stops)) for i in range(req.n)]
+                               StopText(stops)) for i in range(req.n)]
             generation = Generation(choices, settings.time_limit, on_exit=slot.close)
             generation.start()
         except BaseException:

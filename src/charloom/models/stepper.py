@@ -57,7 +57,10 @@ class RecurrentStepper:
                     entry["w_ih_t"] = w_ih.t().contiguous()
                     entry["b_in"] = in_bias.clone()
                 self.layers.append(entry)
-            self.head_w_t = model.head.weight.detach().t().contiguous()  # (H, V)
+            head_w = model.head.weight.detach()  # (V, H), or (V, E) when tied through a projection
+            if model.proj is not None:  # head(proj(h)) with a bias-free proj: one (V, H) matrix
+                head_w = head_w @ model.proj.weight.detach()  # (V, E) @ (E, H)
+            self.head_w_t = head_w.t().contiguous()  # (H, V)
             self.head_b = model.head.bias.detach().clone()
         self.hidden, self.gates = h, gates
 
