@@ -21,8 +21,8 @@ from . import __version__
 from .checkpoint import RunDir, load_training_state, load_weights, read_config, resolve
 from .config import (RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfig, apply_overrides, from_dict,
                      preset_for, to_dict)
-from .corpus import load_corpus
-from .data import open_ids, write_ids
+from .corpus import resolve_sources
+from .data import encode_to_disk, open_ids, scan_corpus
 from .errors import CharloomError, CheckpointError
 from .generate import generate_ids
 from .metrics import EvalResult, stateful_nats, windowed_nats
@@ -355,48 +355,51 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 
 def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
                  verbose: bool, stream: TextIO) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
-    """Read and check everything; only then create the run directory and the id cache."""
-    text_corpus = load_corpus(corpus, encoding=encoding, errors=errors)
+    """Read and check everything; only then create the run directory and the id cache.
+
+    The corpus is streamed twice (alphabet and size, then ids to disk), never held whole in memory.
+    """
+    sources = resolve_sources(corpus, errors)
     _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
     lowercase = settings.get("lowercase")
     if lowercase is None:
-        lowercase = tcfg0.lowercase if tcfg0.lowercase is not None else text_corpus.lowercase_default
-    text = text_corpus.text.lower() if lowercase else text_corpus.text
+        lowercase = tcfg0.lowercase if tcfg0.lowercase is not None else sources.lowercase_default
     val_fraction = settings.get("val_fraction", tcfg0.val_fraction)
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise CharloomError("--val-fraction", f"must be between 0 and 1, got {val_fraction!r}", "use e.g. 0.1")
-    text_corpus.text = text
-    train_text, val_text = text_corpus.split(val_fraction)
-    mcfg, tcfg = resolve_configs({**settings, "lowercase": lowercase}, len(train_text))
+    scan = scan_corpus(sources.paths, encoding=encoding, errors=errors, lowercase=bool(lowercase))
+    n_chars = scan.chars
+    n_train = n_chars - int(round(n_chars * val_fraction))  # the same cut as Corpus.split
+    n_val = n_chars - n_train
+    mcfg, tcfg = resolve_configs({**settings, "lowercase": lowercase}, n_train)
     need = tcfg.seq_len + 2
-    where = text_corpus.files[0] if len(text_corpus.files) == 1 else text_corpus.name
-    if len(train_text) < need or len(val_text) < 2:
-        raise CharloomError(where, f"too short for one training sequence ({len(text)} characters; need about "
+    where = str(sources.paths[0]) if len(sources.paths) == 1 else sources.name
+    if n_train < need or n_val < 2:
+        raise CharloomError(where, f"too short for one training sequence ({n_chars} characters; need about "
                             f"{math.ceil(need / (1 - val_fraction))} with --seq-len {tcfg.seq_len})",
                             "use a longer text or a smaller --seq-len")
-    tokenizer = CharTokenizer.fit(text)
-    ids = tokenizer.encode_corpus(text)
-    run = RunDir(Path(out) if out is not None else default_run_dir(text_corpus.name))
+    tokenizer = CharTokenizer(scan.alphabet)
+    run = RunDir(Path(out) if out is not None else default_run_dir(sources.name))
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
     net = build_model(mcfg, tokenizer.vocab_size)
-    write_ids(ids, run.ids_path)
+    encoded = encode_to_disk(scan, tokenizer, run.ids_path)
     config = {
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
         "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-        "corpus": {"name": text_corpus.name, "files": text_corpus.files, "chars": len(text), "lowercase": lowercase,
-                   "split": len(train_text), "val_chars": len(val_text), "dtype": ids.dtype.name},
+        "corpus": {"name": sources.name, "files": [str(p) for p in sources.paths], "chars": n_chars, "lowercase": lowercase,
+                   "split": n_train, "val_chars": n_val, "dtype": encoded.dtype, "sha256": scan.sha256},
     }
     model = Model(net, tokenizer, config)
     if verbose:
-        for note in text_corpus.notes:
+        for note in scan.notes:
             print(f"note: {note}", file=stream)
-        print(f"corpus {text_corpus.name}: {len(text):,} chars ({len(train_text):,} train, {len(val_text):,} validation), "
+        print(f"corpus {sources.name}: {n_chars:,} chars ({n_train:,} train, {n_val:,} validation), "
               f"{tokenizer.vocab_size} distinct{' after lowercasing' if lowercase else ''}", file=stream)
         print(f"model {mcfg.arch} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
               f"run directory {run.path}", file=stream)
-    return run, model, tcfg, open_ids(run.ids_path, ids.dtype.name), len(train_text), len(val_text)
+    return run, model, tcfg, encoded.open(), n_train, n_val
 
 
 def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model, dict[str, Any], TrainConfig, np.ndarray, int, int]:

@@ -20,12 +20,18 @@ epoch (the book's recipe takes one every 3 chars and learns only the id after ea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .corpus import stream_text
+from .tokenizers import id_dtype
 
 
 def write_ids(ids: np.ndarray, path: Path) -> None:
@@ -138,3 +144,104 @@ class WindowBatcher(Batcher):
     def _batch(self, k: int) -> np.ndarray:
         starts = self._plan[k * self.batch_size:(k + 1) * self.batch_size]  # (B,), last batch may be short
         return self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding a corpus to ids on disk, in constant memory, with a cache key
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class CorpusScan:
+    """What one streaming pass over a corpus learns: its size, alphabet, notes and content hash."""
+
+    paths: list[Path]
+    chars: int
+    alphabet: list[str]
+    sha256: str  # of the raw files, in order, each hashed on its own
+    notes: list[str]
+    settings: dict[str, Any]  # how the text was read: encoding, errors, lowercase
+
+
+def scan_corpus(paths: list[Path], *, encoding: str = "utf-8", errors: str = "strict", lowercase: bool = False,
+                block: int = 1 << 21) -> CorpusScan:
+    """Read the corpus once: count characters, find its alphabet, hash its files; raises on unreadable text."""
+    counts = np.zeros(1 << 16, dtype=np.int64)  # per code point of the basic multilingual plane
+    astral: set[int] = set()  # the rare code points above it (emoji...)
+    notes: list[str] = []
+    digest = hashlib.sha256()
+    chars = 0
+    for piece in stream_text(paths, encoding=encoding, errors=errors, lowercase=lowercase, notes=notes,
+                             block=block, on_bytes=digest.update):
+        chars += len(piece)
+        if piece.isascii():
+            counts[:256] += np.bincount(np.frombuffer(piece.encode("ascii"), dtype=np.uint8), minlength=256)
+        else:
+            codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+            small = codes < (1 << 16)
+            counts += np.bincount(codes[small], minlength=1 << 16)
+            astral.update(int(c) for c in np.unique(codes[~small]))
+    alphabet = [chr(c) for c in np.flatnonzero(counts)] + [chr(c) for c in sorted(astral)]
+    # The file sizes go into the hash too, so moving text from one file to the next changes it.
+    digest.update(repr([os.path.getsize(p) for p in paths]).encode())
+    return CorpusScan(list(paths), chars, alphabet, digest.hexdigest(), notes,
+                      {"encoding": encoding, "errors": errors, "lowercase": bool(lowercase)})
+
+
+@dataclass(frozen=True)
+class EncodedIds:
+    """A corpus encoded to ``path`` (raw ids of ``dtype``), and whether an earlier encoding was reused."""
+
+    path: Path
+    dtype: str
+    tokens: int
+    reused: bool
+
+    def open(self) -> np.ndarray:
+        """The ids, memory-mapped read-only."""
+        return open_ids(self.path, self.dtype)
+
+
+def cache_key(scan: CorpusScan, tokenizer: Any) -> str:
+    """What the ids depend on: the corpus bytes, how they were read, and the tokenizer."""
+    spec = {"corpus_sha256": scan.sha256, "read": scan.settings, "tokenizer": tokenizer.to_dict()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int = 1 << 21) -> EncodedIds:
+    """Encode the scanned corpus to ``path`` in blocks, reusing it if ``path.json`` holds the same cache key.
+
+    Memory stays at a few blocks: the text is read again piece by piece and each piece's ids are
+    appended to a temporary file, which is fsynced and renamed into place; the key is written last,
+    so a crash never leaves a key next to partial ids.
+    """
+    key = cache_key(scan, tokenizer)
+    meta_path = path.with_name(path.name + ".json")
+    dtype = id_dtype(tokenizer.vocab_size)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    if (meta.get("key") == key and path.is_file()
+            and os.path.getsize(path) == int(meta.get("tokens", -1)) * dtype.itemsize):
+        return EncodedIds(path, dtype.name, int(meta["tokens"]), reused=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tokens = 0
+    try:
+        with open(tmp, "wb") as fh:
+            for piece in stream_text(scan.paths, block=block, **scan.settings):
+                ids = tokenizer.encode_corpus(piece).astype(dtype, copy=False)
+                fh.write(ids.tobytes())
+                tokens += len(ids)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"key": key, "tokens": tokens, "dtype": dtype.name, "corpus_sha256": scan.sha256,
+            "files": [str(p) for p in scan.paths], **scan.settings, "tokenizer": tokenizer.to_dict()}
+    tmp_meta = meta_path.with_name(meta_path.name + f".tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp_meta, meta_path)
+    return EncodedIds(path, dtype.name, tokens, reused=False)

@@ -81,8 +81,11 @@ class CharTokenizer(Tokenizer):
         self.index = {c: i for i, c in enumerate(self.chars)}
         # "--unknown replace" substitutes this character: a space if the model knows one.
         self.replacement = replacement if replacement in self.index else (" " if " " in self.index else self.chars[0])
-        # Sorted code points let encode_corpus map text to ids with one searchsorted: O(n log V).
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        # encode_corpus maps code points to ids through this table (-1: unknown); it has at least 256
+        # entries so ASCII bytes index it directly, and its last entry stands for every larger code.
+        self._table = np.full(max(256, int(self._codes.max(initial=0)) + 2), -1, dtype=np.int32)
+        self._table[self._codes] = np.arange(len(self.chars), dtype=np.int32)
 
     @classmethod
     def fit(cls, text: str) -> "CharTokenizer":
@@ -117,10 +120,12 @@ class CharTokenizer(Tokenizer):
 
     def encode_corpus(self, text: str) -> np.ndarray:
         """Vectorised encode of a whole corpus (every character must be in the alphabet)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(self._codes, codes)
-        ids = np.minimum(ids, len(self._codes) - 1)
-        if not np.array_equal(self._codes[ids], codes):
+        if text.isascii():  # one byte per char: index the table with the bytes themselves (fast path)
+            ids = self._table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+        else:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            ids = self._table[np.minimum(codes, len(self._table) - 1)]
+        if len(ids) and ids.min() < 0:
             raise UnknownSymbolsError(self.unknown_symbols(text), self.alphabet)
         return ids.astype(id_dtype(self.vocab_size))
 
