@@ -215,7 +215,7 @@ def resolve_sources(sources: str | os.PathLike | list[str | os.PathLike] | None 
 
 
 def stream_text(paths: list[Path], *, encoding: str = "utf-8", errors: str = "strict", lowercase: bool = False,
-                notes: list[str] | None = None, block: int = 1 << 21,
+                notes: list[str] | None = None, block: int = 1 << 20,
                 on_bytes: Callable[[bytes], None] | None = None) -> Iterator[str]:
     """The text ``load_corpus`` would return (lowercased if asked), in pieces of about ``block`` chars.
 

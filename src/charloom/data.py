@@ -20,6 +20,7 @@ epoch (the book's recipe takes one every 3 chars and learns only the id after ea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .corpus import stream_text
-from .tokenizers import id_dtype
+from .tokenizers import CharTokenizer, id_dtype, text_codes
 
 
 def write_ids(ids: np.ndarray, path: Path) -> None:
@@ -162,25 +163,61 @@ class CorpusScan:
     settings: dict[str, Any]  # how the text was read: encoding, errors, lowercase
 
 
+# str.lower is slow on non-ASCII text (~25 MB/s), so lowercasing is done on code points through
+# a table; only U+0130 lowercases to two chars and only the Greek capital sigma depends on its
+# neighbours (final sigma), so a piece holding either goes through str.lower instead.
+@functools.lru_cache(maxsize=1)
+def _lower_bmp() -> np.ndarray:
+    """(65536,) uint16: the lowercase of each BMP code point (itself where that is not one char)."""
+    return np.array([ord(c.lower()) if len(c.lower()) == 1 else ord(c) for c in map(chr, range(1 << 16))],
+                    dtype=np.uint16)
+
+
+def _piece_codes(piece: str, lowercase: bool) -> tuple[np.ndarray, bool]:
+    """Code points of a piece of text (uint8 for ASCII, else uint16 or uint32) and whether they are lowercased.
+
+    When ``lowercase`` is asked, only pieces that need str.lower (a capital sigma, U+0130, or chars
+    beyond the BMP) are lowercased here; the others are lowercased later through ``_lower_bmp()``.
+    """
+    if lowercase and not piece.isascii() and ("\u0130" in piece or "\u03a3" in piece):
+        return text_codes(piece.lower()), True
+    codes = text_codes(piece)
+    if lowercase and codes.dtype == np.uint32:
+        return text_codes(piece.lower()), True  # characters beyond the BMP: rare, take the slow path
+    return codes, False
+
+
+def _id_table(tokenizer: Any, lower: bool) -> np.ndarray:
+    """(65536,) int32: the id of each BMP code point (of its lowercase if ``lower``), -1 if not in the alphabet."""
+    table = np.full(1 << 16, -1, dtype=np.int32)
+    for i, c in enumerate(tokenizer.chars):
+        if ord(c) < (1 << 16):
+            table[ord(c)] = i
+    return table[_lower_bmp()] if lower else table
+
+
 def scan_corpus(paths: list[Path], *, encoding: str = "utf-8", errors: str = "strict", lowercase: bool = False,
-                block: int = 1 << 21) -> CorpusScan:
+                block: int = 1 << 20) -> CorpusScan:
     """Read the corpus once: count characters, find its alphabet, hash its files; raises on unreadable text."""
-    counts = np.zeros(1 << 16, dtype=np.int64)  # per code point of the basic multilingual plane
-    astral: set[int] = set()  # the rare code points above it (emoji...)
+    raw_seen = np.zeros(1 << 16, dtype=np.int64)  # per BMP code point, before lowercasing
+    seen = np.zeros(1 << 16, dtype=np.int64)  # per BMP code point of pieces lowercased by str.lower
+    astral: set[int] = set()  # the rare code points above the BMP (emoji...)
     notes: list[str] = []
     digest = hashlib.sha256()
     chars = 0
-    for piece in stream_text(paths, encoding=encoding, errors=errors, lowercase=lowercase, notes=notes,
-                             block=block, on_bytes=digest.update):
-        chars += len(piece)
-        if piece.isascii():
-            counts[:256] += np.bincount(np.frombuffer(piece.encode("ascii"), dtype=np.uint8), minlength=256)
-        else:
-            codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+    for piece in stream_text(paths, encoding=encoding, errors=errors, notes=notes, block=block, on_bytes=digest.update):
+        codes, lowered = _piece_codes(piece, lowercase)
+        chars += len(codes)
+        if codes.dtype == np.uint32:
             small = codes < (1 << 16)
-            counts += np.bincount(codes[small], minlength=1 << 16)
             astral.update(int(c) for c in np.unique(codes[~small]))
-    alphabet = [chr(c) for c in np.flatnonzero(counts)] + [chr(c) for c in sorted(astral)]
+            codes = codes[small]
+        counts = np.bincount(codes, minlength=256 if codes.dtype == np.uint8 else 1 << 16)
+        (seen if lowered else raw_seen)[:len(counts)] += counts
+    present = set(np.flatnonzero(seen).tolist())
+    raw = np.flatnonzero(raw_seen)
+    present.update((_lower_bmp()[raw] if lowercase else raw).tolist())
+    alphabet = [chr(c) for c in sorted(present)] + [chr(c) for c in sorted(astral)]
     # The file sizes go into the hash too, so moving text from one file to the next changes it.
     digest.update(repr([os.path.getsize(p) for p in paths]).encode())
     return CorpusScan(list(paths), chars, alphabet, digest.hexdigest(), notes,
@@ -207,7 +244,7 @@ def cache_key(scan: CorpusScan, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
-def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int = 1 << 21) -> EncodedIds:
+def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int = 1 << 20) -> EncodedIds:
     """Encode the scanned corpus to ``path`` in blocks, reusing it if ``path.json`` holds the same cache key.
 
     Memory stays at a few blocks: the text is read again piece by piece and each piece's ids are
@@ -230,8 +267,20 @@ def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int =
     tokens = 0
     try:
         with open(tmp, "wb") as fh:
-            for piece in stream_text(scan.paths, block=block, **scan.settings):
-                ids = tokenizer.encode_corpus(piece).astype(dtype, copy=False)
+            read = {k: v for k, v in scan.settings.items() if k != "lowercase"}
+            lowercase = scan.settings["lowercase"]
+            char = isinstance(tokenizer, CharTokenizer)
+            # One table lookup per char: code point -> id (of its lowercase when asked); built once.
+            tables = {False: _id_table(tokenizer, lowercase), True: _id_table(tokenizer, False)} if char else {}
+            for piece in stream_text(scan.paths, block=block, **read):
+                if not char:
+                    ids = tokenizer.encode_corpus(piece.lower() if lowercase else piece)
+                else:
+                    codes, lowered = _piece_codes(piece, lowercase)
+                    ids = tokenizer.ids_of_codes(codes) if codes.dtype == np.uint32 else tables[lowered][codes]
+                    if ids is None or (len(ids) and ids.min() < 0):
+                        raise ValueError("the corpus holds characters outside the tokenizer's alphabet")
+                ids = ids.astype(dtype, copy=False)
                 fh.write(ids.tobytes())
                 tokens += len(ids)
             fh.flush()

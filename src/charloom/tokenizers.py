@@ -57,6 +57,16 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def text_codes(text: str) -> np.ndarray:
+    """The code points of ``text`` in the narrowest array that holds them: uint8 (ASCII), uint16 or uint32."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    narrow = text.encode("utf-16-le")
+    if len(narrow) == 2 * len(text):  # no surrogate pairs: every char is one uint16
+        return np.frombuffer(narrow, dtype=np.uint16)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: 1 byte per char for most alphabets."""
     if vocab_size <= 256:
@@ -120,13 +130,19 @@ class CharTokenizer(Tokenizer):
 
     def encode_corpus(self, text: str) -> np.ndarray:
         """Vectorised encode of a whole corpus (every character must be in the alphabet)."""
-        if text.isascii():  # one byte per char: index the table with the bytes themselves (fast path)
-            ids = self._table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
-        else:
-            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            ids = self._table[np.minimum(codes, len(self._table) - 1)]
-        if len(ids) and ids.min() < 0:
+        ids = self.ids_of_codes(text_codes(text))
+        if ids is None:
             raise UnknownSymbolsError(self.unknown_symbols(text), self.alphabet)
+        return ids
+
+    def ids_of_codes(self, codes: np.ndarray) -> np.ndarray | None:
+        """Ids of an array of code points (uint8, uint16 or uint32), or None if one is not in the alphabet."""
+        limit = len(self._table) - 1  # codes past the table all read its last entry, -1
+        if codes.dtype != np.uint8 and limit < np.iinfo(codes.dtype).max:  # uint8 indexes the >= 256 entries directly
+            codes = np.minimum(codes, codes.dtype.type(limit))
+        ids = self._table[codes]
+        if len(ids) and ids.min() < 0:
+            return None
         return ids.astype(id_dtype(self.vocab_size))
 
     def decode(self, ids: Iterable[int]) -> str:
