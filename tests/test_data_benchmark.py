@@ -46,3 +46,23 @@ def test_repeated_file(tmp_path: Path) -> None:
     assert np.isfinite(training.matmul_gflops(size=64, reps=2))
     assert subprocess.run([sys.executable, str(REPO / "benchmarks" / "training.py"), "--help"],
                           capture_output=True).returncode == 0
+
+
+def test_preset_scales_with_corpus_and_budget() -> None:
+    from charloom.config import PRESET_SIZES, preset_for
+
+    def size(n: int, t: float) -> int:
+        m = preset_for(n, t)["model"]
+        return m["layers"] * m["hidden"] ** 2
+
+    for n in (100_000, 540_000, 50_000_000):
+        budgets = [60, 300, 1800, 3600, 10 ** 6]
+        sizes = [size(n, t) for t in budgets]
+        assert sizes == sorted(sizes), "a longer budget never gets a smaller model"
+        assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
+    assert preset_for(540_000, 300)["model"]["hidden"] == 256  # 5 minutes: the fast network
+    assert preset_for(540_000, 0)["model"]["hidden"] == 512
+    # The budget rule by hand: 1x512 at 12k chars/s needs 20 x 1.22M params / 12k = 2033 s.
+    layers, hidden, params, rate = PRESET_SIZES[2]
+    assert preset_for(1_000_000, 20 * params / rate + 1)["model"]["hidden"] == hidden
+    assert preset_for(1_000_000, 20 * params / rate - 1)["model"]["hidden"] < hidden

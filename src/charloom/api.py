@@ -214,7 +214,8 @@ def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tupl
         raise CharloomError("--recipe", f"unknown recipe {recipe!r}", f"use one of {', '.join(RECIPES)}")
     layers: list[dict[str, dict[str, Any]]] = [RECIPES[recipe]]
     if recipe == "default" and n_train_chars is not None:
-        layers.append(preset_for(n_train_chars))
+        max_time = settings.get("max_time", 0.0)
+        layers.append(preset_for(n_train_chars, max_time if isinstance(max_time, (int, float)) else 0.0))
     model_values: dict[str, Any] = {}
     train_values: dict[str, Any] = {}
     for layer in layers:
