@@ -93,6 +93,8 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
 
     import charloom
 
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])  # the rate training can reach with the threads it gets
     gflops = matmul_gflops()
     t0 = time.perf_counter()
     model = charloom.train(corpus, out=out, recipe=recipe, max_time=budget, sample_temperatures=(), progress=False,
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 10 s budgets, smaller files")
     parser.add_argument("--budget", type=float, default=None, help="seconds of training per case (default 300, quick 10)")
     parser.add_argument("--skip-training", action="store_true", help="only the encoding cases")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (default 0: all cores)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:  # inside a child process
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_training:
             for corpus, recipe in [("nietzsche", "default"), ("tinyshakespeare", "default"), ("nietzsche", "book")]:
                 row = run_case("train", corpus=corpus, recipe=recipe, budget=budget,
-                               out=str(folder / f"{corpus}-{recipe}"), settings={})
+                               out=str(folder / f"{corpus}-{recipe}"), settings={"threads": args.threads})
                 report["training"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         nietzsche = named_corpus_path("nietzsche")

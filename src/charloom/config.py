@@ -183,10 +183,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Sizes the default recipe chooses from: (layers, hidden, parameters for a ~60-char alphabet, training
-# throughput in supervised chars/s on 2 cores). Throughput: forward + backward + AdamW at B=64, T=128;
-# 256 and 512 measured on an idle 2-core AMD EPYC (AVX2) before this preset was written, 384 and 2x512
-# interpolated from single-thread CPU-time measurements on the same machine (22k, 11.4k, 7.3k chars per
-# CPU-second for 256, 384, 512; 2x256 8.6k), 2026-11-29.
+# throughput in supervised chars/s on 2 cores). Throughput: forward + backward + AdamW at B=64, T=128 on a
+# 2-core AMD EPYC (AVX2), 2026-11-29: 256 and 512 from a quick 2-thread test on the idle machine; 384
+# and 2x512 scaled from single-thread CPU-time measurements on it (22k, 11.4k, 7.3k chars per CPU-second
+# for 1x256, 1x384, 1x512; 8.6k for 2x256). Re-measure with benchmarks/training.py.
 PRESET_SIZES: list[tuple[int, int, int, int]] = [
     (1, 256, 350_000, 25_000),
     (1, 384, 720_000, 16_000),
