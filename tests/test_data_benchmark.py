@@ -66,3 +66,9 @@ def test_preset_scales_with_corpus_and_budget() -> None:
     layers, hidden, params, rate = PRESET_SIZES[2]
     assert preset_for(1_000_000, 20 * params / rate + 1)["model"]["hidden"] == hidden
     assert preset_for(1_000_000, 20 * params / rate - 1)["model"]["hidden"] < hidden
+
+
+def test_idle_cores_is_between_one_and_the_available_cores() -> None:
+    from charloom.api import available_cores, idle_cores
+
+    assert 1 <= idle_cores(0.05) <= available_cores()

@@ -76,7 +76,7 @@ class TrainConfig:
     sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample"))
     generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state"))
     seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples"))
-    threads: int = field(default=0, metadata=_help("torch threads (0 = all cores available to this process)"))
+    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)"))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
