@@ -62,6 +62,8 @@ def test_preset_scales_with_corpus_and_budget() -> None:
         assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
     assert preset_for(540_000, 300)["model"]["hidden"] == 256  # 5 minutes: the fast network
     assert preset_for(540_000, 0)["model"]["hidden"] == 512
+    assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
+    assert "batch_size" not in preset_for(50_000_000, 0)["train"]
     # The budget rule by hand: 1x512 at 12k chars/s needs 20 x 1.22M params / 12k = 2033 s.
     layers, hidden, params, rate = PRESET_SIZES[2]
     assert preset_for(1_000_000, 20 * params / rate + 1)["model"]["hidden"] == hidden
