@@ -111,7 +111,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     achieved = step_flops * last["step"] / max(1e-9, last["seconds"]) / 1e9
     return {
         "corpus": corpus, "recipe": recipe, "budget_s": budget, "wall_s": round(wall, 1),
-        "model": f"{mcfg.arch} {mcfg.layers}x{mcfg.hidden}", "parameters": model.net.num_parameters(),
+        "model": f"{getattr(mcfg, 'model', None) or mcfg.arch} {mcfg.layers}x{mcfg.hidden}",  # `model` once renamed "parameters": model.net.num_parameters(),
         "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "objective": tcfg.objective,
         "threads": torch.get_num_threads(), "steps": last["step"], "epochs": round(last["step"] / max(1, _steps_per_epoch(model)), 2),
         "stop_reason": model.stop_reason,
