@@ -88,6 +88,16 @@ def test_unreadable_file(tmp_path, monkeypatch):
             return original(self)
 
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        import builtins
+
+        import charloom.corpus
+
+        def fake_open(file, *args, **kwargs):  # the streaming reader opens files itself
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(charloom.corpus, "open", fake_open, raising=False)
     _refused(tmp_path, path, "permission denied; make the file readable")
 
 
@@ -127,11 +137,14 @@ def test_preflight_refuses_with_the_amount_needed(tmp_path, monkeypatch):
     path = tmp_path / "big.txt"
     with open(path, "wb") as fh:  # a sparse 100 MiB file: no disk used
         fh.truncate(100 << 20)
-    monkeypatch.setattr(preflight, "available_memory", lambda: (500 << 20, "a test limit"))
+    monkeypatch.setattr(preflight, "available_memory", lambda: (200 << 20, "a test limit"))
     code, _, err = _cli("train", str(path), "--out", str(tmp_path / "run"), *TRAIN_FLAGS)
-    need = preflight.BASE_BYTES + preflight.PREPARE_BYTES_PER_BYTE * (100 << 20)
+    need = preflight.BASE_BYTES + preflight.STREAMING_BYTES_PER_BYTE * (100 << 20)  # char tokens stream
     assert code == 2 and err.startswith(f"charloom: {path}: preparing this 100.0 MiB corpus needs about "
-                                        f"{need / 2**30:.1f} GiB of memory, but only 500.0 MiB is left under a test limit")
+                                        f"{need / 2**20:.1f} MiB of memory, but only 200.0 MiB is left under a test limit")
+    code, _, err = _cli("train", str(path), "--tokens", "word", "--out", str(tmp_path / "run"), *TRAIN_FLAGS)
+    need = preflight.BASE_BYTES + preflight.PREPARE_BYTES_PER_BYTE * (100 << 20)  # word tokens fit in memory
+    assert code == 2 and f"needs about {need / 2**30:.1f} GiB of memory" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -173,7 +186,7 @@ def test_one_gigabyte_corpus_under_a_one_gigabyte_limit(tmp_path):
         results[name] = (done, time.perf_counter() - start)
     done, _ = results["big"]
     assert done.returncode == 2, done.stderr  # not -9: the kernel killed nothing
-    assert done.stderr.startswith(f"charloom: {big}: preparing this 1.0 GiB corpus needs about 26.1 GiB of memory, "
+    assert done.stderr.startswith(f"charloom: {big}: preparing this 1.0 GiB corpus needs about 2.1 GiB of memory, "
                                   "but only ") and "address-space limit (ulimit -v) of 1.0 GiB" in done.stderr
     assert not (tmp_path / "big").exists()
     done, _ = results["small"]

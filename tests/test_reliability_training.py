@@ -291,5 +291,5 @@ def test_divergence_before_any_checkpoint_is_a_clean_error(tmp_path, tiny_file, 
     args = [a for k, v in dict(TINY_SETTINGS, sample_temperatures="").items() for a in (f"--{k.replace('_', '-')}", str(v))]
     code = main(["train", str(tiny_file), "--out", str(tmp_path / "run"), *args], out, err)
     assert code == 2 and err.getvalue() == (f"charloom: {tmp_path / 'run'}: diverged at step 0: the loss was nan for 5 steps "
-                                            "in a row; no checkpoint was saved; lower the learning rate (e.g. --lr 0.0003) "
+                                            "in a row; no checkpoint was saved; lower the learning rate (e.g. --lr 0.0006) "
                                             "and train again\n")

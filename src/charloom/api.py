@@ -21,16 +21,16 @@ from . import __version__
 from .checkpoint import RunDir, load_training_state, load_weights, read_config, resolve
 from .config import (RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfig, apply_overrides, from_dict,
                      to_dict)
-from .corpus import load_corpus
-from .data import open_ids, write_ids
+from .corpus import resolve_sources, stream_text
+from .data import encode_to_disk, open_ids, scan_corpus, write_ids
 from .distributed import Runtime
 from .errors import CharloomError, CheckpointError
 from .completion import GENERATE_KEYWORDS, SAMPLE_FIELDS, Completion, check_options, make_plan, run, run_beams, sample_config  # noqa: F401
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
-from .preflight import check_memory_for
+from .preflight import PREPARE_BYTES_PER_BYTE, STREAMING_BYTES_PER_BYTE, check_memory_for
 from .sampling import build_pipeline, process
-from .tokenizers import Tokenizer, UnknownSymbolsError, fit_tokenizer, tokenizer_from_dict
+from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, fit_tokenizer, id_dtype, tokenizer_from_dict
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
@@ -179,6 +179,31 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def idle_cores(sample_s: float = 0.2) -> int:
+    """Cores this process may use that are idle now (at least 1), from /proc/stat over ``sample_s``.
+
+    On a 2-core machine that other processes keep busy, two torch threads wait on each other at every
+    parallel region: a training step took 9 s with 2 threads and 0.36 s with 1 (LSTM 1x256, B=32, T=64,
+    2026-11-29). Where /proc/stat is missing, every available core counts as idle.
+    """
+    cores = available_cores()
+
+    def busy_idle() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = busy_idle()
+        time.sleep(sample_s)
+        total1, idle1 = busy_idle()
+    except (OSError, ValueError, IndexError):
+        return cores
+    machine = os.cpu_count() or cores
+    idle = machine * (idle1 - idle0) / max(1, total1 - total0)  # idle cores of the whole machine
+    return max(1, min(cores, int(idle + 0.5)))
+
+
 def load(path: str | os.PathLike, which: str = "best") -> Model:
     """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU."""
     ckpt = resolve(path, which)
@@ -216,7 +241,8 @@ def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tupl
     except ValueError as exc:
         raise CharloomError("--model", str(exc), "pick one of the listed architectures") from None
     if recipe == "default" and n_train_chars is not None:
-        layers.append(cls.preset(n_train_chars))
+        max_time = settings.get("max_time", 0.0)
+        layers.append(cls.preset(n_train_chars, max_time if isinstance(max_time, (int, float)) else 0.0))
     model_values: dict[str, Any] = {}
     train_values: dict[str, Any] = {}
     for layer in layers:
@@ -364,7 +390,7 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
     else:
         run, model, tcfg, ids, split, val_chars = _prepare_new(corpus, out, encoding, errors, settings, verbose, stream, runtime)
         trainer_state = None
-    torch.set_num_threads(tcfg.threads or runtime.default_threads(available_cores()))
+    torch.set_num_threads(tcfg.threads or runtime.default_threads(idle_cores()))
     listener = (_RunListener if runtime.is_main else _WorkerListener)(run, model, model.config, verbose, progress, stream, ids[:split])
     stop = stop or StopFlag()
     trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime)
@@ -401,61 +427,80 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
 
 def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
                  verbose: bool, stream: TextIO, runtime: Runtime | None = None) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
-    """Read and check everything; only then create the run directory and the id cache."""
-    check_memory_for(corpus)
-    text_corpus = load_corpus(corpus, encoding=encoding, errors=errors)
+    """Read and check everything; only then create the run directory and the id cache.
+
+    Character tokens stream the corpus twice (alphabet and size, then ids to disk) and never hold it
+    whole in memory; word and BPE tokenizers are fitted on the training text in memory.
+    """
     _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
+    streaming = settings.get("tokens", tcfg0.tokens) == "char"
+    check_memory_for(corpus, STREAMING_BYTES_PER_BYTE if streaming else PREPARE_BYTES_PER_BYTE)
+    sources = resolve_sources(corpus, errors)
     lowercase = settings.get("lowercase")
     if lowercase is None:
-        lowercase = tcfg0.lowercase if tcfg0.lowercase is not None else text_corpus.lowercase_default
-    text = text_corpus.text.lower() if lowercase else text_corpus.text
+        lowercase = tcfg0.lowercase if tcfg0.lowercase is not None else sources.lowercase_default
     val_fraction = settings.get("val_fraction", tcfg0.val_fraction)
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise CharloomError("--val-fraction", f"must be between 0 and 1, got {val_fraction!r}", "use e.g. 0.1")
-    text_corpus.text = text
-    train_text, val_text = text_corpus.split(val_fraction)
-    mcfg, tcfg = resolve_configs({**settings, "lowercase": lowercase}, len(train_text))
+    scan = scan_corpus(sources.paths, encoding=encoding, errors=errors, lowercase=bool(lowercase))
+    n_chars = scan.chars
+    n_train_chars = n_chars - int(round(n_chars * val_fraction))  # the same cut as Corpus.split
+    n_val = n_chars - n_train_chars
+    mcfg, tcfg = resolve_configs({**settings, "lowercase": lowercase}, n_train_chars)
     need = tcfg.seq_len + 2
-    where = text_corpus.files[0] if len(text_corpus.files) == 1 else text_corpus.name
-    if len(train_text) < need or len(val_text) < 2:
-        raise CharloomError(where, f"too short for one training sequence ({len(text)} characters; need about "
+    where = str(sources.paths[0]) if len(sources.paths) == 1 else sources.name
+    if n_train_chars < need or n_val < 2:
+        raise CharloomError(where, f"too short for one training sequence ({n_chars} characters; need about "
                             f"{math.ceil(need / (1 - val_fraction))} with --seq-len {tcfg.seq_len})",
                             "use a longer text or a smaller --seq-len")
-    try:
-        tokenizer = fit_tokenizer(tcfg.tokens, train_text, text, tcfg.vocab_size)
-    except ValueError as exc:
-        raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
-    # Encoded split by split, so the validation split starts at a token boundary.
-    train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
-    if len(train_ids) < need or len(val_ids) < 2:
-        raise CharloomError(where, f"too short for one training sequence ({len(train_ids)} training tokens of "
-                            f"{tcfg.tokens}; need {need} with --seq-len {tcfg.seq_len})", "use a longer text or a smaller --seq-len")
-    ids = np.concatenate([train_ids, val_ids])
+    ids: np.ndarray | None = None
+    if tcfg.tokens == "char":
+        tokenizer: Tokenizer = CharTokenizer(scan.alphabet)
+        n_train = n_train_chars
+    else:
+        text = "".join(stream_text(sources.paths, encoding=encoding, errors=errors, lowercase=bool(lowercase)))
+        train_text, val_text = text[:n_train_chars], text[n_train_chars:]
+        try:
+            tokenizer = fit_tokenizer(tcfg.tokens, train_text, text, tcfg.vocab_size)
+        except ValueError as exc:
+            raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
+        # Encoded split by split, so the validation split starts at a token boundary.
+        train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
+        if len(train_ids) < need or len(val_ids) < 2:
+            raise CharloomError(where, f"too short for one training sequence ({len(train_ids)} training tokens of "
+                                f"{tcfg.tokens}; need {need} with --seq-len {tcfg.seq_len})", "use a longer text or a smaller --seq-len")
+        ids = np.concatenate([train_ids, val_ids])
+        n_train = len(train_ids)
     runtime = runtime or Runtime()
-    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(text_corpus.name)))
+    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(sources.name)))
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
     net = build_model(mcfg, tokenizer.vocab_size)
     if runtime.is_main:
-        write_ids(ids, run.ids_path)
+        if ids is None:
+            encode_to_disk(scan, tokenizer, run.ids_path)
+        else:
+            write_ids(ids, run.ids_path)
     runtime.barrier()  # every rank maps the ids rank 0 wrote
+    dtype = id_dtype(tokenizer.vocab_size).name
     config = {
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
         "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-        "corpus": {"name": text_corpus.name, "files": text_corpus.files, "chars": len(text), "lowercase": lowercase,
-                   "split": len(train_ids), "train_chars": len(train_text), "val_chars": len(val_text), "dtype": ids.dtype.name},
+        "corpus": {"name": sources.name, "files": [str(p) for p in sources.paths], "chars": n_chars, "lowercase": lowercase,
+                   "split": n_train, "train_chars": n_train_chars, "val_chars": n_val, "dtype": dtype, "sha256": scan.sha256},
     }
     model = Model(net, tokenizer, config)
+    all_ids = open_ids(run.ids_path, dtype)
     if verbose:
-        for note in text_corpus.notes:
+        for note in scan.notes:
             print(f"note: {note}", file=stream)
-        print(f"corpus {text_corpus.name}: {len(text):,} chars ({len(train_text):,} train, {len(val_text):,} validation), "
-              f"{len(set(text))} distinct characters{' after lowercasing' if lowercase else ''}", file=stream)
-        print(f"{tcfg.tokens} tokens: {tokenizer.vocab_size:,} in the vocabulary, {len(ids):,} in the corpus", file=stream)
+        print(f"corpus {sources.name}: {n_chars:,} chars ({n_train_chars:,} train, {n_val:,} validation), "
+              f"{len(scan.alphabet)} distinct characters{' after lowercasing' if lowercase else ''}", file=stream)
+        print(f"{tcfg.tokens} tokens: {tokenizer.vocab_size:,} in the vocabulary, {len(all_ids):,} in the corpus", file=stream)
         print(f"model {mcfg.model} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
               f"run directory {run.path}", file=stream)
-    return run, model, tcfg, open_ids(run.ids_path, ids.dtype.name), len(train_ids), len(val_text)
+    return run, model, tcfg, all_ids, n_train, n_val
 
 
 def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model, dict[str, Any], TrainConfig, np.ndarray, int, int]:

@@ -90,7 +90,7 @@ class TrainConfig:
     sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample"))
     generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state"))
     seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples"))
-    threads: int = field(default=0, metadata=_help("torch threads (0 = all cores available to this process)"))
+    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)"))
     device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA, else fp32), fp32 or bf16"))
     compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile"))
@@ -292,17 +292,52 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def preset_for(n_chars: int) -> dict[str, Any]:
-    """Model size and schedule for the default recipe, chosen from the training-corpus size.
+# Sizes the default recipe chooses from: (layers, hidden, parameters for a ~60-char alphabet, training
+# throughput in supervised chars/s on 2 cores). Throughput: forward + backward + AdamW at B=64, T=128 on a
+# 2-core AMD EPYC (AVX2), 2026-11-29: 256 and 512 from a quick 2-thread test on the idle machine; 384
+# and 2x512 scaled from single-thread CPU-time measurements on it (22k, 11.4k, 7.3k chars per CPU-second
+# for 1x256, 1x384, 1x512; 8.6k for 2x256). Re-measure with benchmarks/training.py.
+PRESET_SIZES: list[tuple[int, int, int, int]] = [
+    (1, 256, 350_000, 25_000),
+    (1, 384, 720_000, 16_000),
+    (1, 512, 1_220_000, 12_000),
+    (2, 512, 3_320_000, 4_500),
+]
+# A model is worth its size only if the run can show it about this many characters per parameter
+# (the compute-optimal ratio of Hoffmann et al. 2022 is ~20 tokens per parameter).
+CHARS_PER_PARAMETER = 20
+SMALL_CORPUS_BATCH = (32, 64)  # (batch_size, seq_len) of the default recipe below 5M characters
 
-    Small corpora overfit a big network within a few epochs, large ones want capacity: the sizes
-    below keep roughly 5-50 training characters per parameter.
+
+def preset_for(n_chars: int, max_time: float = 0.0) -> dict[str, Any]:
+    """Model size and schedule for the default recipe, from the training-corpus size and the time budget.
+
+    Without a budget the corpus size decides: small corpora overfit a big network within a few
+    epochs, large ones want capacity. With ``max_time`` the largest size that can still see about
+    CHARS_PER_PARAMETER characters per parameter in that time wins (a short run learns more with a
+    small fast network), but never one larger than the corpus size allows.
     """
     if n_chars < 200_000:
-        return {"model": {"layers": 1, "hidden": 256, "dropout": 0.2}, "train": {"epochs": 30}}
+        by_size = 0
+    elif n_chars < 5_000_000:
+        by_size = 2
+    else:
+        by_size = 3
+    pick = by_size
+    if max_time and max_time > 0:
+        fits = [i for i, (_, _, params, rate) in enumerate(PRESET_SIZES) if rate * max_time >= CHARS_PER_PARAMETER * params]
+        pick = min(by_size, max(fits, default=0))
+    layers, hidden, _, _ = PRESET_SIZES[pick]
+    dropout = 0.2 if n_chars < 200_000 else (0.1 if n_chars < 5_000_000 else 0.0)
+    epochs = 30 if n_chars < 200_000 else (20 if n_chars < 5_000_000 else 3)
+    train: dict[str, Any] = {"epochs": epochs}
     if n_chars < 5_000_000:
-        return {"model": {"layers": 1, "hidden": 512, "dropout": 0.1}, "train": {"epochs": 20}}
-    return {"model": {"layers": 2, "hidden": 512, "dropout": 0.0}, "train": {"epochs": 3}}
+        # Small batches of short sequences at a higher peak lr: at an equal CPU budget many more updates
+        # beat larger batches. LSTM 1x256 on lowercased Nietzsche, 100 CPU-seconds on one thread each,
+        # validation bpc (16-stream pass), 2026-11-29: B=64 T=128 lr 3e-3 2.77, lr 1e-2 2.34;
+        # B=32 T=64 lr 3e-3 2.14, lr 6e-3 2.02; B=16 T=64 2.04; B=32 T=32 2.05; 1x384 B=32 T=64 2.27.
+        train.update(batch_size=SMALL_CORPUS_BATCH[0], seq_len=SMALL_CORPUS_BATCH[1], lr=6e-3)
+    return {"model": {"layers": layers, "hidden": hidden, "dropout": dropout}, "train": train}
 
 
 def apply_overrides(cfg: Any, values: dict[str, Any]) -> Any:

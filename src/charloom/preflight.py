@@ -7,7 +7,9 @@ for more than it may have is either refused by the kernel mid-way (``RLIMIT_AS``
 after minutes of work) or killed outright (a cgroup limit or the OOM killer). So we compare the
 estimate with what this process may still use and stop at once with the amount needed.
 
-When corpus preparation becomes streaming, lower :data:`PREPARE_BYTES_PER_BYTE` to match.
+Character tokens are prepared streaming (two passes over the files, ids written to disk in
+blocks) and then memory-mapped: for them the estimate is :data:`STREAMING_BYTES_PER_BYTE`, the
+address space of the mapped ids (up to 2 bytes per character).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 from .errors import CharloomError
 
-PREPARE_BYTES_PER_BYTE = 26  # peak bytes of memory per corpus byte while reading and encoding
+PREPARE_BYTES_PER_BYTE = 26  # peak bytes of memory per corpus byte while reading and encoding in memory
+STREAMING_BYTES_PER_BYTE = 2  # the memory-mapped ids of a streamed char corpus (uint8 or uint16 per char)
 BASE_BYTES = 128 << 20  # the model, optimiser and batches of a small run, on top of the corpus
 
 
@@ -83,15 +86,15 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def needed_memory(n_bytes: int) -> int:
+def needed_memory(n_bytes: int, per_byte: int = PREPARE_BYTES_PER_BYTE) -> int:
     """Estimated peak bytes to prepare and start training on a corpus of ``n_bytes``."""
-    return BASE_BYTES + PREPARE_BYTES_PER_BYTE * n_bytes
+    return BASE_BYTES + per_byte * n_bytes
 
 
-def check_memory_for(sources: Any) -> None:
+def check_memory_for(sources: Any, per_byte: int = PREPARE_BYTES_PER_BYTE) -> None:
     """Raise a CharloomError (exit 2) naming the amount needed when the corpus cannot fit in memory."""
     size = corpus_bytes(sources)
-    need = needed_memory(size)
+    need = needed_memory(size, per_byte)
     have, what = available_memory()
     if need > have:
         where = ", ".join(os.fspath(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources]))

@@ -108,6 +108,16 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def text_codes(text: str) -> np.ndarray:
+    """The code points of ``text`` in the narrowest array that holds them: uint8 (ASCII), uint16 or uint32."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    narrow = text.encode("utf-16-le")
+    if len(narrow) == 2 * len(text):  # no surrogate pairs: every char is one uint16
+        return np.frombuffer(narrow, dtype=np.uint16)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: 1 byte per char for most alphabets."""
     if vocab_size <= 256:
@@ -132,8 +142,11 @@ class CharTokenizer(Tokenizer):
         self.index = {c: i for i, c in enumerate(self.chars)}
         # "--unknown replace" substitutes this character: a space if the model knows one.
         self.replacement = replacement if replacement in self.index else (" " if " " in self.index else self.chars[0])
-        # Sorted code points let encode_corpus map text to ids with one searchsorted: O(n log V).
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        # encode_corpus maps code points to ids through this table (-1: unknown); it has at least 256
+        # entries so ASCII bytes index it directly, and its last entry stands for every larger code.
+        self._table = np.full(max(256, int(self._codes.max(initial=0)) + 2), -1, dtype=np.int32)
+        self._table[self._codes] = np.arange(len(self.chars), dtype=np.int32)
 
     @classmethod
     def fit(cls, text: str, vocab_size: int = 0) -> "CharTokenizer":
@@ -172,11 +185,19 @@ class CharTokenizer(Tokenizer):
 
     def encode_corpus(self, text: str) -> np.ndarray:
         """Vectorised encode of a whole corpus (every character must be in the alphabet)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(self._codes, codes)
-        ids = np.minimum(ids, len(self._codes) - 1)
-        if not np.array_equal(self._codes[ids], codes):
+        ids = self.ids_of_codes(text_codes(text))
+        if ids is None:
             raise UnknownSymbolsError(self.unknown_symbols(text), self.alphabet)
+        return ids
+
+    def ids_of_codes(self, codes: np.ndarray) -> np.ndarray | None:
+        """Ids of an array of code points (uint8, uint16 or uint32), or None if one is not in the alphabet."""
+        limit = len(self._table) - 1  # codes past the table all read its last entry, -1
+        if codes.dtype != np.uint8 and limit < np.iinfo(codes.dtype).max:  # uint8 indexes the >= 256 entries directly
+            codes = np.minimum(codes, codes.dtype.type(limit))
+        ids = self._table[codes]
+        if len(ids) and ids.min() < 0:
+            return None
         return ids.astype(id_dtype(self.vocab_size))
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -75,9 +75,9 @@ class LanguageModel(nn.Module):
     carries_state: ClassVar[bool] = True
 
     @classmethod
-    def preset(cls, n_train_chars: int) -> dict[str, dict[str, Any]]:
+    def preset(cls, n_train_chars: int, max_time: float = 0.0) -> dict[str, dict[str, Any]]:
         """Default model and training settings for a corpus of this size (the default recipe)."""
-        return preset_for(n_train_chars)
+        return preset_for(n_train_chars, max_time)
 
     @classmethod
     def check_config(cls, model: ModelConfig, train: TrainConfig | None = None) -> None:

@@ -104,11 +104,11 @@ class TransformerLM(LanguageModel):
                 nn.init.normal_(p, 0.0, 0.02 / (math.sqrt(2 * len(self.blocks)) if scaled else 1.0))
 
     @classmethod
-    def preset(cls, n_train_chars: int) -> dict[str, dict[str, Any]]:
+    def preset(cls, n_train_chars: int, max_time: float = 0.0) -> dict[str, dict[str, Any]]:
         # 2 blocks on small corpora, 4 on mid-sized ones, 6 on large, 5/16 as wide as the RNN preset:
         # 4 x 12 x 160^2 weights ~ the 1.2M of a 512-unit LSTM layer. Tied weights; random windows
         # of 128 tokens starting every 64 (the cache cannot carry across batches).
-        base = preset_for(n_train_chars)
+        base = preset_for(n_train_chars, max_time)
         model = {**base["model"], "layers": 2 * base["model"]["layers"] + (0 if n_train_chars < 200_000 else 2),
                  "hidden": base["model"]["hidden"] * 5 // 16, "tie_weights": True}
         train = {**base["train"], "batching": "windows", "seq_len": 128, "window_step": 64}

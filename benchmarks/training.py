@@ -1,0 +1,259 @@
+"""Training benchmark: quality per CPU budget, throughput, share of the matmul rate, memory, encoding speed.
+
+    PYTHONPATH=src python benchmarks/training.py            # full run, about 20 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/training.py --quick    # smoke check, about 2 minutes
+
+Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
+VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to
+``benchmarks/results/training[-quick].{json,md}``. Named corpora come from ``$CHARLOOM_DATA`` or
+are downloaded once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Reference figures from the issue (2 cores, no GPU): Keras 3 + TF 2.21 running the book's recipe.
+KERAS_BOOK = {"val_bpc": 2.20, "supervised_chars_per_s": 4957, "peak_rss_mb": 2400}
+GOALS = {"nietzsche_bpc": 1.80, "tinyshakespeare_nats": 1.40, "train_peak_mb": 600, "encode_mb_per_s": 50,
+         "encode_peak_spread_mb": 100}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements run inside a child process
+# --------------------------------------------------------------------------------------------------
+
+def _rss_mb(field: str = "VmHWM") -> float:
+    """This process's resident memory from /proc (VmHWM: the high-water mark; VmRSS: now), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # macOS and others: ru_maxrss (bytes on macOS, KiB on Linux)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def matmul_gflops(size: int = 1024, reps: int = 10) -> float:
+    """The machine's fp32 matrix-multiply rate with torch's default threads: best of ``reps``."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(reps + 2):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
+def flops_per_step(net: Any, batch: int, seq_len: int, objective: str) -> float:
+    """Training FLOPs of one (batch, seq_len) step: forward + backward, about 3x the forward.
+
+    torch's FlopCounterMode counts the matmuls it sees (heads, projections, attention, convs) but not
+    the fused recurrent kernels, so nn.LSTM / nn.GRU layers are added analytically:
+    2 * (in + H) * gates * H per layer per time step.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, net.vocab_size, (batch, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits[:, -1], x[:, -1]) if objective == "last" else logits.float().mean()
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    total = float(counter.get_total_flops())
+    for module in net.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+            for layer in range(module.num_layers):
+                in_dim = module.input_size if layer == 0 else module.hidden_size
+                total += 3 * 2 * (in_dim + module.hidden_size) * gates * module.hidden_size * batch * seq_len
+    return total
+
+
+def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Train for ``budget`` seconds, then score the whole validation split exactly (stateful, or the book's windows)."""
+    import torch
+
+    import charloom
+
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])  # the rate training can reach with the threads it gets
+    gflops = matmul_gflops()
+    t0 = time.perf_counter()
+    model = charloom.train(corpus, out=out, recipe=recipe, max_time=budget, sample_temperatures=(), progress=False,
+                           **settings)
+    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    result = model.evaluate(exact=True)
+    eval_s = time.perf_counter() - t1
+    tcfg, mcfg = model.train_config, model.net.config
+    last = model.history[-1]
+    per_step = tcfg.batch_size * (1 if tcfg.objective == "last" else tcfg.seq_len)
+    chars_per_s = last["step"] * per_step / max(1e-9, last["seconds"])
+    step_flops = flops_per_step(model.net, tcfg.batch_size, tcfg.seq_len, tcfg.objective)
+    achieved = step_flops * last["step"] / max(1e-9, last["seconds"]) / 1e9
+    return {
+        "corpus": corpus, "recipe": recipe, "budget_s": budget, "wall_s": round(wall, 1),
+        "model": f"{mcfg.model} {mcfg.layers}x{mcfg.hidden}", "parameters": model.net.num_parameters(),
+        "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "objective": tcfg.objective,
+        "threads": torch.get_num_threads(), "steps": last["step"], "epochs": round(last["step"] / max(1, _steps_per_epoch(model)), 2),
+        "stop_reason": model.stop_reason,
+        "val_loss_nats": round(result.loss, 4), "val_bpc": round(result.bits_per_char, 4),
+        "eval": "windowed (the book's 60-char view)" if tcfg.generation_window else "exact stateful pass",
+        "eval_s": round(eval_s, 1), "supervised_chars_per_s": round(chars_per_s),
+        "train_gflops_per_s": round(achieved, 2), "matmul_gflops_per_s": round(gflops, 1),
+        "share_of_matmul_rate": round(achieved / gflops, 3), "peak_rss_mb": round(_rss_mb(), 1),
+    }
+
+
+def _steps_per_epoch(model: Any) -> int:
+    corpus, tcfg = model.config["corpus"], model.train_config
+    if tcfg.batching == "windows":
+        return max(1, -(-((corpus["split"] - tcfg.seq_len - 1) // tcfg.window_step + 1) // tcfg.batch_size))
+    return max(1, (corpus["split"] - tcfg.seq_len - 1) // tcfg.batch_size // tcfg.seq_len)
+
+
+def case_encode(path: str, lowercase: bool) -> dict[str, Any]:
+    """Scan and encode one file to ids on disk; time and memory."""
+    from charloom.data import encode_to_disk, scan_corpus
+    from charloom.tokenizers import CharTokenizer
+
+    base = _rss_mb("VmRSS")
+    size = os.path.getsize(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        scan = scan_corpus([Path(path)], lowercase=lowercase)
+        t1 = time.perf_counter()
+        encoded = encode_to_disk(scan, CharTokenizer(scan.alphabet), Path(tmp) / "ids.bin")
+        t2 = time.perf_counter()
+        assert encoded.tokens == scan.chars
+    peak = _rss_mb()
+    return {"file_mb": round(size / 1e6, 1), "chars": scan.chars, "scan_s": round(t1 - t0, 2), "encode_s": round(t2 - t1, 2),
+            "mb_per_s": round(size / 1e6 / (t2 - t0), 1), "rss_after_imports_mb": round(base, 1),
+            "peak_rss_mb": round(peak, 1), "peak_growth_mb": round(peak - base, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------
+
+def run_case(kind: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one case in a fresh Python process and return what it printed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps({"kind": kind, **kwargs})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        return {"kind": kind, **kwargs, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int = 0) -> Path:
+    """``source`` repeated ``times`` times (or until at least ``min_bytes``) in ``folder``."""
+    data = source.read_bytes()
+    count = times or -(-min_bytes // len(data))
+    path = folder / f"{source.stem}-x{count}.txt"
+    with open(path, "wb") as fh:
+        for _ in range(count):
+            fh.write(data)
+    return path
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A short table of the headline numbers."""
+    lines = [f"Training benchmark, {report['date']}, commit {report['commit']}, {report['machine']}", "",
+             "| case | model | val | supervised chars/s | share of matmul rate | peak RSS |",
+             "|---|---|---|---|---|---|"]
+    for row in report["training"]:
+        if "error" in row:
+            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | |")
+            continue
+        val = f"{row['val_bpc']:.3f} bpc" if row["corpus"] == "nietzsche" else f"{row['val_loss_nats']:.3f} nats"
+        lines.append(f"| {row['corpus']}, {row['recipe']} recipe, {row['budget_s']:.0f} s | {row['model']} | {val} | "
+                     f"{row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
+    lines.append(f"| Keras 3 book recipe (reference) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | "
+                 f"{KERAS_BOOK['supervised_chars_per_s']:,} | | {KERAS_BOOK['peak_rss_mb']:,} MB |")
+    lines += ["", "| encode | MB | MB/s | peak RSS | growth over imports |", "|---|---|---|---|---|"]
+    for row in report["encoding"]:
+        if "error" in row:
+            lines.append(f"| {row.get('label')} | error: {row['error']} | | | |")
+            continue
+        lines.append(f"| {row['label']} | {row['file_mb']:,} | {row['mb_per_s']} | {row['peak_rss_mb']:.0f} MB | "
+                     f"{row['peak_growth_mb']:.0f} MB |")
+    lines += ["", f"matmul rate (fp32, 1024x1024, {report['threads']} threads): {report['matmul_gflops_per_s']} GFLOP/s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 10 s budgets, smaller files")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of training per case (default 300, quick 10)")
+    parser.add_argument("--skip-training", action="store_true", help="only the encoding cases")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (default 0: all cores)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:  # inside a child process
+        spec = json.loads(args.case)
+        kind = spec.pop("kind")
+        out = case_train(**spec) if kind == "train" else case_encode(**spec)
+        print(json.dumps(out))
+        return 0
+
+    import torch
+
+    from charloom.corpus import named_corpus_path
+
+    budget = args.budget if args.budget is not None else (10.0 if args.quick else 300.0)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "quick": args.quick,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "threads": torch.get_num_threads(), "matmul_gflops_per_s": round(matmul_gflops(), 1),
+        "goals": GOALS, "keras_book_reference": KERAS_BOOK, "training": [], "encoding": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="charloom-bench-") as tmp:
+        folder = Path(tmp)
+        if not args.skip_training:
+            for corpus, recipe in [("nietzsche", "default"), ("tinyshakespeare", "default"), ("nietzsche", "book")]:
+                row = run_case("train", corpus=corpus, recipe=recipe, budget=budget,
+                               out=str(folder / f"{corpus}-{recipe}"), settings={"threads": args.threads})
+                report["training"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        nietzsche = named_corpus_path("nietzsche")
+        sizes = [("nietzsche x1", 1, 0), ("nietzsche x4" if args.quick else "nietzsche x16", 4 if args.quick else 16, 0)]
+        sizes += [("64 MB file", 0, 64 * 10 ** 6)] if args.quick else [("nietzsche x256", 256, 0), ("1 GB file", 0, 10 ** 9)]
+        for label, times, min_bytes in sizes:
+            path = nietzsche if times == 1 else repeated_file(folder, nietzsche, times=times, min_bytes=min_bytes)
+            row = {"label": label, **run_case("encode", path=str(path), lowercase=True)}
+            if path != nietzsche:
+                path.unlink()
+            report["encoding"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    peaks = [r["peak_rss_mb"] for r in report["encoding"] if "peak_rss_mb" in r]
+    report["encode_peak_spread_mb"] = round(max(peaks) - min(peaks), 1) if peaks else None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "training-quick" if args.quick else "training"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / f"{stem}.md").write_text(markdown(report), encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

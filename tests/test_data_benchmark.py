@@ -1,0 +1,76 @@
+"""The training benchmark's own arithmetic and its encode case, on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from charloom.config import ModelConfig
+from charloom.models import build_model
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import training  # noqa: E402
+
+
+def test_flops_per_step_counts_the_recurrent_layers_and_the_head() -> None:
+    net = build_model(ModelConfig(model="lstm", layers=2, hidden=32, embedding_dim=8, dropout=0.0), vocab_size=20)
+    batch, seq = 3, 5
+    # By hand: forward = recurrent (2 (in + H) 4H per layer) + head (2 H V) per position; training = 3 x forward.
+    per_position = 2 * (8 + 32) * 4 * 32 + 2 * (32 + 32) * 4 * 32 + 2 * 32 * 20
+    expected = 3 * per_position * batch * seq
+    assert training.flops_per_step(net, batch, seq, "all") == expected
+
+
+def test_encode_case_runs_in_a_child_and_reports(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Hello, World!\n" * 2000, encoding="utf-8")
+    row = training.run_case("encode", path=str(corpus), lowercase=True)
+    assert row["chars"] == 28000
+    assert row["peak_rss_mb"] >= row["rss_after_imports_mb"] > 0
+    report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
+              "training": [], "encoding": [{"label": "tiny", **row}]}
+    assert "| tiny |" in training.markdown(report)
+
+
+def test_repeated_file(tmp_path: Path) -> None:
+    source = tmp_path / "s.txt"
+    source.write_bytes(b"abc\n")
+    assert training.repeated_file(tmp_path, source, times=3).read_bytes() == b"abc\n" * 3
+    assert training.repeated_file(tmp_path, source, min_bytes=10).stat().st_size == 12
+    assert json.dumps(training.GOALS)  # the goals print as JSON
+    assert np.isfinite(training.matmul_gflops(size=64, reps=2))
+    assert subprocess.run([sys.executable, str(REPO / "benchmarks" / "training.py"), "--help"],
+                          capture_output=True).returncode == 0
+
+
+def test_preset_scales_with_corpus_and_budget() -> None:
+    from charloom.config import PRESET_SIZES, preset_for
+
+    def size(n: int, t: float) -> int:
+        m = preset_for(n, t)["model"]
+        return m["layers"] * m["hidden"] ** 2
+
+    for n in (100_000, 540_000, 50_000_000):
+        budgets = [60, 300, 1800, 3600, 10 ** 6]
+        sizes = [size(n, t) for t in budgets]
+        assert sizes == sorted(sizes), "a longer budget never gets a smaller model"
+        assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
+    assert preset_for(540_000, 300)["model"]["hidden"] == 256  # 5 minutes: the fast network
+    assert preset_for(540_000, 0)["model"]["hidden"] == 512
+    assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
+    assert "batch_size" not in preset_for(50_000_000, 0)["train"]
+    # The budget rule by hand: 1x512 at 12k chars/s needs 20 x 1.22M params / 12k = 2033 s.
+    layers, hidden, params, rate = PRESET_SIZES[2]
+    assert preset_for(1_000_000, 20 * params / rate + 1)["model"]["hidden"] == hidden
+    assert preset_for(1_000_000, 20 * params / rate - 1)["model"]["hidden"] < hidden
+
+
+def test_idle_cores_is_between_one_and_the_available_cores() -> None:
+    from charloom.api import available_cores, idle_cores
+
+    assert 1 <= idle_cores(0.05) <= available_cores()
