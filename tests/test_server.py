@@ -1,8 +1,8 @@
 """The HTTP server: a real uvicorn on 127.0.0.1 and an ephemeral port, driven by the official openai
 client (what users run) and by raw HTTP for the error cases.
 
-Every generated text is checked against the library computed independently (``Model.generate``
-batches samples in one forward; the server streams each sample on its own).
+Every generated text is checked against ``Model.generate`` called directly, and log-probabilities
+against a numpy log-softmax of the network's logits.
 """
 
 from __future__ import annotations
@@ -209,6 +209,59 @@ def test_echo_prepends_the_prompt(client, tiny_model):
     assert out.choices[0].text == PROMPT + tiny_model.generate(PROMPT, length=10, seed=3).text
 
 
+def test_min_p_and_penalties_are_the_librarys(client, tiny_model):
+    options = {"min_p": 0.2, "presence_penalty": 0.7, "frequency_penalty": 0.4, "repetition_penalty": 1.3, "penalty_last_n": 0}
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, seed=8, n=2, extra_body=options)
+    expected = [c.text for c in tiny_model.generate(PROMPT, length=60, seed=8, num_samples=2, **options)]
+    assert [c.text for c in out.choices] == expected
+    assert expected != [c.text for c in tiny_model.generate(PROMPT, length=60, seed=8, num_samples=2)]
+
+
+def _reference_logprobs(model: Model, text: str) -> list[np.ndarray]:
+    """log softmax of the model's logits after every prefix of ``PROMPT + text`` (one forward, numpy)."""
+    ids = [model.tokenizer.chars.index(c) for c in PROMPT + text]
+    with torch.no_grad():
+        logits = model.net(torch.tensor([ids]))[0][0].double().numpy()  # (T, V)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return [logp[len(PROMPT) - 1 + i] for i in range(len(text))]
+
+
+def test_logprobs_are_openais_shape_and_the_models(client, tiny_model):
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, seed=6, logprobs=3, echo=True)
+    choice = out.choices[0]
+    text = choice.text[len(PROMPT):]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == text and lp.text_offset == list(range(len(PROMPT), len(PROMPT) + 30))
+    reference = _reference_logprobs(tiny_model, text)
+    chars = tiny_model.tokenizer.chars
+    for token, got, top, ref in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, reference):
+        assert got == pytest.approx(ref[chars.index(token)], abs=1e-4)
+        best = np.argsort(-ref)[:3]
+        assert set(top) == {chars[i] for i in best}
+        assert [top[chars[i]] for i in best] == pytest.approx(ref[best], abs=1e-4)
+    library = tiny_model.generate(PROMPT, length=30, seed=6, logprobs=3)
+    assert lp.token_logprobs == pytest.approx(library.token_logprobs)
+
+
+def test_streaming_with_logprobs_matches_the_plain_answer(client, tiny_model):
+    full = tiny_model.generate(PROMPT, length=40, seed=13, num_samples=2)[0].text
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=40, seed=13, n=2, logprobs=2, stop=[full[20:22]])
+    plain = client.completions.create(**kwargs)
+    texts, logprobs, finish = ["", ""], [None, None], [None, None]
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            logprobs[c.index] = c.logprobs or logprobs[c.index]
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert texts == [c.text for c in plain.choices] and finish == [c.finish_reason for c in plain.choices]
+    assert finish[0] == "stop"  # the case where tokens run past the text
+    assert [lp.model_dump() for lp in logprobs] == [c.logprobs.model_dump() for c in plain.choices]
+    for text, lp, reason in zip(texts, logprobs, finish):
+        # Every drawn token is listed: with a stop, the stop string's tokens follow the text.
+        assert "".join(lp.tokens).startswith(text) and (reason == "stop") == ("".join(lp.tokens) != text)
+
+
 # -- /v1/next, against an independent numpy computation ------------------------------------------
 
 def _reference(model: Model, text: str, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -269,9 +322,13 @@ def test_next_distribution_greedy_and_top_k(tiny_model):
     ({"model": "nope"}, "model"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [""]}, "stop"),
-    ({"logprobs": 2}, "logprobs"),  # not yet supported by charloom.api
-    ({"min_p": 0.1}, "min_p"),  # not yet supported by charloom.api
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"logprobs": 6}, "logprobs"),  # OpenAI's limit is 5
+    ({"logprobs": -1}, "logprobs"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),  # OpenAI's range is -2..2
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"penalty_last_n": -1}, "penalty_last_n"),
     ({"temprature": 0.5}, "temprature"),  # a misspelt option is refused, not ignored
     ({"unknown": "guess"}, "unknown"),
 ])
@@ -383,6 +440,8 @@ def test_time_limit_ends_the_stream_with_finish_reason_time(tiny_model):
         assert elapsed < 5
         plain = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1_000_000}, timeout=30).json()
         assert plain["choices"][0]["finish_reason"] == "time" and 0 < plain["usage"]["completion_tokens"] < 1_000_000
+        too_many = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1_000_000, "n": 16})
+        assert too_many.status_code == 422 and too_many.json()["error"]["param"] == "max_tokens"  # the library's cap
 
 
 def test_full_server_answers_503_with_retry_after(tiny_model):

@@ -9,6 +9,10 @@ no cross-origin access unless asked, an optional API key on every route but ``/h
 body, prompt, ``max_tokens`` and ``n``, a bounded number of running and waiting generations (then
 503 with ``Retry-After``), and a time cap per generation. Each generation runs in its own thread,
 one token at a time, so a client that goes away stops it before the next token.
+
+Sampling, stop strings, the time limit, finish reasons and log-probabilities are the library's
+(:mod:`charloom.completion`): the ``n`` samples of a request are one batch planned exactly as
+``Model.generate(num_samples=n)`` plans it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import base64
 import binascii
 import collections
 import hmac
-import inspect
 import ipaddress
 import json
 import logging
@@ -29,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence, TextIO
+from typing import Any, AsyncIterator, Callable, Literal, Sequence, TextIO
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,9 +45,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import Model, load, sample_config
+from .api import Model, load
+from .completion import Completion, make_plan, run
+from .config import SampleConfig
 from .errors import CharloomError
-from .generate import StopText
 
 log = logging.getLogger("charloom.server")
 STATIC = Path(__file__).parent / "static"
@@ -127,7 +131,8 @@ def invalid(param: str, why: str) -> ApiError:
 def _charloom_error(exc: CharloomError) -> ApiError:
     # api's errors name CLI flags ("--top-k"); the API's fields are the same names with underscores.
     param = exc.what.lstrip("-").replace("-", "_")
-    return ApiError(422, exc.message.lstrip("-"), param)
+    param = {"length": "max_tokens", "num_samples": "n"}.get(param, param)
+    return ApiError(422, param + exc.message[len(exc.what):], param)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +151,8 @@ class StreamOptions(_Strict):
 
 
 class CompletionRequest(_Strict):
-    """OpenAI's completion request, plus ``top_k``, ``min_p`` and ``unknown`` (prompt characters the model never saw)."""
+    """OpenAI's completion request, plus ``top_k``, ``min_p``, ``repetition_penalty``, ``penalty_last_n``
+    and ``unknown`` (prompt characters the model never saw)."""
 
     model: str | None = None
     prompt: str | list[str] = ""
@@ -163,8 +169,12 @@ class CompletionRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     unknown: Literal["error", "skip", "replace"] = "error"
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # OpenAI's range and formula (platform.openai.com/docs/api-reference/parameter-details), but OpenAI
+    # counts the tokens sampled so far, charloom the last penalty_last_n of prompt + text (see README).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    penalty_last_n: int = Field(SampleConfig().penalty_last_n, ge=0)
     best_of: int | None = None
     user: str | None = None
 
@@ -181,26 +191,23 @@ class NextRequest(_Strict):
     top: int | None = Field(None, ge=1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Adapters to today's charloom.api. Issue 4 is adding min_p, stop strings, logprobs and finish
-# reasons to Model.stream / Model.generate; until then the server holds stop strings back itself
-# (generate.StopText), passes min_p only if Model.stream accepts it, and refuses logprobs.
-# --------------------------------------------------------------------------------------------------
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _sampling_options(req: CompletionRequest) -> dict[str, Any]:
-    """Keyword arguments for ``Model.stream`` beyond the ones every version has."""
-    options: dict[str, Any] = {}
-    if req.min_p:
-        if not _accepts(Model.stream, "min_p"):
-            raise invalid("min_p", "not supported by this version of charloom; leave it out or set it to 0")
-        options["min_p"] = req.min_p
-    if req.logprobs is not None:
-        raise invalid("logprobs", "not supported by this version of charloom; leave it out")
-    return options
+    """The request's SampleConfig fields, as keywords for :func:`charloom.completion.make_plan`."""
+    return {"top_k": req.top_k, "top_p": req.top_p, "min_p": req.min_p, "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
+            "penalty_last_n": req.penalty_last_n}
+
+
+def openai_logprobs(model: Model, completion: Completion, offset: int) -> dict[str, Any]:
+    """``completion``'s log-probabilities in OpenAI's completions shape; ``offset``: where its text starts
+    in the choice's text (after an echoed prompt). Every drawn token is listed, a stop string's too."""
+    tokens = [model.tokenizer.decode([i]) for i in completion.tokens]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": completion.token_logprobs, "top_logprobs": completion.top_logprobs,
+            "text_offset": offsets}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,28 +256,21 @@ class Slot:
 # Generation in a worker thread
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Choice:
-    index: int
-    pieces: Iterator[str]
-    stop: StopText
-    tokens: int = 0
-    finish: str | None = None
-
-
 class Generation:
-    """One request's samples, drawn in a worker thread one token at a time.
+    """One request's samples, drawn as one batch in a worker thread.
 
-    Between any two tokens the thread checks the cancel flag (client gone) and the deadline
-    (finish reason ``time``). Events: ``("text", i, s)``, ``("finish", i, reason)``,
-    ``("error", message)`` and finally ``("end",)``. They pile up in a deque and the event loop is
-    woken once per pile, not once per token, so a fast model cannot flood the loop: a reader that
-    falls behind gets several tokens per read.
+    ``charloom.completion.run`` hands back text as each token is drawn; between two pieces the
+    thread checks the cancel flag (client gone). The plan's ``max_time`` ends the run with finish
+    reason ``time``. Events: ``("text", i, s)``, ``("finish", i, completion)``, ``("error", message)``
+    and finally ``("end",)``. They pile up in a deque and the event loop is woken once per pile, not
+    once per token, so a fast model cannot flood the loop: a reader that falls behind gets several
+    tokens per read.
     """
 
-    def __init__(self, choices: list[_Choice], time_limit: float, on_exit: Callable[[], None]) -> None:
+    def __init__(self, plan: dict[str, Any], on_exit: Callable[[], None]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.choices, self.time_limit, self.on_exit = choices, time_limit, on_exit
+        self.plan, self.on_exit = plan, on_exit
+        self.results: list[Completion] = []
         self.cancelled = threading.Event()
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._notified = False  # a wake-up is scheduled or the reader is awake
@@ -304,48 +304,25 @@ class Generation:
             out.append(self._pending.popleft())
         return out
 
-    def _finish(self, choice: _Choice, reason: str) -> None:
-        rest = choice.stop.flush() if reason != "stop" else ""
-        if rest:
-            self._emit("text", choice.index, rest)
-        choice.finish = reason
-        self._emit("finish", choice.index, reason)
-
     def _run(self) -> None:
-        deadline = time.monotonic() + self.time_limit
+        pieces = run(self.plan, pieces=True)
         try:
-            active = list(self.choices)
-            while active and not self.cancelled.is_set():
-                if time.monotonic() > deadline:
-                    for choice in active:
-                        self._finish(choice, "time")
-                    break
-                for choice in active:  # n samples advance together, one token each per round
-                    if self.cancelled.is_set():
-                        return
-                    try:
-                        piece = next(choice.pieces)
-                    except StopIteration:
-                        self._finish(choice, "length")
-                        continue
-                    choice.tokens += 1
-                    text, stopped = choice.stop.feed(piece)
-                    if text:
-                        self._emit("text", choice.index, text)
-                    if stopped:
-                        self._finish(choice, "stop")
-                active = [c for c in active if c.finish is None]
+            for row, text in pieces:
+                if self.cancelled.is_set():
+                    return
+                self._emit("text", row, text)
                 time.sleep(0)  # let the event loop thread take the GIL between tokens
+            if not self.cancelled.is_set():
+                self.results = self.plan["results"]
+                for i, completion in enumerate(self.results):
+                    self._emit("finish", i, completion)
         except CharloomError as exc:
             self._emit("error", exc.message)
         except Exception:  # noqa: BLE001 - reported to the client as a 500-style error event
             log.exception("generation failed")
             self._emit("error", "internal error during generation")
         finally:
-            for choice in self.choices:
-                close = getattr(choice.pieces, "close", None)
-                if close:
-                    close()
+            pieces.close()
             self._emit("end")
             try:
                 self.loop.call_soon_threadsafe(self.on_exit)
@@ -548,28 +525,22 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise invalid("stop", f"give up to {MAX_STOPS} non-empty stop strings")
-        for param, value in (("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)):
-            if value:
-                raise invalid(param, "not supported by this version of charloom; leave it out or set it to 0")
         if req.best_of is not None and req.best_of != req.n:
             raise invalid("best_of", "not supported; leave it out")
-        options = _sampling_options(req)
-        try:
-            sample_config(req.temperature, req.top_k, req.top_p)
-        except CharloomError as exc:
-            raise _charloom_error(exc) from None
         prompt_ids = check_prompt(model, prompt, req.unknown)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
+        try:
+            # Sample i draws with seed + i: the plan Model.generate(num_samples=n, seed=seed) makes.
+            plan = make_plan(model, prompt, req.temperature, req.max_tokens, req.n, seed, req.unknown, stops,
+                             settings.time_limit, 1, req.logprobs, _sampling_options(req))
+        except CharloomError as exc:
+            raise _charloom_error(exc) from None
         echo = (prompt.lower() if model.train_config.lowercase else prompt) if req.echo else ""
 
         slot = get_gate().reserve()
         try:
             await slot.wait()
-            # Sample i draws with seed + i, as Model.generate(num_samples=n, seed=seed) does.
-            choices = [_Choice(i, model.stream(prompt, length=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                               top_p=req.top_p, seed=seed + i, unknown=req.unknown, **options),
-                               StopText(stops)) for i in range(req.n)]
-            generation = Generation(choices, settings.time_limit, on_exit=slot.close)
+            generation = Generation(plan, on_exit=slot.close)
             generation.start()
         except BaseException:
             slot.close()
@@ -577,13 +548,18 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
         meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": name}
 
         def usage() -> dict[str, int]:
-            completion_tokens = sum(c.tokens for c in choices)
+            completion_tokens = sum(len(c.tokens) for c in generation.results)
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                     "total_tokens": len(prompt_ids) + completion_tokens}
 
+        def logprobs(completion: Completion) -> dict[str, Any] | None:
+            return openai_logprobs(model, completion, len(echo)) if req.logprobs is not None else None
+
         if req.stream:
-            def chunk(index: int, text: str, finish: str | None = None) -> str:
-                return _sse({**meta, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]})
+            def chunk(index: int, text: str, finish: Completion | None = None) -> str:
+                lp = logprobs(finish) if finish is not None else None
+                return _sse({**meta, "choices": [{"text": text, "index": index, "logprobs": lp,
+                                                  "finish_reason": finish.finish_reason if finish is not None else None}]})
 
             async def events() -> AsyncIterator[str]:
                 for i in range(req.n) if echo else ():
@@ -611,7 +587,6 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
 
             return GuardedStream(events(), on_close=generation.cancel)
 
-        texts = [[echo] for _ in range(req.n)]
         try:
             done = False
             while not done:
@@ -622,15 +597,13 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
                         return JSONResponse({}, status_code=499)
                     continue
                 for event in events:
-                    if event[0] == "text":
-                        texts[event[1]].append(event[2])
-                    elif event[0] == "error":
+                    if event[0] == "error":
                         raise ApiError(500, event[1], kind="server_error")
                     done = done or event[0] == "end"
         finally:
             generation.cancel()
-        return {**meta, "choices": [{"text": "".join(texts[c.index]), "index": c.index, "logprobs": None,
-                                     "finish_reason": c.finish} for c in choices], "usage": usage()}
+        return {**meta, "choices": [{"text": echo + c.text, "index": i, "logprobs": logprobs(c), "finish_reason": c.finish_reason}
+                                    for i, c in enumerate(generation.results)], "usage": usage()}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
