@@ -141,7 +141,8 @@ def test_kill_at_every_point_of_a_save(tmp_path, tiny_file):
 
 @pytest.mark.slow
 def test_fifty_random_kills_lose_nothing(tmp_path, tiny_file):
-    report = _killer("50", tiny_file, tmp_path, eval_every=1)
+    report = _killer("50", tiny_file, tmp_path, eval_every=1, patience=0, epochs=10_000,
+                     max_steps=10**6)  # runs end only when killed
     assert report["problems"] == [], "\n".join(report["problems"])
     runs = report["runs"]
     assert sum(r["killed"] for r in runs) == 50
