@@ -25,7 +25,7 @@ from .corpus import resolve_sources, stream_text
 from .data import encode_to_disk, open_ids, scan_corpus, write_ids
 from .distributed import Runtime
 from .errors import CharloomError, CheckpointError
-from .completion import GENERATE_KEYWORDS, SAMPLE_FIELDS, Completion, check_options, make_plan, run, run_beams, sample_config  # noqa: F401
+from .completion import GENERATE_KEYWORDS, SAMPLE_FIELDS, Completion, check_options, make_plan, run, run_beams, sample_config  # noqa: F401  (re-exported)
 from .metrics import EvalResult, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .preflight import PREPARE_BYTES_PER_BYTE, STREAMING_BYTES_PER_BYTE, check_memory_for
@@ -141,17 +141,21 @@ class Model:
         return NextTokens(tokens, original.tolist(), reweighted.tolist())
 
     # -- evaluation -----------------------------------------------------------------------------
+    def run_data(self) -> tuple[np.ndarray, int, int]:
+        """The run's corpus ids (memory-mapped), the token index where validation starts, and its characters."""
+        if self.path is None or self.path.parent.name != "checkpoints":
+            raise CharloomError(str(self.path or "model"), "is not a checkpoint inside a run directory",
+                                "give the run directory (it holds data/ids.bin), or pass a text")
+        run = RunDir(self.path.parent.parent)
+        corpus = self.config.get("corpus", {})
+        if not run.ids_path.is_file():
+            raise CharloomError(str(run.ids_path), "the run's data cache is missing", "use the run directory as training left it")
+        return open_ids(run.ids_path, corpus["dtype"]), int(corpus["split"]), int(corpus["val_chars"])
+
     def evaluate(self, text: str | None = None, *, exact: bool = True) -> EvalResult:
         """Loss, bits per char and perplexity on ``text``, or on the run's validation split when None."""
         if text is None:
-            if self.path is None:
-                raise CharloomError("evaluate", "this model has no run directory to take a validation split from", "pass a text")
-            run = RunDir(self.path.parent.parent)
-            corpus = self.config.get("corpus", {})
-            if not run.ids_path.is_file():
-                raise CharloomError(str(run.ids_path), "the run's data cache is missing", "evaluate on a text file instead")
-            ids = open_ids(run.ids_path, corpus["dtype"])
-            start, chars = int(corpus["split"]), int(corpus["val_chars"])
+            ids, start, chars = self.run_data()
         else:
             # Out-of-vocabulary words score as <unk>, as they did in training; a char model refuses them.
             unknown = "error" if self.tokenizer.unk_id is None else "replace"

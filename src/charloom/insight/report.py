@@ -21,7 +21,6 @@ import torch
 
 from ..api import Model, load
 from ..checkpoint import MODEL_FILE, RunDir
-from ..data import open_ids
 from ..errors import CharloomError
 from .baselines import Baseline, baselines
 from .html import esc, json_script, page, png_tag, table, write_page
@@ -223,15 +222,9 @@ def _corpus_stats(text: str, config: dict[str, Any], vocab: int, top: int = 12) 
 def build_report(run_dir: str | Path, out: str | Path | None = None, options: ReportOptions = ReportOptions()) -> Path:
     """Write the run's report page (default ``RUN_DIR/report.html``) and its PNGs; return the page's path."""
     model = load(run_dir, which=options.checkpoint)
-    assert model.path is not None
-    if model.path.parent.name != "checkpoints":
-        raise CharloomError(str(run_dir), "is a checkpoint, not a run directory", "give the run directory (it holds metrics.csv)")
-    run = RunDir(model.path.parent.parent)
+    ids, split, val_chars = model.run_data()
+    run = RunDir(model.path.parent.parent)  # type: ignore[union-attr]  (run_data checked it)
     corpus = model.config.get("corpus", {})
-    if not run.ids_path.is_file():
-        raise CharloomError(str(run.ids_path), "the run's data cache is missing", "the report needs the run directory as training left it")
-    ids = open_ids(run.ids_path, corpus["dtype"])
-    split, val_chars = int(corpus["split"]), int(corpus["val_chars"])
     vocab = model.tokenizer.vocab_size
     metrics, records = read_metrics(run), read_samples(run)
     base = baselines(ids, split, vocab, val_chars, options.order)
