@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one stream is overhead-bound: extra threads only add synchronisation
     n, repeats = (1000, 2) if args.quick else (5000, 5)
 
-    book_cfg = ModelConfig(arch="lstm", layers=1, hidden=128, input="onehot", dropout=0.0)
-    default_cfg = ModelConfig(arch="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1)
+    book_cfg = ModelConfig(model="lstm", layers=1, hidden=128, input="onehot", dropout=0.0)
+    default_cfg = ModelConfig(model="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1)
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",

@@ -42,12 +42,12 @@ NANOGPT_NATS = 1.47  # nanoGPT README: shakespeare-char, 6 layers x 384, ~3 minu
 # (~13M parameters, about nanoGPT's 10.7M) with dropout against Tiny Shakespeare's quick overfit,
 # wide batches because cuDNN's LSTM is latency-bound per time step, not FLOP-bound.
 GPU_SETTINGS: dict[str, Any] = dict(
-    arch="lstm", layers=2, hidden=1024, embedding_dim=128, dropout=0.3, seq_len=256, batch_size=128,
+    model="lstm", layers=2, hidden=1024, embedding_dim=128, dropout=0.3, seq_len=256, batch_size=128,
     lr=2e-3, weight_decay=0.1, warmup_steps=100, clip=1.0, epochs=100_000, patience=0, eval_every=400,
     sample_temperatures=(), seed=0,
 )
 SMOKE_SETTINGS: dict[str, Any] = dict(
-    arch="lstm", layers=1, hidden=64, embedding_dim=16, dropout=0.0, seq_len=64, batch_size=16,
+    model="lstm", layers=1, hidden=64, embedding_dim=16, dropout=0.0, seq_len=64, batch_size=16,
     warmup_steps=5, epochs=100_000, patience=0, eval_every=20, sample_temperatures=(), seed=0,
 )
 
