@@ -10,13 +10,18 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.mark.slow
-def test_generation_benchmark_quick_run_prints_every_figure():
+def quick_run(script: str) -> dict:
+    """``python benchmarks/SCRIPT --quick`` as a user runs it; its JSON report."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--quick"],
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+def test_generation_benchmark_quick_run_prints_every_figure():
+    report = quick_run("generation.py")
     book, default = report["book_lstm128"], report["default_lstm512"]
     for key in ("one_stream_chars_per_s", "64_streams_chars_per_s", "windowed_chars_per_s", "windowed_reread_chars_per_s"):
         assert book[key] > 0, key
@@ -27,11 +32,7 @@ def test_generation_benchmark_quick_run_prints_every_figure():
 def test_architecture_benchmark_quick_run_has_a_row_per_architecture_and_corpus():
     from charloom.models import MODELS
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "architectures.py"), "--quick"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(done.stdout)["rows"]
+    rows = quick_run("architectures.py")["rows"]
     seen = {(r["model"], r["corpus"]) for r in rows}
     assert seen == {(m, c) for m in MODELS for c in ("nietzsche", "tinyshakespeare")}
     assert all(r["val_bits_per_char"] > 0 and r["generate_chars_per_s"] > 0 for r in rows)
