@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom import sampling
+from charloom import generate, sampling
 from charloom.api import Completion, Model
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
@@ -48,7 +48,7 @@ def test_stepper_equals_forward(arch, inp, layers):
 
 
 @pytest.mark.parametrize("arch,inp,layers", ARCHS)
-@pytest.mark.parametrize("rows", [1, 6])  # 1 row: the numpy path; 6 rows: the torch path
+@pytest.mark.parametrize("rows", [1, 6])  # the native kernel (without a compiler: numpy for 1 row, torch for 6)
 def test_fast_paths_give_the_reference_text(arch, inp, layers, rows):
     model = small(arch, inp, layers)
     temps = [1.0, 0.5, 1.5, 1.0, 2.0, 0.7][:rows]
@@ -56,7 +56,10 @@ def test_fast_paths_give_the_reference_text(arch, inp, layers, rows):
 
 
 @pytest.mark.parametrize("prompt_len,window", [(1, 6), (4, 6), (6, 6), (17, 6), (30, 60)])
-def test_staggered_window_equals_rereading_the_window(prompt_len, window):
+@pytest.mark.parametrize("kernel", [True, False])  # staggered runs in the native kernel, or in torch
+def test_staggered_window_equals_rereading_the_window(prompt_len, window, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
     model = small("lstm", "onehot", 1)
     prompt = list(range(prompt_len))
     fast = ids_of(model, [p % 20 for p in prompt], 80, [1.0, 0.3], window=window)
@@ -69,10 +72,11 @@ def test_staggered_window_with_a_model_without_stepper(fake_model):
     assert torch.equal(ids_of(fake_model, prompt, 40, [1.0], window=4), ids_of(fake_model, prompt, 40, [1.0], window=4, fast=False))
 
 
-def test_one_row_alone_equals_the_same_row_in_a_batch():
+def test_one_row_alone_equals_the_same_row_in_a_batch(monkeypatch):
     model = small("lstm", "onehot", 1)
-    alone = ids_of(model, [4, 5], 200, [0.8])  # numpy path
-    batched = ids_of(model, [4, 5], 200, [0.2, 0.8, 1.3, 1.0, 1.0, 1.0], lanes=[0] * 6)  # torch path
+    alone = ids_of(model, [4, 5], 200, [0.8])  # the native kernel (or numpy)
+    monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
+    batched = ids_of(model, [4, 5], 200, [0.2, 0.8, 1.3, 1.0, 1.0, 1.0], lanes=[0] * 6)  # torch
     assert torch.equal(alone[0], batched[1])
 
 

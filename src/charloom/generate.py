@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .models import LanguageModel
 from .models.base import tree_map
 from .models.stepper import NumpyStepper, make_stepper
+from .native import NativeStepper
 from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
@@ -41,8 +43,14 @@ class Step:
     top_logprobs: torch.Tensor | None = None
 
 
-# Small steps run in numpy (lower per-call overhead): up to this many rows, and weight matrices up to
-# this many elements (beyond, OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
+# Small steps run outside torch, whose per-op dispatch costs more than the arithmetic of a small step.
+# First choice: the native kernel (charloom.native, one C call per chunk of tokens), up to
+# NATIVE_MAX_WORK multiply-adds per step over all rows (beyond that torch's two-thread matrix products
+# win: measured with benchmarks/generation.py). Without a compiler: numpy, up to NUMPY_MAX_ROWS rows
+# and weight matrices of NUMPY_MAX_MATRIX elements (beyond, OpenBLAS starts threads that thrash a busy
+# machine; torch's kernels win).
+NATIVE_MAX_WORK = 1 << 23
+NATIVE_CHUNK = 128  # most tokens per native call: a chunk overshoots a stop string by at most this many
 NUMPY_MAX_ROWS = 4
 NUMPY_MAX_MATRIX = 1 << 18
 
@@ -57,10 +65,14 @@ class _Carried:
         state = model.select_state(state, torch.zeros(rows, dtype=torch.long))  # copy to every row
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
-        self.numpy = None
-        if (allow_numpy and self.stepper is not None and rows <= NUMPY_MAX_ROWS
-                and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX):
+        self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
+        if not (allow_numpy and self.stepper is not None and self.first.device.type == "cpu"):
+            return
+        if rows * self.stepper.largest_matrix() <= NATIVE_MAX_WORK:
+            self.numpy = NativeStepper.create(self.stepper, rows)
+        if self.numpy is None and rows <= NUMPY_MAX_ROWS and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX:
             self.numpy = NumpyStepper(self.stepper)
+        if self.numpy is not None:
             self.state = self.numpy.from_torch(self.state)
 
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
@@ -100,6 +112,14 @@ class _Staggered:
         else:
             self.state = model.select_state(self.state, expand)
         self.first = logits[p % w].expand(rows, -1)  # (rows, V)
+        # All rows * W runs advance together: the native kernel when the step is small enough.
+        self.native = None
+        if (self.stepper is not None and logits.device.type == "cpu"
+                and rows * w * self.stepper.largest_matrix() <= NATIVE_MAX_WORK):
+            self.native = NativeStepper.create(self.stepper, rows * w)
+            if self.native is not None:
+                self.state = self.native.from_torch(self.state)  # (slots, rows * W, H)
+                self.run_rows_np = [r.numpy() for r in self.run_rows]
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         if self.stepper is not None:
@@ -117,6 +137,10 @@ class _Staggered:
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V)."""
         w = self.window
+        if self.native is not None:
+            self.state[:, self.run_rows_np[position % w]] = 0.0  # that run just gave its logits: restart it
+            logits = self.native.step(ids.numpy().repeat(w), self.state)  # (rows * W, V)
+            return torch.from_numpy(logits[self.run_rows_np[(position + 1) % w]])
         self._reset(self.run_rows[position % w])  # that run just gave its logits: restart it here
         if self.stepper is not None:  # the head only for the run that gives the logits
             return self.stepper.step(ids.repeat_interleave(w), self.state, only=self.run_rows[(position + 1) % w])
@@ -208,15 +232,18 @@ def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Seq
 
 def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
                  noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
-    """The loop of :func:`generate_steps` for a few rows, with the model step and the draw in numpy.
+    """The loop of :func:`generate_steps` with the model step (native or numpy) and the draw outside torch.
 
     ``history`` and its numpy view share memory, so processors still see every id."""
     step, state = read.numpy.step, read.state  # type: ignore[union-attr]
     hist = history.numpy()  # (rows, P + N), same memory as `history`
-    logits = read.first.contiguous().numpy()  # (rows, V) float32
+    logits = read.first.float().contiguous().numpy().copy()  # (rows, V) float32, a fresh contiguous copy
     uniforms = noise.rows_numpy(lanes)
-    # A plain temperature (the common case) is applied in numpy; anything else goes through torch.
+    # A plain temperature (the common case) is applied outside torch; anything else goes through torch.
     divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
+    if divisor is not None and logprobs is None and isinstance(read.numpy, NativeStepper):
+        yield from _native_runs(read.numpy, state, logits, hist, p, n, 1.0 / divisor, uniforms)
+        return
     for i in range(n):
         t = p + i
         if divisor is not None:
@@ -233,6 +260,22 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
         yield Step(ids_t) if logprobs is None else _with_logprobs(ids_t, torch.from_numpy(logits), logprobs)
         if i + 1 < n:
             logits = step(ids, state)
+
+
+def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, inv_temp: Any,
+                 uniforms: Iterator[Any]) -> Iterator[Step]:
+    """Draw and feed whole chunks of tokens in C (plain temperature): 1, 2, 4, ... NATIVE_CHUNK at a
+    time, so the first tokens stream at once and a consumer that stops early wastes little work."""
+    done, chunk = 0, 1
+    while done < n:
+        k = min(chunk, n - done)
+        block = np.stack([next(uniforms) for _ in range(k)])  # (k, rows) float64, the same numbers per step
+        ids = native.sample(state, logits, block, inv_temp, feed_last=done + k < n)  # (k, rows)
+        hist[:, p + done:p + done + k] = ids.T
+        for row in torch.from_numpy(ids):
+            yield Step(row)
+        done += k
+        chunk = min(2 * chunk, NATIVE_CHUNK)
 
 
 def _with_logprobs(ids: torch.Tensor, logits: torch.Tensor, k: int) -> Step:

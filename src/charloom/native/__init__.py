@@ -1,0 +1,189 @@
+"""A native kernel for generating from LSTM/GRU models: one C call per chunk of tokens, not per op.
+
+At one stream a step of a book-size LSTM is ~65k multiply-adds, a few microseconds of arithmetic,
+while numpy or torch spend 2-10 microseconds on every op they dispatch. ``rnn.c`` runs whole steps
+(and, with a plain temperature, whole runs of draws) in one call. It is compiled on first use with
+the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``) into the cache folder
+(``$CHARLOOM_CACHE/native``, default ``~/.cache/charloom/native``), keyed by the source, the
+compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
+:func:`library` returns None and generation uses the numpy and torch paths, which give the same
+tokens (``tests/test_native.py`` checks the logits against ``model.forward``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("rnn.c")
+MAX_LAYERS = 8  # as in rnn.c
+ABI_VERSION = 1
+# -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
+FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [
+        ("lstm", ctypes.c_int32), ("layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("vocab", ctypes.c_int32),
+        ("table", _f32p),
+        ("w_ih_t", _f32p * MAX_LAYERS), ("b_in", _f32p * MAX_LAYERS),
+        ("w_hh_t", _f32p * MAX_LAYERS), ("b_hh", _f32p * MAX_LAYERS),
+        ("head_w_t", _f32p), ("head_b", _f32p), ("work", _f32p),
+    ]
+
+
+_loaded: dict[str, Any] = {}
+
+
+def _cpu_key() -> str:
+    # -march=native code must not run on another CPU that shares the cache folder.
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(cc: str, out: Path) -> bool:
+    """Build ``rnn.c`` into ``out`` atomically; False when the compiler fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        for flags in (FLAGS + ["-march=native"], FLAGS):  # some compilers or CPUs refuse -march=native
+            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                  capture_output=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, out)
+                return True
+        return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> Any | None:
+    """The compiled kernel (a ctypes library), building it on first use; None when unavailable."""
+    if os.environ.get("CHARLOOM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if "lib" in _loaded:
+        return _loaded["lib"]
+    lib = None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc:
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_key().encode()).hexdigest()[:16]
+            from ..corpus import cache_dir  # the folder corpora are cached in
+
+            path = cache_dir() / "native" / f"rnn-{key}.so"
+            if path.exists() or _compile(cc, path):
+                lib = ctypes.CDLL(str(path))
+                if lib.charloom_abi_version() != ABI_VERSION:
+                    lib = None
+        except (OSError, subprocess.SubprocessError, AttributeError):
+            lib = None
+    if lib is not None:
+        # Arguments go in as plain integers (addresses): cheaper per call than ctypes pointer objects.
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        lib.charloom_rnn_step.argtypes = [ptr, i32, ptr, ptr, ptr]
+        lib.charloom_rnn_step.restype = i32
+        lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr]
+        lib.charloom_rnn_sample.restype = None
+    _loaded["lib"] = lib
+    return lib
+
+
+def _ptr(a: np.ndarray) -> Any:
+    return a.ctypes.data_as(_f32p)
+
+
+class NativeStepper:
+    """:class:`charloom.models.stepper.RecurrentStepper`'s step (and temperature sampling) in C.
+
+    ``state`` is one float32 array (slots, rows, H); see ``rnn.c``. Build with :meth:`create`.
+    """
+
+    def __init__(self, lib: Any, stepper: Any, rows: int) -> None:
+        layers = stepper.layers
+        self.lib, self.lstm, self.hidden, self.rows = lib, stepper.lstm, stepper.hidden, rows
+        self.slots = len(layers) * (2 if self.lstm else 1)
+        gh = (4 if self.lstm else 3) * self.hidden
+
+        def arr(t: Any) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().cpu().float().numpy(), dtype=np.float32)
+
+        # Keep every array alive as long as the struct points into it.
+        self._keep = [{k: arr(v) for k, v in layer.items()} for layer in layers]
+        self.head_w_t, self.head_b = arr(stepper.head_w_t), arr(stepper.head_b)
+        self.vocab = self.head_b.shape[0]
+        self.work = np.zeros(rows * 2 * gh + self.vocab + 16, dtype=np.float32)
+        net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab)
+        net.table = _ptr(self._keep[0]["table"])
+        for i, layer in enumerate(self._keep):
+            net.w_hh_t[i] = _ptr(layer["w_hh_t"])
+            net.b_hh[i] = _ptr(layer["b_hh"])
+            if i:
+                net.w_ih_t[i], net.b_in[i] = _ptr(layer["w_ih_t"]), _ptr(layer["b_in"])
+        net.head_w_t, net.head_b, net.work = _ptr(self.head_w_t), _ptr(self.head_b), _ptr(self.work)
+        self.net = net
+        self._netp = ctypes.addressof(net)  # the struct stays alive in self.net
+
+    @classmethod
+    def create(cls, stepper: Any, rows: int) -> "NativeStepper | None":
+        """A native stepper for ``stepper``'s model and ``rows`` rows, or None (no kernel, too many layers)."""
+        if len(stepper.layers) > MAX_LAYERS:
+            return None
+        lib = library()
+        return cls(lib, stepper, rows) if lib is not None else None
+
+    def from_torch(self, state: list[Any]) -> np.ndarray:
+        """Our (slots, rows, H) state from the torch stepper's list of (rows, H) tensors."""
+        return np.ascontiguousarray(np.stack([t.detach().cpu().float().numpy() for t in state]), dtype=np.float32)
+
+    def step(self, ids: Any, state: np.ndarray) -> np.ndarray:
+        """Advance every row by ``ids`` (rows,), updating ``state`` in place; logits (rows, V) float32."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._check_state(state)
+        if ids.shape != (self.rows,):
+            raise ValueError(f"expected {self.rows} token ids, got shape {ids.shape}")
+        logits = np.empty((self.rows, self.vocab), dtype=np.float32)
+        if self.lib.charloom_rnn_step(self._netp, self.rows, ids.ctypes.data, state.ctypes.data, logits.ctypes.data):
+            raise ValueError(f"token ids must lie in [0, {self.vocab}), got {ids.tolist()}")
+        return logits
+
+    def _check_state(self, state: np.ndarray) -> None:
+        # The C code trusts these: a wrong shape would read or write outside the arrays.
+        if state.shape != (self.slots, self.rows, self.hidden) or state.dtype != np.float32 or not state.flags.c_contiguous:
+            raise ValueError(f"state must be a contiguous float32 array of shape {(self.slots, self.rows, self.hidden)}")
+
+    def sample(self, state: np.ndarray, logits: np.ndarray, uniforms: np.ndarray, inv_temp: np.ndarray,
+               feed_last: bool) -> np.ndarray:
+        """Draw ``len(uniforms)`` tokens per row at temperatures ``1 / inv_temp``, feeding each drawn
+        token (the last one only with ``feed_last``); ``state`` and ``logits`` (rows, V) are updated in
+        place. ``uniforms`` is (n, rows) float64; returns ids (n, rows) int64."""
+        uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
+        inv_temp = np.ascontiguousarray(inv_temp, dtype=np.float32).reshape(-1)
+        self._check_state(state)
+        n = uniforms.shape[0]
+        if (uniforms.shape != (n, self.rows) or inv_temp.shape != (self.rows,) or logits.shape != (self.rows, self.vocab)
+                or logits.dtype != np.float32 or not logits.flags.c_contiguous):
+            raise ValueError("sample needs uniforms (n, rows), inv_temp (rows,) and contiguous float32 logits (rows, V)")
+        out = np.empty((n, self.rows), dtype=np.int64)
+        self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n,
+                                     uniforms.ctypes.data, inv_temp.ctypes.data, int(feed_last), out.ctypes.data)
+        return out

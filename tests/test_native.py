@@ -1,0 +1,145 @@
+"""The native generation kernel (charloom.native): same logits as forward, same tokens as numpy and torch."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from charloom import generate, native, sampling
+from charloom.config import ModelConfig
+from charloom.generate import generate_ids
+from charloom.models import build_model
+from charloom.models.stepper import make_stepper
+
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+
+
+def small(arch, inp, layers, hidden=24, embedding=8, tie=False, vocab=20):
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=arch, input=inp, layers=layers, hidden=hidden, embedding_dim=embedding, dropout=0.0,
+                      tie_weights=tie)
+    return build_model(cfg, vocab).eval()
+
+
+def ids_of(model, prompt, n, temps, seed=3):
+    pipeline = sampling.build_pipeline(sampling.SampleConfig(), temperatures=temps)
+    steps = generate_ids(model, prompt, rows=len(temps), max_new_tokens=n, pipeline=pipeline,
+                         noise=sampling.Noise([seed]), lanes=[0] * len(temps))
+    return torch.stack(list(steps), 1)
+
+
+@pytest.fixture()
+def kernel():
+    lib = native.library()
+    if lib is None:
+        assert not HAVE_CC, "a C compiler is on PATH but the native kernel did not build"
+        pytest.skip("no C compiler: generation uses numpy and torch")
+    return lib
+
+
+MODELS = [("lstm", "onehot", 1, False), ("lstm", "embedding", 2, False), ("lstm", "embedding", 3, True),
+          ("gru", "onehot", 1, False), ("gru", "embedding", 2, True)]
+
+
+@pytest.mark.parametrize("arch,inp,layers,tie", MODELS)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_native_step_equals_forward(kernel, arch, inp, layers, tie, rows):
+    model = small(arch, inp, layers, tie=tie)
+    nat = native.NativeStepper.create(make_stepper(model), rows)
+    idx = torch.randint(0, 20, (rows, 15), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full, _ = model(idx)
+    state = nat.from_torch(make_stepper(model).from_state(None, rows))
+    for t in range(15):
+        np.testing.assert_allclose(nat.step(idx[:, t].numpy(), state), full[:, t].numpy(), atol=1e-5)
+
+
+def test_native_sample_draws_what_numpy_draws_from_the_same_logits(kernel):
+    model = small("lstm", "embedding", 2)
+    rows, n = 3, 300
+    stepper = make_stepper(model)
+    nat = native.NativeStepper.create(stepper, rows)
+    state, ref_state = nat.from_torch(stepper.from_state(None, rows)), nat.from_torch(stepper.from_state(None, rows))
+    logits = nat.step(np.array([1, 2, 3]), state)
+    ref_logits = nat.step(np.array([1, 2, 3]), ref_state)
+    uniforms = np.random.default_rng(0).random((n, rows))
+    uniforms[0] = 0.0  # the edges of [0, 1): the first and the last token with any probability
+    uniforms[1] = np.nextafter(1.0, 0.0)
+    temps = np.array([0.3, 1.0, 2.5], dtype=np.float32)
+    got = nat.sample(state, logits, uniforms, 1.0 / temps, feed_last=True)
+    for i in range(n):
+        scaled = (ref_logits - ref_logits.max(axis=1, keepdims=True)) / temps[:, None]
+        want = sampling.draw_numpy(scaled, uniforms[i])
+        assert got[i].tolist() == want.tolist(), f"step {i}"
+        ref_logits = nat.step(want, ref_state)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-6)  # feed_last: the last draw was fed too
+
+
+def test_a_token_with_zero_probability_is_never_drawn(kernel):
+    model = small("lstm", "onehot", 1)
+    nat = native.NativeStepper.create(make_stepper(model), 1)
+    state = nat.from_torch(make_stepper(model).from_state(None, 1))
+    logits = np.full((1, 20), -200.0, dtype=np.float32)  # exp(-200 / 0.5) underflows: probability 0
+    logits[0, 7] = 0.0
+    for u in (0.0, 0.5, np.nextafter(1.0, 0.0)):
+        ids = nat.sample(state, logits.copy(), np.array([[u]]), np.array([2.0], np.float32), feed_last=False)
+        assert ids.tolist() == [[7]]
+
+
+def test_bad_token_ids_are_refused_before_any_c_runs(kernel):
+    model = small("gru", "onehot", 1)
+    nat = native.NativeStepper.create(make_stepper(model), 2)
+    state = nat.from_torch(make_stepper(model).from_state(None, 2))
+    for bad in ([0, 20], [-1, 0], [0]):
+        with pytest.raises(ValueError, match="token ids"):
+            nat.step(np.array(bad), state)
+
+
+@pytest.mark.parametrize("arch,inp,layers,tie", MODELS)
+def test_native_numpy_and_torch_paths_give_the_same_text(kernel, arch, inp, layers, tie, monkeypatch):
+    model = small(arch, inp, layers, tie=tie)
+    temps = [1.0, 0.5, 1.5]
+    fast = ids_of(model, [1, 2, 3], 400, temps)
+    one = ids_of(model, [1, 2, 3], 400, [0.5])
+    monkeypatch.setenv("CHARLOOM_NATIVE", "0")  # numpy for a few rows, torch beyond
+    assert native.library() is None
+    assert torch.equal(one, ids_of(model, [1, 2, 3], 400, [0.5]))
+    monkeypatch.setattr(generate, "NUMPY_MAX_ROWS", 0)  # torch only
+    assert torch.equal(fast, ids_of(model, [1, 2, 3], 400, temps))
+    assert torch.equal(one, ids_of(model, [1, 2, 3], 400, [0.5]))
+
+
+def test_without_a_compiler_there_is_no_kernel_and_generation_still_works(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path / "cache"))
+    assert native.library() is None
+    model = small("lstm", "onehot", 1)
+    assert ids_of(model, [1], 50, [1.0]).shape == (1, 50)
+
+
+def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path))
+    assert native.library() is not None
+    built = list((tmp_path / "native").glob("rnn-*.so"))
+    assert len(built) == 1 and not [p for p in (tmp_path / "native").iterdir() if p not in built]  # no temp files left
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_compile", lambda cc, out: pytest.fail("compiled again"))
+    assert native.library() is not None
+
+
+def test_a_stop_string_in_a_native_chunk_cuts_the_text_as_without_the_kernel(kernel, monkeypatch):
+    from charloom.api import Model
+    from charloom.tokenizers import CharTokenizer
+
+    tok = CharTokenizer(list("abcdefghij "))
+    torch.manual_seed(2)
+    net = build_model(ModelConfig(model="lstm", layers=1, hidden=16, input="onehot", dropout=0.0), tok.vocab_size).eval()
+    model = Model(net, tok, {"train": {}})
+    with_kernel = model.generate("ab", length=300, seed=5, temperature=1.0, stop=["e"])
+    monkeypatch.setenv("CHARLOOM_NATIVE", "0")
+    without = model.generate("ab", length=300, seed=5, temperature=1.0, stop=["e"])
+    assert str(with_kernel) == str(without) and with_kernel.tokens == without.tokens
+    assert with_kernel.finish_reason == without.finish_reason == "stop"
