@@ -67,7 +67,7 @@ def test_native_sample_draws_what_numpy_draws_from_the_same_logits(kernel):
     uniforms[0] = 0.0  # the edges of [0, 1): the first and the last token with any probability
     uniforms[1] = np.nextafter(1.0, 0.0)
     temps = np.array([0.3, 1.0, 2.5], dtype=np.float32)
-    got = nat.sample(state, logits, uniforms, 1.0 / temps, feed_last=True)
+    got = nat.sample(state, logits, uniforms, temps, feed_last=True)
     for i in range(n):
         scaled = (ref_logits - ref_logits.max(axis=1, keepdims=True)) / temps[:, None]
         want = sampling.draw_numpy(scaled, uniforms[i])
@@ -83,8 +83,9 @@ def test_a_token_with_zero_probability_is_never_drawn(kernel):
     logits = np.full((1, 20), -200.0, dtype=np.float32)  # exp(-200 / 0.5) underflows: probability 0
     logits[0, 7] = 0.0
     for u in (0.0, 0.5, np.nextafter(1.0, 0.0)):
-        ids = nat.sample(state, logits.copy(), np.array([[u]]), np.array([2.0], np.float32), feed_last=False)
-        assert ids.tolist() == [[7]]
+        for temp in (0.5, 1e-40):  # 1e-40 has no float32 inverse: the kernel divides by T
+            ids = nat.sample(state, logits.copy(), np.array([[u]]), np.array([temp], np.float32), feed_last=False)
+            assert ids.tolist() == [[7]], (u, temp)
 
 
 def test_bad_token_ids_are_refused_before_any_c_runs(kernel):

@@ -242,7 +242,7 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
     # A plain temperature (the common case) is applied outside torch; anything else goes through torch.
     divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
     if divisor is not None and logprobs is None and isinstance(read.numpy, NativeStepper):
-        yield from _native_runs(read.numpy, state, logits, hist, p, n, 1.0 / divisor, uniforms)
+        yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, uniforms)
         return
     for i in range(n):
         t = p + i
@@ -262,7 +262,7 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
             logits = step(ids, state)
 
 
-def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, inv_temp: Any,
+def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
                  uniforms: Iterator[Any]) -> Iterator[Step]:
     """Draw and feed whole chunks of tokens in C (plain temperature): 1, 2, 4, ... NATIVE_CHUNK at a
     time, so the first tokens stream at once and a consumer that stops early wastes little work."""
@@ -270,7 +270,7 @@ def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: i
     while done < n:
         k = min(chunk, n - done)
         block = np.stack([next(uniforms) for _ in range(k)])  # (k, rows) float64, the same numbers per step
-        ids = native.sample(state, logits, block, inv_temp, feed_last=done + k < n)  # (k, rows)
+        ids = native.sample(state, logits, block, temps, feed_last=done + k < n)  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
         for row in torch.from_numpy(ids):
             yield Step(row)

@@ -171,19 +171,19 @@ class NativeStepper:
         if state.shape != (self.slots, self.rows, self.hidden) or state.dtype != np.float32 or not state.flags.c_contiguous:
             raise ValueError(f"state must be a contiguous float32 array of shape {(self.slots, self.rows, self.hidden)}")
 
-    def sample(self, state: np.ndarray, logits: np.ndarray, uniforms: np.ndarray, inv_temp: np.ndarray,
+    def sample(self, state: np.ndarray, logits: np.ndarray, uniforms: np.ndarray, temps: np.ndarray,
                feed_last: bool) -> np.ndarray:
-        """Draw ``len(uniforms)`` tokens per row at temperatures ``1 / inv_temp``, feeding each drawn
+        """Draw ``len(uniforms)`` tokens per row at temperatures ``temps`` (rows,) > 0, feeding each drawn
         token (the last one only with ``feed_last``); ``state`` and ``logits`` (rows, V) are updated in
         place. ``uniforms`` is (n, rows) float64; returns ids (n, rows) int64."""
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
-        inv_temp = np.ascontiguousarray(inv_temp, dtype=np.float32).reshape(-1)
+        temps = np.ascontiguousarray(temps, dtype=np.float32).reshape(-1)
         self._check_state(state)
         n = uniforms.shape[0]
-        if (uniforms.shape != (n, self.rows) or inv_temp.shape != (self.rows,) or logits.shape != (self.rows, self.vocab)
+        if (uniforms.shape != (n, self.rows) or temps.shape != (self.rows,) or logits.shape != (self.rows, self.vocab)
                 or logits.dtype != np.float32 or not logits.flags.c_contiguous):
-            raise ValueError("sample needs uniforms (n, rows), inv_temp (rows,) and contiguous float32 logits (rows, V)")
+            raise ValueError("sample needs uniforms (n, rows), temps (rows,) and contiguous float32 logits (rows, V)")
         out = np.empty((n, self.rows), dtype=np.int64)
         self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n,
-                                     uniforms.ctypes.data, inv_temp.ctypes.data, int(feed_last), out.ctypes.data)
+                                     uniforms.ctypes.data, temps.ctypes.data, int(feed_last), out.ctypes.data)
         return out

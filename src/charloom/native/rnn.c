@@ -194,11 +194,12 @@ int charloom_rnn_step(const Net *net, int rows, const int64_t *ids, float *state
 }
 
 /* n tokens per row with a plain temperature: draw from `logits` (rows, V), feed the drawn token,
- * repeat. ids_out is (n, rows). inv_temp (rows,) is 1/T (T > 0); uniforms (n, rows) in [0, 1).
+ * repeat. ids_out is (n, rows). temp (rows,) is T > 0 (divided by, not multiplied by 1/T: a tiny
+ * T such as 1e-40 has no float32 inverse); uniforms (n, rows) in [0, 1).
  * The last drawn token is fed too when feed_last is set (more tokens will follow), so `logits`
  * and `state` always describe what comes after the last token fed. */
 void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
-                         const float *inv_temp, int feed_last, int64_t *ids_out) {
+                         const float *temp, int feed_last, int64_t *ids_out) {
     const int V = net->vocab;
     float *e = net->work + (size_t)rows * 2 * (net->lstm ? 4 : 3) * net->hidden; /* (V) scratch */
     for (int i = 0; i < n; i++) {
@@ -208,9 +209,9 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
             float top = lg[0];
             for (int v = 1; v < V; v++)
                 top = lg[v] > top ? lg[v] : top;
-            const float s = inv_temp[r];
+            const float t = temp[r];
             for (int v = 0; v < V; v++)
-                e[v] = fast_exp((lg[v] - top) * s);
+                e[v] = fast_exp((lg[v] - top) / t);
             double total = 0.0;
             for (int v = 0; v < V; v++)
                 total += e[v];
