@@ -144,3 +144,22 @@ def test_a_stop_string_in_a_native_chunk_cuts_the_text_as_without_the_kernel(ker
     without = model.generate("ab", length=300, seed=5, temperature=1.0, stop=["e"])
     assert str(with_kernel) == str(without) and with_kernel.tokens == without.tokens
     assert with_kernel.finish_reason == without.finish_reason == "stop"
+
+
+def test_threads_split_the_rows_and_draw_the_same_tokens(kernel):
+    model = small("gru", "embedding", 2)
+    rows, n = 37, 60  # uneven ranges: 37 rows over 2 and 3 threads
+    stepper = make_stepper(model)
+    nat = native.NativeStepper.create(stepper, rows)
+    uniforms = np.random.default_rng(1).random((n, rows))
+    temps = np.linspace(0.3, 2.0, rows).astype(np.float32)
+    runs = []
+    for threads in (1, 2, 3, 64):
+        state = nat.from_torch(stepper.from_state(None, rows))
+        logits = nat.step(np.arange(rows) % 20, state)
+        runs.append((nat.sample(state, logits, uniforms, temps, feed_last=True, threads=threads), state, logits))
+    for ids, state, logits in runs[1:]:
+        assert np.array_equal(ids, runs[0][0])
+        # Rows fall into the 6-row tiles differently per split: the same sums in another order.
+        np.testing.assert_allclose(state, runs[0][1], atol=1e-5)
+        np.testing.assert_allclose(logits, runs[0][2], atol=1e-5)

@@ -51,6 +51,7 @@ class Step:
 # machine; torch's kernels win).
 NATIVE_MAX_WORK = 1 << 23
 NATIVE_CHUNK = 128  # most tokens per native call: a chunk overshoots a stop string by at most this many
+NATIVE_THREADED_CHUNK = 32  # shortest chunk worth starting threads for
 NUMPY_MAX_ROWS = 4
 NUMPY_MAX_MATRIX = 1 << 18
 
@@ -265,12 +266,16 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
 def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
                  uniforms: Iterator[Any]) -> Iterator[Step]:
     """Draw and feed whole chunks of tokens in C (plain temperature): 1, 2, 4, ... NATIVE_CHUNK at a
-    time, so the first tokens stream at once and a consumer that stops early wastes little work."""
-    done, chunk = 0, 1
+    time, so the first tokens stream at once and a consumer that stops early wastes little work. A
+    batch of many rows (not read as it streams) starts at the threaded chunk size."""
+    done, chunk = 0, (1 if len(hist) < 8 else NATIVE_THREADED_CHUNK)
     while done < n:
         k = min(chunk, n - done)
         block = np.stack([next(uniforms) for _ in range(k)])  # (k, rows) float64, the same numbers per step
-        ids = native.sample(state, logits, block, temps, feed_last=done + k < n)  # (k, rows)
+        # Threads (one per torch thread, over ranges of rows) pay off on longer chunks; right after the
+        # prompt's forward pass torch's own worker threads may still be spinning on the other cores.
+        threads = torch.get_num_threads() if k >= NATIVE_THREADED_CHUNK else 1
+        ids = native.sample(state, logits, block, temps, feed_last=done + k < n, threads=threads)  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
         for row in torch.from_numpy(ids):
             yield Step(row)

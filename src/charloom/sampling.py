@@ -386,8 +386,10 @@ class Noise:
         self._pos = 0
 
     def _refill(self) -> None:
-        self._buffer = torch.stack([torch.rand(self.chunk, generator=g) for g in self.generators])  # (lanes, chunk)
-        self._pos = 0
+        # Stacked in numpy: a torch copy this size may start torch's worker threads, which then spin
+        # for milliseconds on the cores the native generation kernel is using.
+        self._buffer = torch.from_numpy(np.stack([torch.rand(self.chunk, generator=g).numpy() for g in self.generators]))
+        self._pos = 0  # _buffer: (lanes, chunk) float32
 
     def next(self) -> torch.Tensor:
         """The next uniform of every lane, shape (lanes,)."""
@@ -415,9 +417,14 @@ class Noise:
             yield from block.unsqueeze(-1)
 
     def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
-        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
-        for block in self._blocks(lanes):
-            yield from block.numpy()
+        """:meth:`rows` as float64 numpy arrays of shape (rows,), made in numpy (see :meth:`_refill`)."""
+        index = lanes.numpy()
+        while True:
+            if self._pos >= self._buffer.shape[1]:
+                self._refill()
+            block = self._buffer.numpy()[:, self._pos:][index].T.astype(np.float64)  # (n, rows)
+            self._pos = self._buffer.shape[1]
+            yield from block
 
 
 def resolve_seed(seed: int | None) -> int:

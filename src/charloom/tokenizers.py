@@ -202,7 +202,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``."""
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(map(self.chars.__getitem__, ids))  # ints, numpy or torch scalars: all index a list
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.alphabet, "replacement": self.replacement}

@@ -26,9 +26,10 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 1
+ABI_VERSION = 3
+MAX_THREADS = 8  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
-FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
+FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 
@@ -102,7 +103,7 @@ def library() -> Any | None:
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         lib.charloom_rnn_step.argtypes = [ptr, i32, ptr, ptr, ptr]
         lib.charloom_rnn_step.restype = i32
-        lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr]
+        lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32]
         lib.charloom_rnn_sample.restype = None
     _loaded["lib"] = lib
     return lib
@@ -131,7 +132,7 @@ class NativeStepper:
         self._keep = [{k: arr(v) for k, v in layer.items()} for layer in layers]
         self.head_w_t, self.head_b = arr(stepper.head_w_t), arr(stepper.head_b)
         self.vocab = self.head_b.shape[0]
-        self.work = np.zeros(rows * 2 * gh + self.vocab + 16, dtype=np.float32)
+        self.work = np.zeros(rows * (2 * gh + 2) + MAX_THREADS * (self.vocab + 34), dtype=np.float32)  # see Net.work in rnn.c
         net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab)
         net.table = _ptr(self._keep[0]["table"])
         for i, layer in enumerate(self._keep):
@@ -172,10 +173,11 @@ class NativeStepper:
             raise ValueError(f"state must be a contiguous float32 array of shape {(self.slots, self.rows, self.hidden)}")
 
     def sample(self, state: np.ndarray, logits: np.ndarray, uniforms: np.ndarray, temps: np.ndarray,
-               feed_last: bool) -> np.ndarray:
+               feed_last: bool, threads: int = 1) -> np.ndarray:
         """Draw ``len(uniforms)`` tokens per row at temperatures ``temps`` (rows,) > 0, feeding each drawn
         token (the last one only with ``feed_last``); ``state`` and ``logits`` (rows, V) are updated in
-        place. ``uniforms`` is (n, rows) float64; returns ids (n, rows) int64."""
+        place. ``uniforms`` is (n, rows) float64; returns ids (n, rows) int64. With ``threads`` > 1 and
+        at least 8 rows per thread, ranges of rows run in parallel (rows never interact)."""
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
         temps = np.ascontiguousarray(temps, dtype=np.float32).reshape(-1)
         self._check_state(state)
@@ -184,6 +186,6 @@ class NativeStepper:
                 or logits.dtype != np.float32 or not logits.flags.c_contiguous):
             raise ValueError("sample needs uniforms (n, rows), temps (rows,) and contiguous float32 logits (rows, V)")
         out = np.empty((n, self.rows), dtype=np.int64)
-        self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n,
-                                     uniforms.ctypes.data, temps.ctypes.data, int(feed_last), out.ctypes.data)
+        self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n, uniforms.ctypes.data,
+                                     temps.ctypes.data, int(feed_last), out.ctypes.data, int(threads))
         return out

@@ -15,10 +15,13 @@
  * slots are h of every layer then c of every layer, for a GRU h of every layer.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 #define MAX_LAYERS 8
+#define MAX_THREADS 8
+#define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -30,7 +33,7 @@ typedef struct {
     const float *b_hh[MAX_LAYERS];      /* GRU: (G*H) */
     const float *head_w_t;              /* (H, V) */
     const float *head_b;                /* (V) */
-    float *work;                        /* scratch: rows * (2 * G*H + H) floats */
+    float *work;                        /* scratch: rows * (2 * G*H + 2) + MAX_THREADS * (V + 34) floats */
 } Net;
 
 typedef float v8 __attribute__((vector_size(32))); /* GCC/Clang vector extension: one AVX register */
@@ -67,7 +70,20 @@ static void matmul_acc(int rows, int k, int n, const float *restrict x, const fl
             store8(y2 + j, c20); store8(y2 + j + 8, c21); store8(y3 + j, c30); store8(y3 + j + 8, c31);
             store8(y4 + j, c40); store8(y4 + j + 8, c41); store8(y5 + j, c50); store8(y5 + j + 8, c51);
         }
-        for (int j = n16; j < n; j++) /* the last n % 16 columns */
+        int j = n16;
+        if (j + 8 <= n) { /* eight more columns as one vector (a 57-letter head: 48 + 8 + 1) */
+            v8 c0 = load8(y0 + j), c1 = load8(y1 + j), c2 = load8(y2 + j), c3 = load8(y3 + j), c4 = load8(y4 + j),
+               c5 = load8(y5 + j);
+            const float *wp = w + j;
+            for (int p = 0; p < k; p++, wp += n) {
+                const v8 b = load8(wp);
+                c0 += x0[p] * b; c1 += x1[p] * b; c2 += x2[p] * b; c3 += x3[p] * b; c4 += x4[p] * b; c5 += x5[p] * b;
+            }
+            store8(y0 + j, c0); store8(y1 + j, c1); store8(y2 + j, c2); store8(y3 + j, c3); store8(y4 + j, c4);
+            store8(y5 + j, c5);
+            j += 8;
+        }
+        for (; j < n; j++) /* the last n % 8 columns */
             for (int p = 0; p < k; p++) {
                 const float b = w[(size_t)p * n + j];
                 y0[j] += x0[p] * b; y1[j] += x1[p] * b; y2[j] += x2[p] * b;
@@ -125,14 +141,17 @@ static inline float fast_tanh(float x) {
     return (x2 < 0.0025f) ? small : big;
 }
 
-/* Advance every row by ids[r]; leaves the last layer's output (rows, H) in *out_h. */
-static void advance(const Net *net, int rows, const int64_t *ids, float *state, const float **out_h) {
+/* Advance `rows` rows by ids[r]; leaves the last layer's output (rows, H) in *out_h. `state` points
+ * at the first of these rows in slot 0; a slot holds `stride` rows (so a thread can own a range of
+ * rows). `work` holds 2 * rows * G*H floats. */
+static void advance(const Net *net, int rows, int stride, const int64_t *ids, float *state, float *work,
+                    const float **out_h) {
     const int H = net->hidden, G = net->lstm ? 4 : 3, GH = G * H, L = net->layers;
-    float *proj = net->work;                 /* (rows, G*H) */
+    float *proj = work;                      /* (rows, G*H) */
     float *gates = proj + (size_t)rows * GH; /* (rows, G*H) */
     const float *x = NULL;
     for (int l = 0; l < L; l++) {
-        float *h = state + (size_t)l * rows * H;
+        float *h = state + (size_t)l * stride * H;
         if (l == 0) {
             for (int r = 0; r < rows; r++)
                 memcpy(proj + (size_t)r * GH, net->table + (size_t)ids[r] * GH, sizeof(float) * GH);
@@ -142,7 +161,7 @@ static void advance(const Net *net, int rows, const int64_t *ids, float *state, 
             matmul_acc(rows, H, GH, x, net->w_ih_t[l], proj);
         }
         if (net->lstm) {
-            float *c = state + (size_t)(L + l) * rows * H;
+            float *c = state + (size_t)(L + l) * stride * H;
             matmul_acc(rows, H, GH, h, net->w_hh_t[l], proj); /* proj now holds the gates */
             for (int r = 0; r < rows; r++) {
                 float *g = proj + (size_t)r * GH, *hr = h + (size_t)r * H, *cr = c + (size_t)r * H;
@@ -188,34 +207,40 @@ int charloom_rnn_step(const Net *net, int rows, const int64_t *ids, float *state
         if (ids[r] < 0 || ids[r] >= net->vocab)
             return -1;
     const float *h;
-    advance(net, rows, ids, state, &h);
+    advance(net, rows, rows, ids, state, net->work, &h);
     head(net, rows, h, logits);
     return 0;
 }
 
-/* n tokens per row with a plain temperature: draw from `logits` (rows, V), feed the drawn token,
- * repeat. ids_out is (n, rows). temp (rows,) is T > 0 (divided by, not multiplied by 1/T: a tiny
- * T such as 1e-40 has no float32 inverse); uniforms (n, rows) in [0, 1).
- * The last drawn token is fed too when feed_last is set (more tokens will follow), so `logits`
- * and `state` always describe what comes after the last token fed. */
-void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
-                         const float *temp, int feed_last, int64_t *ids_out) {
-    const int V = net->vocab;
-    float *e = net->work + (size_t)rows * 2 * (net->lstm ? 4 : 3) * net->hidden; /* (V) scratch */
-    for (int i = 0; i < n; i++) {
-        int64_t *ids = ids_out + (size_t)i * rows;
+typedef struct {
+    const Net *net;
+    int rows, stride, n, feed_last; /* this part's rows; rows per step in the arrays below */
+    float *state, *logits, *work;   /* state at this part's first row of slot 0; logits (rows, V) */
+    const double *uniforms;         /* (n, stride), at this part's first row */
+    const float *temp;              /* (rows,) */
+    int64_t *ids_out;               /* (n, stride), at this part's first row */
+} Part;
+
+/* The draws and steps of one range of rows: rows never interact, so ranges run in parallel. */
+static void *sample_part(void *arg) {
+    const Part *p = arg;
+    const Net *net = p->net;
+    const int V = net->vocab, GH = (net->lstm ? 4 : 3) * net->hidden, rows = p->rows;
+    float *e = p->work + (size_t)rows * 2 * GH; /* (V) scratch after advance's two (rows, G*H) blocks */
+    int64_t *ids = (int64_t *)(e + ((V + 17) & ~1)); /* (rows,), at an even float offset: 8-byte aligned */
+    for (int i = 0; i < p->n; i++) {
         for (int r = 0; r < rows; r++) {
-            const float *lg = logits + (size_t)r * V;
+            const float *lg = p->logits + (size_t)r * V;
             float top = lg[0];
             for (int v = 1; v < V; v++)
                 top = lg[v] > top ? lg[v] : top;
-            const float t = temp[r];
+            const float t = p->temp[r];
             for (int v = 0; v < V; v++)
                 e[v] = fast_exp((lg[v] - top) / t);
             double total = 0.0;
             for (int v = 0; v < V; v++)
                 total += e[v];
-            const double target = uniforms[(size_t)i * rows + r] * total;
+            const double target = p->uniforms[(size_t)i * p->stride + r] * total;
             double run = 0.0;
             int64_t id = V - 1;
             for (int v = 0; v < V; v++) {
@@ -226,10 +251,51 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
                 }
             }
             ids[r] = id;
+            p->ids_out[(size_t)i * p->stride + r] = id;
         }
-        if (i + 1 < n || feed_last)
-            charloom_rnn_step(net, rows, ids, state, logits);
+        if (i + 1 < p->n || p->feed_last) {
+            const float *h;
+            advance(net, rows, p->stride, ids, p->state, p->work, &h);
+            head(net, rows, h, p->logits);
+        }
+    }
+    return NULL;
+}
+
+/* n tokens per row with a plain temperature: draw from `logits` (rows, V), feed the drawn token,
+ * repeat. ids_out is (n, rows). temp (rows,) is T > 0 (divided by, not multiplied by 1/T: a tiny
+ * T such as 1e-40 has no float32 inverse); uniforms (n, rows) in [0, 1).
+ * The last drawn token is fed too when feed_last is set (more tokens will follow), so `logits`
+ * and `state` always describe what comes after the last token fed.
+ * With threads > 1 and enough rows, the rows are split into ranges run by that many threads (the
+ * caller's and threads - 1 new ones, joined before returning): whole runs of steps per thread, no
+ * synchronisation between steps. Each range has its own slice of net->work (see WORK_FLOATS). */
+void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
+                         const float *temp, int feed_last, int64_t *ids_out, int threads) {
+    const int V = net->vocab, GH = (net->lstm ? 4 : 3) * net->hidden, H = net->hidden;
+    const size_t extra = (size_t)((V + 33) & ~1); /* per range: e (V) and alignment; even keeps ids 8-byte aligned */
+    int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (rows / parts < MIN_ROWS_PER_THREAD)
+        parts = rows / MIN_ROWS_PER_THREAD > 0 ? rows / MIN_ROWS_PER_THREAD : 1;
+    Part part[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 0, r0 = 0; k < parts; k++) {
+        const int r1 = rows * (k + 1) / parts;
+        float *work = net->work + (size_t)r0 * (2 * GH + 2) + (size_t)k * extra;
+        part[k] = (Part){net, r1 - r0, rows, n, feed_last, state + (size_t)r0 * H, logits + (size_t)r0 * V, work,
+                         uniforms + r0, temp + r0, ids_out + r0};
+        r0 = r1;
+    }
+    for (int k = 1; k < parts; k++)
+        started[k] = pthread_create(&tid[k], NULL, sample_part, &part[k]) == 0;
+    sample_part(&part[0]);
+    for (int k = 1; k < parts; k++) {
+        if (started[k])
+            pthread_join(tid[k], NULL);
+        else
+            sample_part(&part[k]); /* no thread to be had: run it here */
     }
 }
 
-int charloom_abi_version(void) { return 1; }
+int charloom_abi_version(void) { return 3; }
