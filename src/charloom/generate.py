@@ -62,26 +62,18 @@ class _Carried:
     def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False) -> None:
         self.model = model
         self.stepper = make_stepper(model) if fast else None
-        self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
-        outside = allow_numpy and self.stepper is not None and prompt.device.type == "cpu"
-        if outside and rows * self.stepper.largest_matrix() <= NATIVE_MAX_WORK:  # type: ignore[union-attr]
-            self.numpy = NativeStepper.create(self.stepper, rows)
-            if self.numpy is not None:
-                # The prompt goes through the kernel too (one row, then copied to every row): a torch
-                # forward here would leave torch's worker threads spinning beside the kernel's.
-                one = NativeStepper.create(self.stepper, 1)
-                state = one.from_torch(self.stepper.from_state(None, 1))  # type: ignore[union-attr]
-                for token in prompt[0].tolist():
-                    last = one.step(np.array([token]), state)  # (1, V)
-                self.state = np.ascontiguousarray(state.repeat(rows, axis=1))  # (slots, rows, H)
-                self.first = torch.from_numpy(last).expand(rows, -1)  # (rows, V)
-                return
         logits, state = model(prompt)  # (1, p, V): prefill once for one row
         state = model.select_state(state, torch.zeros(rows, dtype=torch.long))  # copy to every row
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
-        if outside and rows <= NUMPY_MAX_ROWS and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX:  # type: ignore[union-attr]
-            self.numpy = NumpyStepper(self.stepper)  # type: ignore[arg-type]
+        self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
+        if not (allow_numpy and self.stepper is not None and self.first.device.type == "cpu"):
+            return
+        if rows * self.stepper.largest_matrix() <= NATIVE_MAX_WORK:
+            self.numpy = NativeStepper.create(self.stepper, rows)
+        if self.numpy is None and rows <= NUMPY_MAX_ROWS and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX:
+            self.numpy = NumpyStepper(self.stepper)
+        if self.numpy is not None:
             self.state = self.numpy.from_torch(self.state)
 
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
@@ -280,8 +272,8 @@ def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: i
     while done < n:
         k = min(chunk, n - done)
         block = np.stack([next(uniforms) for _ in range(k)])  # (k, rows) float64, the same numbers per step
-        # Threads (one per torch thread, over ranges of rows) pay off on longer chunks; right after the
-        # prompt's forward pass torch's own worker threads may still be spinning on the other cores.
+        # Threads (one per torch thread, over ranges of rows) pay off on longer chunks: starting one
+        # costs tens of microseconds, and the first steps on a core that was idle run slowly.
         threads = torch.get_num_threads() if k >= NATIVE_THREADED_CHUNK else 1
         ids = native.sample(state, logits, block, temps, feed_last=done + k < n, threads=threads)  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
