@@ -22,9 +22,9 @@ from tests.conftest import LETTERS, FakeLetters
 ARCHS = [("lstm", "onehot", 1), ("lstm", "embedding", 2), ("gru", "embedding", 2), ("gru", "onehot", 1)]
 
 
-def small(arch, inp, layers, vocab=20):
+def small(arch, inp, layers, vocab=20, tie=False):
     torch.manual_seed(0)
-    cfg = ModelConfig(model=arch, input=inp, layers=layers, hidden=24, embedding_dim=8, dropout=0.0)
+    cfg = ModelConfig(model=arch, input=inp, layers=layers, hidden=24, embedding_dim=8, dropout=0.0, tie_weights=tie)
     return build_model(cfg, vocab).eval()
 
 

@@ -8,25 +8,11 @@ import torch
 
 from charloom import generate, native, sampling
 from charloom.config import ModelConfig
-from charloom.generate import generate_ids
 from charloom.models import build_model
 from charloom.models.stepper import make_stepper
+from tests.test_generate_engine import ids_of, small
 
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
-
-
-def small(arch, inp, layers, hidden=24, embedding=8, tie=False, vocab=20):
-    torch.manual_seed(0)
-    cfg = ModelConfig(model=arch, input=inp, layers=layers, hidden=hidden, embedding_dim=embedding, dropout=0.0,
-                      tie_weights=tie)
-    return build_model(cfg, vocab).eval()
-
-
-def ids_of(model, prompt, n, temps, seed=3):
-    pipeline = sampling.build_pipeline(sampling.SampleConfig(), temperatures=temps)
-    steps = generate_ids(model, prompt, rows=len(temps), max_new_tokens=n, pipeline=pipeline,
-                         noise=sampling.Noise([seed]), lanes=[0] * len(temps))
-    return torch.stack(list(steps), 1)
 
 
 @pytest.fixture()

@@ -400,12 +400,14 @@ class Noise:
         self._pos += 1
         return out
 
-    def _blocks(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The rest of each chunk for rows drawing from ``lanes`` (rows,): float64 (n, rows)."""
+    def _blocks(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
+        """The rest of each chunk for rows drawing from ``lanes`` (rows,): float64 (n, rows), made in
+        numpy (see :meth:`_refill`)."""
+        index = lanes.numpy()
         while True:
             if self._pos >= self._buffer.shape[1]:
                 self._refill()
-            block = self._buffer[:, self._pos:][lanes].t().to(torch.float64).contiguous()
+            block = np.ascontiguousarray(self._buffer.numpy()[:, self._pos:][index].T, dtype=np.float64)
             self._pos = self._buffer.shape[1]
             yield block
 
@@ -415,16 +417,11 @@ class Noise:
         Same numbers as :meth:`next` indexed by ``lanes``, laid out so each step is one cheap slice.
         """
         for block in self._blocks(lanes):
-            yield from block.unsqueeze(-1)
+            yield from torch.from_numpy(block).unsqueeze(-1)
 
     def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
-        """:meth:`rows` as float64 numpy arrays of shape (rows,), made in numpy (see :meth:`_refill`)."""
-        index = lanes.numpy()
-        while True:
-            if self._pos >= self._buffer.shape[1]:
-                self._refill()
-            block = np.ascontiguousarray(self._buffer.numpy()[:, self._pos:][index].T, dtype=np.float64)  # (n, rows)
-            self._pos = self._buffer.shape[1]
+        """:meth:`rows` as float64 numpy arrays of shape (rows,)."""
+        for block in self._blocks(lanes):
             yield from block
 
 
