@@ -1,6 +1,7 @@
 """The generation engine: fast paths against the reference path, beam search, stop strings, the API."""
 
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -55,11 +56,17 @@ def test_fast_paths_give_the_reference_text(arch, inp, layers, rows):
     assert torch.equal(ids_of(model, [1, 2, 3], 150, temps), ids_of(model, [1, 2, 3], 150, temps, fast=False))
 
 
+def torch_only(monkeypatch):
+    """Keep generation in torch for the rest of the test (no native kernel at any size)."""
+    monkeypatch.setattr(generate, "NATIVE_MAX_MATRIX", 0)
+    monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
+
+
 @pytest.mark.parametrize("prompt_len,window", [(1, 6), (4, 6), (6, 6), (17, 6), (30, 60)])
 @pytest.mark.parametrize("kernel", [True, False])  # staggered runs in the native kernel, or in torch
 def test_staggered_window_equals_rereading_the_window(prompt_len, window, kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
+        torch_only(monkeypatch)
     model = small("lstm", "onehot", 1)
     prompt = list(range(prompt_len))
     fast = ids_of(model, [p % 20 for p in prompt], 80, [1.0, 0.3], window=window)
@@ -75,7 +82,7 @@ def test_staggered_window_with_a_model_without_stepper(fake_model):
 def test_one_row_alone_equals_the_same_row_in_a_batch(monkeypatch):
     model = small("lstm", "onehot", 1)
     alone = ids_of(model, [4, 5], 200, [0.8])  # the native kernel (or numpy)
-    monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
+    torch_only(monkeypatch)
     batched = ids_of(model, [4, 5], 200, [0.2, 0.8, 1.3, 1.0, 1.0, 1.0], lanes=[0] * 6)  # torch
     assert torch.equal(alone[0], batched[1])
 
@@ -237,3 +244,29 @@ def test_same_seed_same_text_and_option_keywords(fake_api):
         fake_api.generate("a", bogus=1)
     with pytest.raises(CharloomError, match="--logit-bias"):
         fake_api.generate("a", logit_bias={"ab": 1.0})
+
+
+def test_setup_runs_on_one_torch_thread_and_restores_the_count(monkeypatch):
+    # torch's thread count is process-wide: overlapping setups (server threads) must restore it once.
+    seen = []
+    real_reader = generate._reader
+
+    def reader(*args):
+        seen.append(torch.get_num_threads())
+        time.sleep(0.05)  # keep the setups overlapping
+        return real_reader(*args)
+
+    monkeypatch.setattr(generate, "_reader", reader)
+    model = small("lstm", "onehot", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers = [threading.Thread(target=ids_of, args=(model, [1, 2], 20, [1.0, 0.5])) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert seen == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

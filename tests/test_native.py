@@ -41,6 +41,24 @@ def test_native_step_equals_forward(kernel, arch, inp, layers, tie, rows):
         np.testing.assert_allclose(nat.step(idx[:, t].numpy(), state), full[:, t].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch,hidden,vocab", [("lstm", 13, 57), ("lstm", 40, 200), ("gru", 21, 8), ("gru", 64, 17)])
+def test_every_tile_shape_gives_the_forward_logits(kernel, arch, hidden, vocab):
+    # 1-13 rows: every count of rows left over after the 6-row tiles; hidden sizes whose gate widths
+    # end in a block of 8 or in single columns; vocabularies padded to 8 or not, and one wider than
+    # the gates (the head's scratch must not overlap them).
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=arch, input="embedding", layers=2, hidden=hidden, embedding_dim=8, dropout=0.0)
+    model = build_model(cfg, vocab).eval()
+    idx = torch.randint(0, vocab, (13, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full, _ = model(idx)
+    for rows in range(1, 14):
+        nat = native.NativeStepper.create(make_stepper(model), rows)
+        state = nat.from_torch(make_stepper(model).from_state(None, rows))
+        for t in range(6):
+            np.testing.assert_allclose(nat.step(idx[:rows, t].numpy(), state), full[:rows, t].numpy(), atol=1e-5)
+
+
 def test_native_sample_draws_what_numpy_draws_from_the_same_logits(kernel):
     model = small("lstm", "embedding", 2)
     rows, n = 3, 300
@@ -132,8 +150,9 @@ def test_a_stop_string_in_a_native_chunk_cuts_the_text_as_without_the_kernel(ker
     assert with_kernel.finish_reason == without.finish_reason == "stop"
 
 
-def test_threads_split_the_rows_and_draw_the_same_tokens(kernel):
-    model = small("gru", "embedding", 2)
+@pytest.mark.parametrize("vocab", [20, 200])  # the head's scratch narrower and wider than the gates'
+def test_threads_split_the_rows_and_draw_the_same_tokens(kernel, vocab):
+    model = small("gru", "embedding", 2, vocab=vocab)
     rows, n = 37, 60  # uneven ranges: 37 rows over 2 and 3 threads
     stepper = make_stepper(model)
     nat = native.NativeStepper.create(stepper, rows)
@@ -146,6 +165,6 @@ def test_threads_split_the_rows_and_draw_the_same_tokens(kernel):
         runs.append((nat.sample(state, logits, uniforms, temps, feed_last=True, threads=threads), state, logits))
     for ids, state, logits in runs[1:]:
         assert np.array_equal(ids, runs[0][0])
-        # Rows fall into the 6-row tiles differently per split: the same sums in another order.
+        # Rows fall into different tiles per split: allow for last-bit differences in how each is compiled.
         np.testing.assert_allclose(state, runs[0][1], atol=1e-5)
         np.testing.assert_allclose(logits, runs[0][2], atol=1e-5)

@@ -335,7 +335,12 @@ def test_noise_rows_are_next_by_lane_in_any_chunking():
     reference = sampling.Noise([11, 12], chunk=7)
     rows = sampling.Noise([11, 12], chunk=5).rows(lanes)
     rows_np = sampling.Noise([11, 12], chunk=3).rows_numpy(lanes)
+    take = sampling.Noise([11, 12], chunk=4).take_numpy(lanes)
+    blocks = [take(n) for n in (1, 3, 6, 0, 2, 13)]  # 25 steps: within, across and over several chunks
+    assert all(b.shape == (n, 3) for b, n in zip(blocks, (1, 3, 6, 0, 2, 13)))
+    taken = iter(np.concatenate(blocks))
     for _ in range(25):
         want = reference.next()[lanes].double()
         assert torch.equal(next(rows)[:, 0], want)
         assert np.array_equal(next(rows_np), want.numpy())
+        assert np.array_equal(next(taken), want.numpy())

@@ -39,3 +39,13 @@ def test_unknown_policies():
     assert tok.decode(tok.encode("axb", unknown="replace")) == "a b"
     with pytest.raises(UnknownSymbolsError):
         tok.encode_corpus("abz")
+
+
+@given(st.text(min_size=1, max_size=12), st.integers(0, 9), st.integers(1, 4), st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_decode_rows_equals_decoding_each_row(alphabet, width, rows, seed):
+    # Any alphabet, NUL and characters outside the BMP included (numpy's str arrays drop trailing NULs).
+    tok = CharTokenizer(sorted(set(alphabet)))
+    ids = np.random.default_rng(seed).integers(0, tok.vocab_size, (rows, width))
+    assert tok.decode_rows(ids) == [tok.decode(row) for row in ids.tolist()]
+    assert CharTokenizer(["\0", "a"]).decode_rows(np.array([[1, 0], [0, 0]])) == ["a\0", "\0\0"]

@@ -12,6 +12,7 @@ import time
 from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .config import ConfigError, SampleConfig
@@ -169,7 +170,9 @@ def run(plan: dict[str, Any], pieces: bool) -> Iterator[tuple[int, str]]:
     rows = len(plan["row_temps"])
     deadline = time.monotonic() + plan["max_time"] if plan["max_time"] else None
     steps = generate_steps(plan["net"], plan["ids"], rows=rows, max_new_tokens=plan["length"], pipeline=plan["pipeline"],
-                           noise=Noise([plan["seed"] + s for s in range(plan["num_samples"])]), lanes=plan["lanes"],
+                           noise=Noise([plan["seed"] + s for s in range(plan["num_samples"])],
+                                       chunk=min(max(plan["length"], 64), 4096)),  # one torch call per lane if it fits
+                           lanes=plan["lanes"],
                            window=plan["window"], logprobs=plan["logprobs"])
     matchers = [StopText(plan["stop"]) for _ in range(rows)]
     # Byte-level tokens may end inside a character: each row's decoder holds such bytes back.
@@ -202,7 +205,9 @@ def run(plan: dict[str, Any], pieces: bool) -> Iterator[tuple[int, str]]:
             for r in range(rows):
                 reasons[r] = reasons[r] or "time"
             break
-    ids = torch.stack(drawn, dim=1).tolist() if drawn else [[] for _ in range(rows)]  # (rows, n)
+    id_array = torch.stack(drawn, dim=1).cpu().numpy() if drawn else np.zeros((rows, 0), dtype=np.int64)  # (rows, n)
+    ids = id_array.tolist()
+    texts_whole = None if decode_each else plan["tokenizer"].decode_rows(id_array)
     results = []
     for r in range(rows):
         n = lengths[r] if decode_each else len(ids[r])
@@ -215,7 +220,7 @@ def run(plan: dict[str, Any], pieces: bool) -> Iterator[tuple[int, str]]:
                     yield r, tail
             text = "".join(texts[r])
         else:
-            text = plan["tokenizer"].decode(ids[r])
+            text = texts_whole[r]  # type: ignore[index]
         extra: dict[str, Any] = {}
         if plan["logprobs"] is not None:
             token_lp = [float(s.logprob[r]) for s in lps[:n]]  # type: ignore[index]

@@ -19,6 +19,8 @@ be starting.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -43,17 +45,55 @@ class Step:
     top_logprobs: torch.Tensor | None = None
 
 
-# Small steps run outside torch, whose per-op dispatch costs more than the arithmetic of a small step.
-# First choice: the native kernel (charloom.native, one C call per chunk of tokens), up to
-# NATIVE_MAX_WORK multiply-adds per step over all rows (beyond that torch's two-thread matrix products
-# win: measured with benchmarks/generation.py). Without a compiler: numpy, up to NUMPY_MAX_ROWS rows
-# and weight matrices of NUMPY_MAX_MATRIX elements (beyond, OpenBLAS starts threads that thrash a busy
-# machine; torch's kernels win).
+# Steps run outside torch where that is faster. First choice: the native kernel (charloom.native, one
+# C call per chunk of tokens) for any number of rows while every weight matrix has at most
+# NATIVE_MAX_MATRIX elements (a 512 x 2048 LSTM matrix; measured with 64-1024 rows of 1x128-2x512
+# LSTMs on 2 threads: 1.1-1.5x torch), and for larger matrices up to NATIVE_MAX_WORK multiply-adds
+# per step over all rows (a 1024-wide LSTM at 64 rows ran at 0.55-0.67x torch). Without a compiler:
+# numpy, up to NUMPY_MAX_ROWS rows and weight matrices of NUMPY_MAX_MATRIX elements (beyond,
+# OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
+NATIVE_MAX_MATRIX = 1 << 20
 NATIVE_MAX_WORK = 1 << 23
 NATIVE_CHUNK = 128  # most tokens per native call: a chunk overshoots a stop string by at most this many
 NATIVE_THREADED_CHUNK = 32  # shortest chunk worth starting threads for
 NUMPY_MAX_ROWS = 4
 NUMPY_MAX_MATRIX = 1 << 18
+
+
+_one_thread_lock = threading.Lock()
+_one_thread_users = [0, 0]  # setups running now, torch threads to restore when the last one ends
+
+
+@contextlib.contextmanager
+def _one_torch_thread(device: torch.device) -> Iterator[None]:
+    """Run the setup (stepper tables, the one-row prefill) on one torch thread on a CPU.
+
+    After a parallel region torch's OpenMP workers keep spinning on the other cores for a while
+    (libgomp's default wait policy), where the native kernel's threads then start: the first 100
+    steps of 64 rows of a book-size LSTM ran 40-80% slower. The setup is one row and small tables,
+    so one thread costs it little. torch's thread count is process-wide: concurrent setups (the
+    server's generation threads) share one change, undone when the last of them ends."""
+    if device.type != "cpu":
+        yield
+        return
+    with _one_thread_lock:
+        if _one_thread_users[0] == 0:
+            _one_thread_users[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_users[0] += 1
+    try:
+        yield
+    finally:
+        with _one_thread_lock:
+            _one_thread_users[0] -= 1
+            if _one_thread_users[0] == 0:
+                torch.set_num_threads(_one_thread_users[1])
+
+
+def _native_fits(stepper: Any, rows: int) -> bool:
+    """Whether the native kernel should run ``rows`` rows of ``stepper``'s model (see NATIVE_MAX_MATRIX)."""
+    largest = stepper.largest_matrix()
+    return largest <= NATIVE_MAX_MATRIX or rows * largest <= NATIVE_MAX_WORK
 
 
 class _Carried:
@@ -69,7 +109,7 @@ class _Carried:
         self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
         if not (allow_numpy and self.stepper is not None and self.first.device.type == "cpu"):
             return
-        if rows * self.stepper.largest_matrix() <= NATIVE_MAX_WORK:
+        if _native_fits(self.stepper, rows):
             self.numpy = NativeStepper.create(self.stepper, rows)
         if self.numpy is None and rows <= NUMPY_MAX_ROWS and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX:
             self.numpy = NumpyStepper(self.stepper)
@@ -116,7 +156,7 @@ class _Staggered:
         # All rows * W runs advance together: the native kernel when the step is small enough.
         self.native = None
         if (self.stepper is not None and logits.device.type == "cpu"
-                and rows * w * self.stepper.largest_matrix() <= NATIVE_MAX_WORK):
+                and _native_fits(self.stepper, rows * w)):
             self.native = NativeStepper.create(self.stepper, rows * w)
             if self.native is not None:
                 self.state = self.native.from_torch(self.state)  # (slots, rows * W, H)
@@ -204,7 +244,7 @@ def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int
         device = next(model.parameters(), torch.empty(0)).device  # generate where the model is (CPU or GPU)
         history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-        with torch.inference_mode():
+        with torch.inference_mode(), _one_torch_thread(device):
             read = _reader(model, history, p, rows, window, fast)
         if getattr(read, "numpy", None) is not None:
             # numpy needs no inference mode: the loop stays free of torch's per-resume context switch.
@@ -239,12 +279,12 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
     step, state = read.numpy.step, read.state  # type: ignore[union-attr]
     hist = history.numpy()  # (rows, P + N), same memory as `history`
     logits = read.first.float().contiguous().numpy().copy()  # (rows, V) float32, a fresh contiguous copy
-    uniforms = noise.rows_numpy(lanes)
     # A plain temperature (the common case) is applied outside torch; anything else goes through torch.
     divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
     if divisor is not None and logprobs is None and isinstance(read.numpy, NativeStepper):
-        yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, uniforms)
+        yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, noise.take_numpy(lanes))
         return
+    uniforms = noise.rows_numpy(lanes)
     for i in range(n):
         t = p + i
         if divisor is not None:
@@ -264,21 +304,21 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
 
 
 def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
-                 uniforms: Iterator[Any]) -> Iterator[Step]:
+                 uniforms: Callable[[int], Any]) -> Iterator[Step]:
     """Draw and feed whole chunks of tokens in C (plain temperature): 1, 2, 4, ... NATIVE_CHUNK at a
     time, so the first tokens stream at once and a consumer that stops early wastes little work. A
     batch of many rows (not read as it streams) starts at the threaded chunk size."""
     done, chunk = 0, (1 if len(hist) < 8 else NATIVE_THREADED_CHUNK)
     while done < n:
         k = min(chunk, n - done)
-        block = np.stack([next(uniforms) for _ in range(k)])  # (k, rows) float64, the same numbers per step
+        block = uniforms(k)  # (k, rows) float64, the same numbers per step as the other paths
         # Threads (one per torch thread, over ranges of rows) pay off on longer chunks: starting one
         # costs tens of microseconds, and the first steps on a core that was idle run slowly.
         threads = torch.get_num_threads() if k >= NATIVE_THREADED_CHUNK else 1
         ids = native.sample(state, logits, block, temps, feed_last=done + k < n, threads=threads)  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
-        for row in torch.from_numpy(ids):
-            yield Step(row)
+        for row in ids:
+            yield Step(torch.from_numpy(row))
         done += k
         chunk = min(2 * chunk, NATIVE_CHUNK)
 

@@ -424,6 +424,23 @@ class Noise:
         for block in self._blocks(lanes):
             yield from block
 
+    def take_numpy(self, lanes: torch.Tensor) -> Callable[[int], np.ndarray]:
+        """A function ``take(n)`` that returns the next ``n`` steps of :meth:`rows_numpy` as one float64
+        (n, rows) array: whole runs of steps without a Python call per step."""
+        blocks = self._blocks(lanes)
+        pending = [np.empty((0, len(lanes)))]
+
+        def take(n: int) -> np.ndarray:
+            have = sum(len(b) for b in pending)
+            while have < n:
+                pending.append(next(blocks))
+                have += len(pending[-1])
+            whole = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            pending[:] = [whole[n:]]
+            return whole[:n]
+
+        return take
+
 
 def resolve_seed(seed: int | None) -> int:
     """``seed``, or a fresh random one when None."""

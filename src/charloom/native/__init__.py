@@ -27,7 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_THREADS = 8  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
@@ -38,6 +38,7 @@ _f32p = ctypes.POINTER(ctypes.c_float)
 class _Net(ctypes.Structure):
     _fields_ = [
         ("lstm", ctypes.c_int32), ("layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("vocab", ctypes.c_int32),
+        ("vocab_padded", ctypes.c_int32),
         ("table", _f32p),
         ("w_ih_t", _f32p * MAX_LAYERS), ("b_in", _f32p * MAX_LAYERS),
         ("w_hh_t", _f32p * MAX_LAYERS), ("b_hh", _f32p * MAX_LAYERS),
@@ -132,10 +133,16 @@ class NativeStepper:
 
         # Keep every array alive as long as the struct points into it.
         self._keep = [{k: arr(v) for k, v in layer.items()} for layer in layers]
-        self.head_w_t, self.head_b = arr(stepper.head_w_t), arr(stepper.head_b)
-        self.vocab = self.head_b.shape[0]
-        self.work = np.zeros(rows * (2 * gh + 2) + MAX_THREADS * (self.vocab + 34), dtype=np.float32)  # see Net.work in rnn.c
-        net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab)
+        head_w_t, head_b = arr(stepper.head_w_t), arr(stepper.head_b)  # (H, V), (V,)
+        self.vocab = head_b.shape[0]
+        # Zero columns up to a multiple of 8, so the head's matrix product runs in whole vector tiles.
+        padded = -(-self.vocab // 8) * 8
+        self.head_w_t = np.zeros((self.hidden, padded), dtype=np.float32)
+        self.head_w_t[:, :self.vocab] = head_w_t
+        self.head_b = np.zeros(padded, dtype=np.float32)
+        self.head_b[:self.vocab] = head_b
+        self.work = np.zeros(rows * (2 * gh + padded + 2) + MAX_THREADS * (3 * self.vocab + 36), dtype=np.float32)  # see Net.work in rnn.c
+        net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab, vocab_padded=padded)
         net.table = _ptr(self._keep[0]["table"])
         for i, layer in enumerate(self._keep):
             net.w_hh_t[i] = _ptr(layer["w_hh_t"])
