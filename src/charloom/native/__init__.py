@@ -27,8 +27,9 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_THREADS = 8  # as in rnn.c
+DRAW_ROWS = 4  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -141,7 +142,8 @@ class NativeStepper:
         self.head_w_t[:, :self.vocab] = head_w_t
         self.head_b = np.zeros(padded, dtype=np.float32)
         self.head_b[:self.vocab] = head_b
-        self.work = np.zeros(rows * (2 * gh + padded + 2) + MAX_THREADS * (3 * self.vocab + 36), dtype=np.float32)  # see Net.work in rnn.c
+        self.work = np.zeros(rows * (2 * gh + padded + 2) + MAX_THREADS * (3 * DRAW_ROWS * self.vocab + 36),
+                             dtype=np.float32)  # see Net.work in rnn.c
         net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab, vocab_padded=padded)
         net.table = _ptr(self._keep[0]["table"])
         for i, layer in enumerate(self._keep):

@@ -22,6 +22,7 @@
 #define MAX_LAYERS 8
 #define MAX_THREADS 8
 #define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
+#define DRAW_ROWS 4           /* rows drawn together (see sample_part) */
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -34,7 +35,7 @@ typedef struct {
     const float *b_hh[MAX_LAYERS];      /* GRU: (G*H) */
     const float *head_w_t;              /* (H, Vp), zero beyond column V: every column block a full tile */
     const float *head_b;                /* (Vp) */
-    float *work;                        /* scratch: rows * (2 * G*H + Vp + 2) + MAX_THREADS * (3 * V + 36) floats */
+    float *work;                        /* scratch: rows * (2 * G*H + Vp + 2) + MAX_THREADS * (3 * DRAW_ROWS * V + 36) floats */
 } Net;
 
 typedef float v8 __attribute__((vector_size(32))); /* GCC/Clang vector extension: one AVX register */
@@ -227,7 +228,8 @@ static void head(const Net *net, int rows, const float *h, float *wide, float *l
 }
 
 /* Scratch layout of one range of `rows` rows (see Net.work): advance's two (rows, G*H) blocks, the
- * head's (rows, Vp), then per range the draw's CDF (V doubles) and ids (rows int64). */
+ * head's (rows, Vp), then per range the draw's exponentials (DRAW_ROWS, V) floats, CDFs (DRAW_ROWS, V)
+ * doubles and ids (rows int64). */
 static float *head_scratch(const Net *net, float *work, int rows) {
     return work + (size_t)rows * 2 * (net->lstm ? 4 : 3) * net->hidden;
 }
@@ -259,30 +261,40 @@ static void *sample_part(void *arg) {
     const Net *net = p->net;
     const int V = net->vocab, rows = p->rows;
     float *wide = head_scratch(net, p->work, rows);
-    float *e = wide + (size_t)rows * net->vocab_padded; /* (V) */
-    double *cdf = (double *)(e + ((V + 1) & ~1));     /* (V), at an even float offset: 8-byte aligned */
-    int64_t *ids = (int64_t *)(cdf + V);               /* (rows,) */
+    float *e = wide + (size_t)rows * net->vocab_padded;          /* (DRAW_ROWS, V) */
+    double *cdf = (double *)(e + ((DRAW_ROWS * V + 1) & ~1));    /* (DRAW_ROWS, V), 8-byte aligned */
+    int64_t *ids = (int64_t *)(cdf + DRAW_ROWS * V);             /* (rows,) */
     for (int i = 0; i < p->n; i++) {
-        for (int r = 0; r < rows; r++) {
-            const float *lg = p->logits + (size_t)r * V;
-            float top = lg[0];
-            for (int v = 1; v < V; v++)
-                top = lg[v] > top ? lg[v] : top;
-            const float t = p->temp[r];
+        for (int r0 = 0; r0 < rows; r0 += DRAW_ROWS) {
+            const int m = rows - r0 < DRAW_ROWS ? rows - r0 : DRAW_ROWS;
+            for (int a = 0; a < m; a++) {
+                const float *lg = p->logits + (size_t)(r0 + a) * V;
+                float *ea = e + (size_t)a * V;
+                float top = lg[0];
+                for (int v = 1; v < V; v++)
+                    top = lg[v] > top ? lg[v] : top;
+                const float t = p->temp[r0 + a];
+                for (int v = 0; v < V; v++)
+                    ea[v] = fast_exp((lg[v] - top) / t);
+            }
+            /* The CDFs in float64, each one serial pass as numpy's cumsum (the same sums bit for bit);
+             * the rows' passes interleaved, so their chains of dependent adds overlap. */
+            double run[DRAW_ROWS] = {0.0};
             for (int v = 0; v < V; v++)
-                e[v] = fast_exp((lg[v] - top) / t);
-            double run = 0.0; /* one serial pass, as numpy's cumsum: the same sums bit for bit */
-            for (int v = 0; v < V; v++)
-                cdf[v] = run += e[v];
-            const double target = p->uniforms[(size_t)i * p->stride + r] * run;
-            int64_t id = V - 1;
-            for (int v = 0; v < V; v++)
-                if (cdf[v] > target) {
-                    id = v;
-                    break;
-                }
-            ids[r] = id;
-            p->ids_out[(size_t)i * p->stride + r] = id;
+                for (int a = 0; a < m; a++)
+                    cdf[(size_t)a * V + v] = run[a] += e[(size_t)a * V + v];
+            for (int a = 0; a < m; a++) {
+                const double *ca = cdf + (size_t)a * V;
+                const double target = p->uniforms[(size_t)i * p->stride + r0 + a] * run[a];
+                int64_t id = V - 1;
+                for (int v = 0; v < V; v++)
+                    if (ca[v] > target) {
+                        id = v;
+                        break;
+                    }
+                ids[r0 + a] = id;
+                p->ids_out[(size_t)i * p->stride + r0 + a] = id;
+            }
         }
         if (i + 1 < p->n || p->feed_last) {
             const float *h;
@@ -304,7 +316,7 @@ static void *sample_part(void *arg) {
 void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
                          const float *temp, int feed_last, int64_t *ids_out, int threads) {
     const int V = net->vocab, GH = (net->lstm ? 4 : 3) * net->hidden, H = net->hidden, Vp = net->vocab_padded;
-    const size_t extra = (size_t)((3 * V + 35) & ~1); /* per range: e (V floats), cdf (V doubles); even, so aligned */
+    const size_t extra = (size_t)((3 * DRAW_ROWS * V + 35) & ~1); /* per range: e and cdf (DRAW_ROWS, V); even, so aligned */
     int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
     if (rows / parts < MIN_ROWS_PER_THREAD)
         parts = rows / MIN_ROWS_PER_THREAD > 0 ? rows / MIN_ROWS_PER_THREAD : 1;
@@ -329,4 +341,4 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
     }
 }
 
-int charloom_abi_version(void) { return 4; }
+int charloom_abi_version(void) { return 5; }
