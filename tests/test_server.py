@@ -516,3 +516,23 @@ def test_cli_serve_reports_a_busy_port(tiny_run):
 def test_cli_serve_reports_a_missing_run(tmp_path):
     code, err = _main("serve", str(tmp_path / "nothing"), "--port", "0")
     assert code in (2, 3) and err.startswith("charloom: ") and err.count("\n") == 1
+
+
+def test_serve_freezes_what_it_loaded_before_serving(tiny_run, monkeypatch):
+    # A full collection would rescan torch's and the models' objects (~100 ms); serve() freezes them.
+    import gc
+
+    import uvicorn
+
+    from charloom.server import serve
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append((gc.get_freeze_count(), sockets)))
+    try:
+        serve([tiny_run], ServeSettings(port=0), stdout=io.StringIO())
+        assert len(seen) == 1 and seen[0][0] > 10_000
+    finally:
+        gc.unfreeze()
+        for _, sockets in seen:
+            for sock in sockets:
+                sock.close()
