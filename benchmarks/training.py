@@ -65,7 +65,8 @@ def flops_per_step(net: Any, batch: int, seq_len: int, objective: str) -> float:
 
     torch's FlopCounterMode counts the matmuls it sees (heads, projections, attention, convs) but not
     the fused recurrent kernels, so nn.LSTM / nn.GRU layers are added analytically:
-    2 * (in + H) * gates * H per layer per time step.
+    2 * (in + H) * gates * H per layer per time step. A one-hot input counts as the dense product
+    nn.LSTM (and Keras) compute, although charloom's kernel for the book's model reads it as a lookup.
     """
     import torch
     import torch.nn.functional as F
@@ -73,7 +74,7 @@ def flops_per_step(net: Any, batch: int, seq_len: int, objective: str) -> float:
 
     x = torch.randint(0, net.vocab_size, (batch, seq_len))
     with FlopCounterMode(display=False) as counter:
-        logits, _ = net(x)
+        logits, _ = net(x, last_only=objective == "last")  # as training runs it: (B, 1, V) for the book's objective
         loss = F.cross_entropy(logits[:, -1], x[:, -1]) if objective == "last" else logits.float().mean()
         loss.backward()
     net.zero_grad(set_to_none=True)

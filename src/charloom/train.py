@@ -123,6 +123,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.progress = Progress()
         self.rnn_state: Any = None  # the recurrent state carried between stream batches, (layers, B, H)
+        self._threads_between_steps: int | None = None  # set while steps run torch on one thread (see fit)
         self.diverge_above = max(10.0, DIVERGED_FACTOR * math.log(max(2, model.vocab_size)))
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
         if cfg.max_steps:
@@ -217,7 +218,40 @@ class Trainer:
 
     def fit(self) -> Progress:
         """Train until epochs, steps, time, patience or a stop request end it."""
+        threads = torch.get_num_threads()
+        model = self.model
+        native = (not self.cfg.compile and next(model.parameters()).device.type == "cpu"
+                  and bool(getattr(model, "supports_native_training", lambda: False)()))
+        if not native:
+            return self._fit()
+        # The book's model trains on the native kernel (charloom.native.lstm), whose threads need the
+        # cores: torch runs the rest of each step on one thread, since its OpenMP workers keep
+        # spinning on the other cores after every parallel op (the kernel's steps ran 30-50% slower).
+        # Evaluations and the epoch's end (samples, checkpoints) get all threads back.
+        model.native_threads, self._threads_between_steps = threads, threads
+        torch.set_num_threads(1)
+        try:
+            return self._fit()
+        finally:
+            model.native_threads, self._threads_between_steps = 0, None
+            torch.set_num_threads(threads)
+
+    @contextmanager
+    def _all_threads(self) -> Iterator[None]:
+        """The body with torch's full thread count when steps run it on one (see :meth:`fit`)."""
+        threads = self._threads_between_steps
+        if not threads:
+            yield
+            return
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+    def _fit(self) -> Progress:
         cfg, p, model = self.cfg, self.progress, self.model
+        last_only = {"last_only": True} if cfg.objective == "last" else {}
         model.train()
         state = self.rnn_state  # None, or the stream state a resumed run left off with
         loss_ema = p.loss_ema
@@ -244,7 +278,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with self.runtime.autocast():
-                logits, state = self.step_model(x, state)  # (B, T, V)
+                # The book's objective scores the last position only: the head skips the others.
+                logits, state = self.step_model(x, state, **last_only)  # (B, T, V), or (B, 1, V)
             logits = logits.float()  # the loss in fp32 whatever precision the forward ran in
             if cfg.objective == "last":
                 loss = F.cross_entropy(logits[:, -1], y[:, -1])
@@ -280,13 +315,16 @@ class Trainer:
             self.listener.on_step(self, loss_ema, chars_per_s)
             epoch_ended = self.batcher.index >= self.batcher.steps_per_epoch
             if self._eval_due(p.step, epoch_ended):
-                self._run_eval(loss_ema, chars_per_s)
+                with self._all_threads():
+                    self._run_eval(loss_ema, chars_per_s)
             if epoch_ended:
                 p.epoch += 1
-                self.listener.on_epoch_end(self)
+                with self._all_threads():
+                    self.listener.on_epoch_end(self)
         # A final evaluation unless the last step was just evaluated or a signal asks us to hurry.
         interrupted = p.stop_reason.startswith(("stopped by", "diverged"))
         if p.step > 0 and not interrupted and (not p.history or p.history[-1]["step"] != p.step):
-            self._run_eval(loss_ema, chars_per_s)
+            with self._all_threads():
+                self._run_eval(loss_ema, chars_per_s)
         return p
 

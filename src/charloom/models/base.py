@@ -92,7 +92,11 @@ class LanguageModel(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
 
-    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:  # pragma: no cover
+    def forward(self, idx: torch.Tensor, state: State = None,
+                last_only: bool = False) -> tuple[torch.Tensor, State]:  # pragma: no cover
+        """Logits (B, T, V) for ids (B, T) after ``state``, and the state after them. ``last_only``: the
+        logits of the last position only, (B, 1, V), as the book's objective needs (the head's work on
+        the others is skipped where the model can)."""
         raise NotImplementedError
 
     def detach_state(self, state: State) -> State:

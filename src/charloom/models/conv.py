@@ -97,7 +97,7 @@ class ConvLM(LanguageModel):
         if model.kernel_size < 2:
             raise ConfigError("kernel_size", "a conv model needs --kernel-size of at least 2 to look back")
 
-    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
         B = idx.shape[0]
         if self.embed is None:
             x = F.one_hot(idx, self.vocab_size).to(self.inp.weight.dtype)  # (B, T, V)
@@ -111,7 +111,7 @@ class ConvLM(LanguageModel):
             h, skip, past = block(h, past)
             skips = skips + skip
             new_state.append(past)
-        out = self.drop(F.relu(skips))  # (B, T, H)
+        out = self.drop(F.relu(skips[:, -1:] if last_only else skips))  # (B, T, H)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, E)
-        return self.head(out), tuple(new_state)  # (B, T, V)
+        return self.head(out), tuple(new_state)  # (B, T, V), T = 1 with last_only

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..native import lstm as native_lstm
 from .base import ExportSpec, LanguageModel, State, output_layers, register
 
 
@@ -20,6 +21,9 @@ class RecurrentLM(LanguageModel):
     """A stack of LSTM or GRU layers over characters; ``cell`` is set by the registered subclasses."""
 
     cell: type[nn.LSTM] | type[nn.GRU] = nn.LSTM
+    # Threads for training steps on the native one-hot LSTM kernel (charloom.native.lstm); 0 = off.
+    # The trainer sets it for the book's model on a CPU (see supports_native_training).
+    native_threads = 0
     state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H)
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
@@ -55,13 +59,21 @@ class RecurrentLM(LanguageModel):
             nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        x = self._inputs(idx)
-        out, state = self.rnn(x, state)  # (B, T, H)
-        out = self.drop(out)
+    def supports_native_training(self) -> bool:
+        """Whether training steps can run on the native kernel: a one-layer LSTM over one-hot input
+        (the book's model), with the kernel built."""
+        return (self.cell is nn.LSTM and self.embed is None and self.config.layers == 1
+                and native_lstm.library() is not None)
+
+    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+        if self.native_threads and self.training and self.embed is None and native_lstm.usable(self.rnn, idx):
+            out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads)  # (B, T, H)
+        else:
+            out, state = self.rnn(self._inputs(idx), state)  # (B, T, H)
+        out = self.drop(out[:, -1:] if last_only else out)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, E)
-        return self.head(out), state  # (B, T, V)
+        return self.head(out), state  # (B, T, V), T = 1 with last_only
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         if self.embed is None:

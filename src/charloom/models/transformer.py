@@ -160,7 +160,7 @@ class TransformerLM(LanguageModel):
         ids = idx if cache is None else torch.cat([cache["ids"], idx], dim=1)
         return self.head(out), {"ids": ids, "k": tuple(keys), "v": tuple(values)}  # (B, n, V), cache
 
-    def forward(self, idx: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
         C, T = self.context, idx.shape[1]
         pieces, t = [], 0
         while t < T:
@@ -174,4 +174,5 @@ class TransformerLM(LanguageModel):
             logits, state = self._run(idx[:, t:t + n], state)
             pieces.append(logits)
             t += n
-        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), state
+        logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (B, T, V)
+        return (logits[:, -1:] if last_only else logits), state

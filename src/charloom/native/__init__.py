@@ -27,7 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
@@ -109,6 +109,10 @@ def library() -> Any | None:
         lib.charloom_rnn_step.restype = i32
         lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32]
         lib.charloom_rnn_sample.restype = None
+        lib.charloom_lstm_forward.argtypes = [i32] * 4 + [ptr] * 10 + [i32]
+        lib.charloom_lstm_forward.restype = None
+        lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 13 + [i32]
+        lib.charloom_lstm_backward.restype = None
     _loaded["lib"] = lib
     return lib
 

@@ -341,4 +341,164 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
     }
 }
 
-int charloom_abi_version(void) { return 5; }
+/* ---- Training: an LSTM layer over one-hot input (the book's model), forward and backward --------
+ *
+ * Gate order here is torch's (i, f, g, o). The input part of the gates is column ids[b, t] of W_ih
+ * (the one-hot product), read as row ids[b, t] of w_ih_t (V, 4H), plus bias = b_ih + b_hh:
+ *   gates = w_ih_t[id] + bias + h @ w_hh_t; i, f, o = sigmoid; g = tanh; c = f*c + i*g; h = o*tanh(c)
+ * The backward pass produces every gradient (W_ih, W_hh, the bias, the initial state), so a training
+ * step runs no large torch op whose worker threads would then spin on the cores these threads use.
+ * Rows (sequences) never interact: ranges of rows run on their own threads with no synchronisation
+ * between steps, each with its own partial weight gradients, summed at the end. */
+
+typedef struct {
+    int B, T, H, V, r0, r1;       /* this part's rows [r0, r1) of B */
+    const int64_t *ids;           /* (B, T) */
+    const float *w_ih_t, *bias;   /* (V, 4H), (4H) */
+    const float *w;               /* forward: w_hh_t (H, 4H); backward: w_hh (4H, H) */
+    float *h, *c;                 /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
+    float *out, *acts, *cs;       /* out (B, T, H) h_t; acts (B, T, 4H) gates after activation; cs (B, T, H) c_t */
+    const float *h0, *c0, *dout;  /* backward: initial state (B, H) each, dout (B, T, H) */
+    float *g_ih, *g_hh, *g_b;     /* backward: this part's dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H) */
+    float *work;                  /* this part's scratch: (r1 - r0) * 6H floats */
+} LstmPart;
+
+static void *lstm_forward_part(void *arg) {
+    const LstmPart *p = arg;
+    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0;
+    float *gates = p->work; /* (rows, 4H) */
+    float *h = p->h + (size_t)p->r0 * H, *c = p->c + (size_t)p->r0 * H;
+    for (int t = 0; t < T; t++) {
+        for (int r = 0; r < rows; r++) {
+            const float *col = p->w_ih_t + (size_t)p->ids[(size_t)(p->r0 + r) * T + t] * G;
+            float *g = gates + (size_t)r * G;
+            for (int j = 0; j < G; j++)
+                g[j] = col[j] + p->bias[j];
+        }
+        matmul_acc(rows, H, G, h, p->w, gates);
+        for (int r = 0; r < rows; r++) {
+            float *g = gates + (size_t)r * G, *hr = h + (size_t)r * H, *cr = c + (size_t)r * H;
+            const size_t at = (size_t)(p->r0 + r) * T + t;
+            for (int j = 0; j < 2 * H; j++)
+                g[j] = fast_sigmoid(g[j]);
+            for (int j = 2 * H; j < 3 * H; j++)
+                g[j] = fast_tanh(g[j]);
+            for (int j = 3 * H; j < G; j++)
+                g[j] = fast_sigmoid(g[j]);
+            for (int j = 0; j < H; j++)
+                cr[j] = g[H + j] * cr[j] + g[j] * g[2 * H + j];
+            for (int j = 0; j < H; j++)
+                hr[j] = g[3 * H + j] * fast_tanh(cr[j]);
+            memcpy(p->acts + at * G, g, sizeof(float) * G);
+            memcpy(p->cs + at * H, cr, sizeof(float) * H);
+            memcpy(p->out + at * H, hr, sizeof(float) * H);
+        }
+    }
+    return NULL;
+}
+
+static void *lstm_backward_part(void *arg) {
+    const LstmPart *p = arg;
+    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0;
+    float *dg = p->work;                  /* (rows, 4H): this step's gradients of the gates before activation */
+    float *dhs = dg + (size_t)rows * G;   /* (rows, H): dh for step t - 1 */
+    float *hpt = dhs + (size_t)rows * H;  /* (H, rows): h_{t-1} transposed, for dW_hh^T += h_{t-1}^T dg */
+    float *dh = p->h + (size_t)p->r0 * H, *dc = p->c + (size_t)p->r0 * H;
+    memset(p->g_ih, 0, sizeof(float) * ((size_t)p->V + H + 1) * G); /* g_ih, g_hh and g_b lie in a row */
+    for (int t = T - 1; t >= 0; t--) {
+        for (int r = 0; r < rows; r++) {
+            const size_t row = (size_t)(p->r0 + r), at = row * T + t;
+            const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
+            const float *cprev = t ? p->cs + (at - 1) * H : p->c0 + row * H;
+            const float *hprev = t ? p->out + (at - 1) * H : p->h0 + row * H;
+            float *d = dg + (size_t)r * G, *dcr = dc + (size_t)r * H;
+            const float *dhr = dh + (size_t)r * H;
+            for (int j = 0; j < H; j++) {
+                const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+                const float tc = fast_tanh(cr[j]), dht = dhr[j] + dout[j];
+                const float dct = dcr[j] + dht * o * (1.0f - tc * tc);
+                d[j] = dct * g * i * (1.0f - i);
+                d[H + j] = dct * cprev[j] * f * (1.0f - f);
+                d[2 * H + j] = dct * i * (1.0f - g * g);
+                d[3 * H + j] = dht * tc * o * (1.0f - o);
+                dcr[j] = dct * f;
+            }
+            float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
+            for (int j = 0; j < G; j++) {
+                gi[j] += d[j];
+                p->g_b[j] += d[j];
+            }
+            for (int j = 0; j < H; j++)
+                hpt[(size_t)j * rows + r] = hprev[j];
+        }
+        matmul_acc(H, rows, G, hpt, dg, p->g_hh); /* dW_hh^T += h_{t-1}^T dg */
+        memset(dhs, 0, sizeof(float) * (size_t)rows * H);
+        matmul_acc(rows, G, H, dg, p->w, dhs); /* dh_{t-1} = dg @ w_hh */
+        memcpy(dh, dhs, sizeof(float) * (size_t)rows * H);
+    }
+    return NULL;
+}
+
+/* Run `fn` over ranges of the B rows (the caller's thread and up to threads - 1 new ones); returns
+ * the number of ranges. Range k's partial gradients sit at k * (V + H + 1) * 4H in `grads`. */
+static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *work, float *grads) {
+    const size_t G = 4 * (size_t)base.H, per = ((size_t)base.V + base.H + 1) * G;
+    int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (base.B / parts < MIN_ROWS_PER_THREAD)
+        parts = base.B / MIN_ROWS_PER_THREAD > 0 ? base.B / MIN_ROWS_PER_THREAD : 1;
+    LstmPart part[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 0; k < parts; k++) {
+        part[k] = base;
+        part[k].r0 = base.B * k / parts;
+        part[k].r1 = base.B * (k + 1) / parts;
+        part[k].work = work + (size_t)part[k].r0 * 6 * base.H;
+        if (grads) {
+            part[k].g_ih = grads + k * per;
+            part[k].g_hh = part[k].g_ih + (size_t)base.V * G;
+            part[k].g_b = part[k].g_hh + (size_t)base.H * G;
+        }
+    }
+    for (int k = 1; k < parts; k++)
+        started[k] = pthread_create(&tid[k], NULL, fn, &part[k]) == 0;
+    fn(&part[0]);
+    for (int k = 1; k < parts; k++) {
+        if (started[k])
+            pthread_join(tid[k], NULL);
+        else
+            fn(&part[k]);
+    }
+    return parts;
+}
+
+/* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (B, T, H);
+ * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass; work holds B * 6H floats. */
+void charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
+                           const float *w_hh_t, float *h, float *c, float *out, float *acts, float *cs, float *work,
+                           int threads) {
+    LstmPart base = {B, T, H, V, 0, 0, ids, w_ih_t, bias, w_hh_t, h, c, out, acts, cs,
+                     NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    lstm_parts(lstm_forward_part, base, threads, work, NULL);
+}
+
+/* Backward over T steps from the forward's out, acts and cs: dh, dc (B, H) hold the gradients of the
+ * last state and receive those of the initial one; dout (B, T, H) is the gradient of out; grads
+ * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order; w_hh is (4H, H); work holds
+ * B * 6H floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
+void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
+                            const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
+                            float *dh, float *dc, float *grads, float *work, float *scratch, int threads) {
+    const size_t per = ((size_t)V + H + 1) * 4 * (size_t)H;
+    LstmPart base = {B, T, H, V, 0, 0, ids, NULL, NULL, w_hh, dh, dc, (float *)out, (float *)acts, (float *)cs,
+                     h0, c0, dout, NULL, NULL, NULL, NULL};
+    const int parts = lstm_parts(lstm_backward_part, base, threads, work, scratch);
+    for (size_t i = 0; i < per; i++) {
+        float sum = 0.0f;
+        for (int k = 0; k < parts; k++)
+            sum += scratch[k * per + i];
+        grads[i] = sum;
+    }
+}
+
+int charloom_abi_version(void) { return 6; }

@@ -1,0 +1,99 @@
+"""Training the book's model on the native kernel: a one-layer LSTM over one-hot input, in C.
+
+The book's recipe (LSTM(128) over 60 one-hot characters, batches of 128 windows) spends nearly all
+of a step in torch's CPU LSTM: small per-step products and elementwise ops, and a dense product with
+the one-hot input. ``rnn.c`` runs the layer's whole recurrence forward, and backward with every
+gradient, in one call each, the rows split over threads, the one-hot product read as a lookup. Its
+threads need the cores to themselves: a large torch op just before leaves torch's OpenMP workers
+spinning on them, so the step's other large ops (the one-hot product and the weight gradients) are
+in C too, and what is left in torch (the head on the last step, the loss, the optimizer) is small.
+
+:func:`onehot_lstm` stands in for the model's ``nn.LSTM`` with the same parameters, so checkpoints
+do not change; ``tests/test_native_training.py`` checks outputs and gradients against ``nn.LSTM``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import MAX_THREADS, library
+
+
+def usable(rnn: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether a training forward of ``rnn`` (over one-hot ``ids``) can run here: a one-layer float32
+    LSTM with biases on a CPU, gradients on, no autocast, not being traced or compiled (the kernel is
+    invisible to both), and the kernel built."""
+    return (isinstance(rnn, nn.LSTM) and rnn.num_layers == 1 and rnn.batch_first and rnn.bias
+            and not rnn.bidirectional and rnn.proj_size == 0 and ids.device.type == "cpu"
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and rnn.weight_hh_l0.dtype == torch.float32 and library() is not None)
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class _OneHotLSTM(torch.autograd.Function):
+    """(ids (B, T), w_ih (4H, V), w_hh (4H, H), b_ih, b_hh (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT)."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                b_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t = ids.shape
+        g, v = w_ih.shape
+        hidden = g // 4
+        ids = ids.contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise ValueError(f"token ids must lie in [0, {v})")  # the kernel reads row id of W_ih^T unchecked
+        w_ih_t, w_hh_t = w_ih.detach().t().contiguous(), w_hh.detach().t().contiguous()  # (V, 4H), (H, 4H)
+        bias = (b_ih + b_hh).detach().contiguous()
+        h, c = h0.detach().contiguous().clone(), c0.detach().contiguous().clone()  # (B, H): receive the last state
+        out = w_ih.new_empty(b, t, hidden)
+        acts = w_ih.new_empty(b, t, g)  # gates after their activations, for the backward pass
+        cs = w_ih.new_empty(b, t, hidden)  # c_t
+        work = w_ih.new_empty(b * 6 * hidden)
+        library().charloom_lstm_forward(b, t, hidden, v, _p(ids), _p(w_ih_t), _p(bias), _p(w_hh_t), _p(h), _p(c),
+                                        _p(out), _p(acts), _p(cs), _p(work), threads)
+        ctx.save_for_backward(ids, w_hh, h0, c0, out, acts, cs)
+        ctx.threads, ctx.vocab = threads, v
+        return out, h, c
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor | None, dh_last: torch.Tensor | None,
+                 dc_last: torch.Tensor | None) -> tuple[Any, ...]:
+        ids, w_hh, h0, c0, out, acts, cs = ctx.saved_tensors
+        b, t, hidden = out.shape
+        g, v = 4 * hidden, ctx.vocab
+        dout = out.new_zeros(b, t, hidden) if dout is None else dout.contiguous()
+        dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
+        dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
+        grads = out.new_empty((v + hidden + 1) * g)  # dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H)
+        work = out.new_empty(b * 6 * hidden)
+        scratch = out.new_empty(MAX_THREADS * (v + hidden + 1) * g)
+        h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
+        library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh.detach().contiguous()), _p(out), _p(acts),
+                                         _p(cs), _p(h0c), _p(c0c), _p(dout), _p(dh), _p(dc), _p(grads), _p(work),
+                                         _p(scratch), ctx.threads)
+        d_ih = grads[:v * g].view(v, g).t()
+        d_hh = grads[v * g:(v + hidden) * g].view(hidden, g).t()
+        d_b = grads[(v + hidden) * g:]
+        return None, d_ih, d_hh, d_b, d_b.clone(), dh, dc, None
+
+
+def onehot_lstm(rnn: nn.LSTM, ids: torch.Tensor, state: Any = None,
+                threads: int = 1) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``rnn(F.one_hot(ids), state)`` for a one-layer batch-first ``nn.LSTM``, on the native kernel with
+    up to ``threads`` threads: out (B, T, H) and the last state ((1, B, H), (1, B, H))."""
+    b, hidden = ids.shape[0], rnn.hidden_size
+    if state is None:
+        h0 = c0 = torch.zeros(b, hidden)
+    else:
+        h0, c0 = state[0][0], state[1][0]
+    out, h, c = _OneHotLSTM.apply(ids, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, h0, c0,
+                                  threads)
+    return out, (h.unsqueeze(0), c.unsqueeze(0))

@@ -1,0 +1,95 @@
+"""Training the book's model on the native kernel (charloom.native.lstm): the same outputs and
+gradients as nn.LSTM, the same training, and the trainer's thread handling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import charloom
+from charloom import native
+from charloom.config import ModelConfig
+from charloom.models import build_model
+from charloom.native.lstm import onehot_lstm
+from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
+
+
+@pytest.mark.parametrize("batch,steps,vocab,hidden,threads", [(5, 7, 11, 16, 1), (37, 9, 13, 24, 2), (20, 5, 300, 8, 3),
+                                                              (64, 30, 57, 128, 2)])
+def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads):  # noqa: F811
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(vocab, hidden, batch_first=True)
+    ids = torch.randint(0, vocab, (batch, steps))
+    h0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
+    c0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
+    inputs = [*rnn.parameters(), h0, c0]
+
+    def loss_and_grads(out, h, c):
+        # Every output feeds the loss, with different weights, so every gradient path is exercised.
+        loss = (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
+        return [out, h, c], torch.autograd.grad(loss, inputs)
+
+    want, want_grads = loss_and_grads(*_flat(rnn(F.one_hot(ids, vocab).float(), (h0, c0))))
+    got, got_grads = loss_and_grads(*_flat(onehot_lstm(rnn, ids, (h0, c0), threads)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+
+
+def _flat(result):
+    out, (h, c) = result
+    return out, h, c
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(kernel):  # noqa: F811
+    rnn = torch.nn.LSTM(5, 4, batch_first=True)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        onehot_lstm(rnn, torch.tensor([[0, 5]]))
+
+
+@pytest.fixture()
+def book_like(tmp_path, tiny_text):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(tiny_text, encoding="utf-8")
+    return corpus, dict(recipe="book", hidden=24, seq_len=20, batch_size=16, max_steps=6, sample_length=10,
+                        eval_every=3, threads=2, epochs=1)
+
+
+def test_the_book_recipe_trains_the_same_with_and_without_the_kernel(kernel, book_like, tmp_path, monkeypatch):  # noqa: F811
+    corpus, settings = book_like
+    with_kernel = charloom.train(corpus, out=tmp_path / "native", seed=3, **settings)
+    monkeypatch.setattr(native, "_loaded", {"lib": None})  # as without a compiler
+    without = charloom.train(corpus, out=tmp_path / "torch", seed=3, **settings)
+    for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    assert with_kernel.history[-1]["val_loss"] == pytest.approx(without.history[-1]["val_loss"], abs=1e-4)
+
+
+def test_fit_gives_torch_its_threads_back_and_turns_the_kernel_off(kernel, book_like, tmp_path, monkeypatch):  # noqa: F811
+    corpus, settings = book_like
+    seen = []
+    real = charloom.models.rnn.RecurrentLM.forward
+
+    def forward(self, idx, state=None, last_only=False):
+        if self.training and torch.is_grad_enabled():
+            seen.append((self.native_threads, torch.get_num_threads()))
+        return real(self, idx, state, last_only)
+
+    monkeypatch.setattr(charloom.models.rnn.RecurrentLM, "forward", forward)
+    model = charloom.train(corpus, out=tmp_path / "run", **settings)
+    assert seen and set(seen) == {(2, 1)}  # steps: the kernel on 2 threads, torch on 1
+    assert torch.get_num_threads() == 2 and model.net.native_threads == 0
+
+
+@pytest.mark.parametrize("arch,inp", [("lstm", "onehot"), ("gru", "embedding"), ("conv", "embedding"),
+                                      ("transformer", "embedding")])
+def test_last_only_gives_the_last_position_of_the_full_logits(arch, inp):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(model=arch, input=inp, hidden=32, layers=1, embedding_dim=8, dropout=0.0), 11).eval()
+    ids = torch.randint(0, 11, (3, 9))
+    with torch.no_grad():
+        full, state = net(ids)
+        last, last_state = net(ids, last_only=True)
+    assert last.shape == (3, 1, 11)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(last_state, state)
