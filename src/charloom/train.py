@@ -220,13 +220,14 @@ class Trainer:
         """Train until epochs, steps, time, patience or a stop request end it."""
         threads = torch.get_num_threads()
         model = self.model
-        native = (not self.cfg.compile and next(model.parameters()).device.type == "cpu"
+        param = next(model.parameters(), None)
+        native = (not self.cfg.compile and param is not None and param.device.type == "cpu"
                   and bool(getattr(model, "supports_native_training", lambda: False)()))
         if not native:
             return self._fit()
         # The book's model trains on the native kernel (charloom.native.lstm), whose threads need the
         # cores: torch runs the rest of each step on one thread, since its OpenMP workers keep
-        # spinning on the other cores after every parallel op (the kernel's steps ran 30-50% slower).
+        # spinning on the other cores after every parallel op (whole steps ran 20-50% slower).
         # Evaluations and the epoch's end (samples, checkpoints) get all threads back.
         model.native_threads, self._threads_between_steps = threads, threads
         torch.set_num_threads(1)

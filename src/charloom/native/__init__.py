@@ -6,9 +6,9 @@ while numpy or torch spend 2-10 microseconds on every op they dispatch. ``rnn.c`
 the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``) into the cache folder
 (``$CHARLOOM_CACHE/native``, default ``~/.cache/charloom/native``), keyed by the source, the
 compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
-:func:`library` returns None and generation uses the numpy and torch paths, which draw the same
+:func:`library` returns None: generation uses the numpy and torch paths, which draw the same
 tokens up to last-bit rounding (``tests/test_native.py`` checks the logits against ``model.forward``
-and the tokens against the other paths).
+and the tokens against the other paths), and the book's model trains with ``nn.LSTM``.
 """
 
 from __future__ import annotations
