@@ -70,7 +70,7 @@ def _one_torch_thread(device: torch.device) -> Iterator[None]:
 
     After a parallel region torch's OpenMP workers keep spinning on the other cores for a while
     (libgomp's default wait policy), where the native kernel's threads then start: the first 100
-    steps of 64 rows of a book-size LSTM ran 40-80% slower. The setup is one row and small tables,
+    steps of 64 rows of a book-size LSTM ran up to twice as slow. The setup is one row and small tables,
     so one thread costs it little. torch's thread count is process-wide: concurrent setups (the
     server's generation threads) share one change, undone when the last of them ends."""
     if device.type != "cpu":
