@@ -168,3 +168,23 @@ def test_threads_split_the_rows_and_draw_the_same_tokens(kernel, vocab):
         # Rows fall into different tiles per split: allow for last-bit differences in how each is compiled.
         np.testing.assert_allclose(state, runs[0][1], atol=1e-5)
         np.testing.assert_allclose(logits, runs[0][2], atol=1e-5)
+
+
+def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
+    # rnn.c's coefficients come from tools/fit_tanh.py; refitting gives the same numbers and error.
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_tanh", root / "tools" / "fit_tanh.py")
+    fit_tanh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_tanh)
+    p, q, _ = fit_tanh.fit()
+    source = (root / "src" / "charloom" / "native" / "rnn.c").read_text()
+    body = source[source.index("static inline float fast_tanh"):source.index("static inline float fast_sigmoid")]
+    numbers = [float(n) for n in re.findall(r"([0-9.]+(?:e-?[0-9]+)?)f", body) if n != "9.0"]  # less the clamps
+    assert len(numbers) == 10
+    np.testing.assert_allclose(numbers[4::-1], p, rtol=1e-9)  # Horner: highest degree first
+    np.testing.assert_allclose(numbers[:4:-1], q, rtol=1e-9)
+    assert fit_tanh.float32_error(p, q) < 5e-7

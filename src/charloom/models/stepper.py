@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..native.lstm import gate_order
 from .base import LanguageModel
 from .rnn import RecurrentLM
 
@@ -34,7 +35,7 @@ class RecurrentStepper:
         gates = 4 if self.lstm else 3
         h = model.config.hidden
         # LSTM rows (i, f, g, o) -> (i, f, o, g): sigmoid over the first 3H, tanh over the last H.
-        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]) if self.lstm else None
+        order = gate_order(h) if self.lstm else None
         self.layers: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for layer in range(model.config.layers):

@@ -27,7 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.

@@ -22,6 +22,14 @@ from torch import nn
 from . import MAX_THREADS, library
 
 
+def gate_order(hidden: int) -> torch.Tensor:
+    """Indices taking torch's LSTM gate rows (i, f, g, o) to (i, f, o, g), so one sigmoid covers the
+    first 3H and one tanh the last H (the order of rnn.c and the generation stepper). Swapping two
+    blocks, it is its own inverse."""
+    h = hidden
+    return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+
+
 def usable(rnn: nn.Module, ids: torch.Tensor) -> bool:
     """Whether a training forward of ``rnn`` (over one-hot ``ids``) can run here: a one-layer float32
     LSTM with biases on a CPU, gradients on, no autocast, not being traced or compiled (the kernel is
@@ -38,7 +46,10 @@ def _p(t: torch.Tensor) -> int:
 
 
 class _OneHotLSTM(torch.autograd.Function):
-    """(ids (B, T), w_ih (4H, V), w_hh (4H, H), b_ih, b_hh (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT)."""
+    """(ids (B, T), w_ih (4H, V), w_hh (4H, H), b_ih, b_hh (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT).
+
+    Weights come in torch's gate order; the kernel works in :func:`gate_order`'s, and the gradients
+    go back in torch's."""
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
@@ -50,8 +61,10 @@ class _OneHotLSTM(torch.autograd.Function):
         ids = ids.contiguous()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
             raise ValueError(f"token ids must lie in [0, {v})")  # the kernel reads row id of W_ih^T unchecked
-        w_ih_t, w_hh_t = w_ih.detach().t().contiguous(), w_hh.detach().t().contiguous()  # (V, 4H), (H, 4H)
-        bias = (b_ih + b_hh).detach().contiguous()
+        order = gate_order(hidden)
+        w_ih_t, w_hh_t = w_ih.detach()[order].t().contiguous(), w_hh.detach()[order].t().contiguous()  # (V, 4H), (H, 4H)
+        bias = (b_ih + b_hh).detach()[order].contiguous()
+        w_hh_rows = w_hh.detach()[order]  # (4H, H) in our order, for the backward pass
         h, c = h0.detach().contiguous().clone(), c0.detach().contiguous().clone()  # (B, H): receive the last state
         out = w_ih.new_empty(b, t, hidden)
         acts = w_ih.new_empty(b, t, g)  # gates after their activations, for the backward pass
@@ -59,14 +72,14 @@ class _OneHotLSTM(torch.autograd.Function):
         work = w_ih.new_empty(b * 6 * hidden)
         library().charloom_lstm_forward(b, t, hidden, v, _p(ids), _p(w_ih_t), _p(bias), _p(w_hh_t), _p(h), _p(c),
                                         _p(out), _p(acts), _p(cs), _p(work), threads)
-        ctx.save_for_backward(ids, w_hh, h0, c0, out, acts, cs)
+        ctx.save_for_backward(ids, w_hh_rows, h0, c0, out, acts, cs)
         ctx.threads, ctx.vocab = threads, v
         return out, h, c
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor | None, dh_last: torch.Tensor | None,
                  dc_last: torch.Tensor | None) -> tuple[Any, ...]:
-        ids, w_hh, h0, c0, out, acts, cs = ctx.saved_tensors
+        ids, w_hh_rows, h0, c0, out, acts, cs = ctx.saved_tensors
         b, t, hidden = out.shape
         g, v = 4 * hidden, ctx.vocab
         dout = out.new_zeros(b, t, hidden) if dout is None else dout.contiguous()
@@ -76,12 +89,13 @@ class _OneHotLSTM(torch.autograd.Function):
         work = out.new_empty(b * 6 * hidden)
         scratch = out.new_empty(MAX_THREADS * (v + hidden + 1) * g)
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
-        library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh.detach().contiguous()), _p(out), _p(acts),
+        library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),
                                          _p(cs), _p(h0c), _p(c0c), _p(dout), _p(dh), _p(dc), _p(grads), _p(work),
                                          _p(scratch), ctx.threads)
-        d_ih = grads[:v * g].view(v, g).t()
-        d_hh = grads[v * g:(v + hidden) * g].view(hidden, g).t()
-        d_b = grads[(v + hidden) * g:]
+        order = gate_order(hidden)  # back to torch's rows
+        d_ih = grads[:v * g].view(v, g).t()[order]
+        d_hh = grads[v * g:(v + hidden) * g].view(hidden, g).t()[order]
+        d_b = grads[(v + hidden) * g:][order]
         return None, d_ih, d_hh, d_b, d_b.clone(), dh, dc, None
 
 

@@ -141,9 +141,9 @@ static inline float fast_exp(float x0) {
     return x0 < -87.0f ? 0.0f : p * scale;
 }
 
-/* tanh(x) as x P(x^2) / Q(x^2), degrees 9 over 8, fitted for charloom (weighted least squares with
- * Lawson reweighting toward the least maximum relative error, on 200,000 points of [0, 9]): float32
- * error below 5e-7 on [-9, 9]. Beyond 9, tanh is 1 to float32 precision, so the input is clamped.
+/* tanh(x) as x P(x^2) / Q(x^2), degrees 9 over 8, fitted for charloom by tools/fit_tanh.py (weighted
+ * least squares with Lawson reweighting toward the least maximum relative error, on 200,000 points of
+ * [0, 9]): float32 error below 5e-7 on [-9, 9]. Beyond 9, tanh is 1 to float32 precision, so the input is clamped.
  * No exp and one division: less work than 1 - 2 / (exp(2x) + 1), and accurate near 0 without a
  * second formula (a step of 32 rows of a book-size LSTM measured 3-8% faster than with it). */
 static inline float fast_tanh(float x0) {
@@ -164,6 +164,19 @@ static inline float fast_tanh(float x0) {
 
 /* sigmoid(x) = (1 + tanh(x / 2)) / 2. */
 static inline float fast_sigmoid(float x) { return 0.5f + 0.5f * fast_tanh(0.5f * x); }
+
+/* One LSTM cell for one row: gates g (4H) in the order (i, f, o, g) before activation, in place
+ * after it; c and h (H) updated: c = f*c + i*g, h = o*tanh(c). */
+static inline void lstm_cell(float *restrict g, float *restrict c, float *restrict h, int H) {
+    for (int j = 0; j < 3 * H; j++)
+        g[j] = fast_sigmoid(g[j]);
+    for (int j = 3 * H; j < 4 * H; j++)
+        g[j] = fast_tanh(g[j]);
+    for (int j = 0; j < H; j++)
+        c[j] = g[H + j] * c[j] + g[j] * g[3 * H + j];
+    for (int j = 0; j < H; j++)
+        h[j] = g[2 * H + j] * fast_tanh(c[j]);
+}
 
 /* Advance `rows` rows by ids[r]; leaves the last layer's output (rows, H) in *out_h. `state` points
  * at the first of these rows in slot 0; a slot holds `stride` rows (so a thread can own a range of
@@ -187,17 +200,8 @@ static void advance(const Net *net, int rows, int stride, const int64_t *ids, fl
         if (net->lstm) {
             float *c = state + (size_t)(L + l) * stride * H;
             matmul_acc(rows, H, GH, h, net->w_hh_t[l], proj); /* proj now holds the gates */
-            for (int r = 0; r < rows; r++) {
-                float *g = proj + (size_t)r * GH, *hr = h + (size_t)r * H, *cr = c + (size_t)r * H;
-                for (int j = 0; j < 3 * H; j++)
-                    g[j] = fast_sigmoid(g[j]);
-                for (int j = 3 * H; j < GH; j++)
-                    g[j] = fast_tanh(g[j]);
-                for (int j = 0; j < H; j++)
-                    cr[j] = g[H + j] * cr[j] + g[j] * g[3 * H + j];
-                for (int j = 0; j < H; j++)
-                    hr[j] = g[2 * H + j] * fast_tanh(cr[j]);
-            }
+            for (int r = 0; r < rows; r++)
+                lstm_cell(proj + (size_t)r * GH, c + (size_t)r * H, h + (size_t)r * H, H);
         } else {
             for (int r = 0; r < rows; r++)
                 memcpy(gates + (size_t)r * GH, net->b_hh[l], sizeof(float) * GH);
@@ -244,6 +248,23 @@ int charloom_rnn_step(const Net *net, int rows, const int64_t *ids, float *state
     advance(net, rows, rows, ids, state, net->work, &h);
     head(net, rows, h, head_scratch(net, net->work, rows), logits);
     return 0;
+}
+
+/* fn(args[0]), ..., fn(args[n - 1]), each args[k] `size` bytes apart: the first on the caller's
+ * thread, the others on new threads, all joined before returning (a part with no thread to be had
+ * runs on the caller's). */
+static void run_parts(void *(*fn)(void *), char *args, size_t size, int n) {
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 1; k < n; k++)
+        started[k] = pthread_create(&tid[k], NULL, fn, args + k * size) == 0;
+    fn(args);
+    for (int k = 1; k < n; k++) {
+        if (started[k])
+            pthread_join(tid[k], NULL);
+        else
+            fn(args + k * size);
+    }
 }
 
 typedef struct {
@@ -321,8 +342,6 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
     if (rows / parts < MIN_ROWS_PER_THREAD)
         parts = rows / MIN_ROWS_PER_THREAD > 0 ? rows / MIN_ROWS_PER_THREAD : 1;
     Part part[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int k = 0, r0 = 0; k < parts; k++) {
         const int r1 = rows * (k + 1) / parts;
         float *work = net->work + (size_t)r0 * (2 * GH + Vp + 2) + (size_t)k * extra;
@@ -330,22 +349,15 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
                          uniforms + r0, temp + r0, ids_out + r0};
         r0 = r1;
     }
-    for (int k = 1; k < parts; k++)
-        started[k] = pthread_create(&tid[k], NULL, sample_part, &part[k]) == 0;
-    sample_part(&part[0]);
-    for (int k = 1; k < parts; k++) {
-        if (started[k])
-            pthread_join(tid[k], NULL);
-        else
-            sample_part(&part[k]); /* no thread to be had: run it here */
-    }
+    run_parts(sample_part, (char *)part, sizeof part[0], parts);
 }
 
 /* ---- Training: an LSTM layer over one-hot input (the book's model), forward and backward --------
  *
- * Gate order here is torch's (i, f, g, o). The input part of the gates is column ids[b, t] of W_ih
- * (the one-hot product), read as row ids[b, t] of w_ih_t (V, 4H), plus bias = b_ih + b_hh:
- *   gates = w_ih_t[id] + bias + h @ w_hh_t; i, f, o = sigmoid; g = tanh; c = f*c + i*g; h = o*tanh(c)
+ * Gate order is (i, f, o, g), as in generation (the caller reorders torch's rows). The input part of
+ * the gates is column ids[b, t] of W_ih (the one-hot product), read as row ids[b, t] of w_ih_t (V, 4H),
+ * plus bias = b_ih + b_hh:
+ *   gates = w_ih_t[id] + bias + h @ w_hh_t, then lstm_cell
  * The backward pass produces every gradient (W_ih, W_hh, the bias, the initial state), so a training
  * step runs no large torch op whose worker threads would then spin on the cores these threads use.
  * Rows (sequences) never interact: ranges of rows run on their own threads with no synchronisation
@@ -379,16 +391,7 @@ static void *lstm_forward_part(void *arg) {
         for (int r = 0; r < rows; r++) {
             float *g = gates + (size_t)r * G, *hr = h + (size_t)r * H, *cr = c + (size_t)r * H;
             const size_t at = (size_t)(p->r0 + r) * T + t;
-            for (int j = 0; j < 2 * H; j++)
-                g[j] = fast_sigmoid(g[j]);
-            for (int j = 2 * H; j < 3 * H; j++)
-                g[j] = fast_tanh(g[j]);
-            for (int j = 3 * H; j < G; j++)
-                g[j] = fast_sigmoid(g[j]);
-            for (int j = 0; j < H; j++)
-                cr[j] = g[H + j] * cr[j] + g[j] * g[2 * H + j];
-            for (int j = 0; j < H; j++)
-                hr[j] = g[3 * H + j] * fast_tanh(cr[j]);
+            lstm_cell(g, cr, hr, H);
             memcpy(p->acts + at * G, g, sizeof(float) * G);
             memcpy(p->cs + at * H, cr, sizeof(float) * H);
             memcpy(p->out + at * H, hr, sizeof(float) * H);
@@ -414,13 +417,13 @@ static void *lstm_backward_part(void *arg) {
             float *d = dg + (size_t)r * G, *dcr = dc + (size_t)r * H;
             const float *dhr = dh + (size_t)r * H;
             for (int j = 0; j < H; j++) {
-                const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+                const float i = a[j], f = a[H + j], o = a[2 * H + j], g = a[3 * H + j];
                 const float tc = fast_tanh(cr[j]), dht = dhr[j] + dout[j];
                 const float dct = dcr[j] + dht * o * (1.0f - tc * tc);
                 d[j] = dct * g * i * (1.0f - i);
                 d[H + j] = dct * cprev[j] * f * (1.0f - f);
-                d[2 * H + j] = dct * i * (1.0f - g * g);
-                d[3 * H + j] = dht * tc * o * (1.0f - o);
+                d[2 * H + j] = dht * tc * o * (1.0f - o);
+                d[3 * H + j] = dct * i * (1.0f - g * g);
                 dcr[j] = dct * f;
             }
             float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
@@ -447,8 +450,6 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
     if (base.B / parts < MIN_ROWS_PER_THREAD)
         parts = base.B / MIN_ROWS_PER_THREAD > 0 ? base.B / MIN_ROWS_PER_THREAD : 1;
     LstmPart part[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int k = 0; k < parts; k++) {
         part[k] = base;
         part[k].r0 = base.B * k / parts;
@@ -460,15 +461,7 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
             part[k].g_b = part[k].g_hh + (size_t)base.H * G;
         }
     }
-    for (int k = 1; k < parts; k++)
-        started[k] = pthread_create(&tid[k], NULL, fn, &part[k]) == 0;
-    fn(&part[0]);
-    for (int k = 1; k < parts; k++) {
-        if (started[k])
-            pthread_join(tid[k], NULL);
-        else
-            fn(&part[k]);
-    }
+    run_parts(fn, (char *)part, sizeof part[0], parts);
     return parts;
 }
 
@@ -501,4 +494,4 @@ void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, cons
     }
 }
 
-int charloom_abi_version(void) { return 6; }
+int charloom_abi_version(void) { return 7; }
