@@ -13,8 +13,10 @@ from charloom.native.lstm import onehot_lstm
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 
+# Steps around the kernel's chunks of LSTM_CHUNK = 4 steps (a part chunk left, whole chunks, one step);
+# rows around its tiles of 6 and its split over threads.
 @pytest.mark.parametrize("batch,steps,vocab,hidden,threads", [(5, 7, 11, 16, 1), (37, 9, 13, 24, 2), (20, 5, 300, 8, 3),
-                                                              (64, 30, 57, 128, 2)])
+                                                              (64, 30, 57, 128, 2), (16, 8, 7, 16, 2), (3, 1, 5, 8, 1)])
 def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads):  # noqa: F811
     torch.manual_seed(0)
     rnn = torch.nn.LSTM(vocab, hidden, batch_first=True)

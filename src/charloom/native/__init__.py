@@ -27,9 +27,10 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
+LSTM_CHUNK = 4  # as in rnn.c
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -109,7 +110,7 @@ def library() -> Any | None:
         lib.charloom_rnn_step.restype = i32
         lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32]
         lib.charloom_rnn_sample.restype = None
-        lib.charloom_lstm_forward.argtypes = [i32] * 4 + [ptr] * 10 + [i32]
+        lib.charloom_lstm_forward.argtypes = [i32] * 4 + [ptr] * 9 + [i32]
         lib.charloom_lstm_forward.restype = None
         lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 13 + [i32]
         lib.charloom_lstm_backward.restype = None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import MAX_THREADS, library
+from . import LSTM_CHUNK, MAX_THREADS, library
 
 
 def gate_order(hidden: int) -> torch.Tensor:
@@ -69,9 +69,8 @@ class _OneHotLSTM(torch.autograd.Function):
         out = w_ih.new_empty(b, t, hidden)
         acts = w_ih.new_empty(b, t, g)  # gates after their activations, for the backward pass
         cs = w_ih.new_empty(b, t, hidden)  # c_t
-        work = w_ih.new_empty(b * 6 * hidden)
         library().charloom_lstm_forward(b, t, hidden, v, _p(ids), _p(w_ih_t), _p(bias), _p(w_hh_t), _p(h), _p(c),
-                                        _p(out), _p(acts), _p(cs), _p(work), threads)
+                                        _p(out), _p(acts), _p(cs), threads)
         ctx.save_for_backward(ids, w_hh_rows, h0, c0, out, acts, cs)
         ctx.threads, ctx.vocab = threads, v
         return out, h, c
@@ -86,7 +85,7 @@ class _OneHotLSTM(torch.autograd.Function):
         dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
         dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
         grads = out.new_empty((v + hidden + 1) * g)  # dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H)
-        work = out.new_empty(b * 6 * hidden)
+        work = out.new_empty(b * LSTM_CHUNK * (5 * hidden + 1))
         scratch = out.new_empty(MAX_THREADS * (v + hidden + 1) * g)
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
         library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),

@@ -23,6 +23,7 @@
 #define MAX_THREADS 8
 #define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
 #define DRAW_ROWS 4           /* rows drawn together (see sample_part) */
+#define LSTM_CHUNK 4          /* training: steps per weight-gradient product (see lstm_backward_part) */
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -42,57 +43,59 @@ typedef float v8 __attribute__((vector_size(32))); /* GCC/Clang vector extension
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
-/* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k), w (k, n),
- * y (rows, n). The R x 8C tile of y stays in 2..12 vector registers while k runs, so each w vector
+/* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k) with rows
+ * ldx floats apart, w (k, n), y (rows, n) with rows ldy floats apart. The R x 8C tile of y stays in 2..12 vector registers while k runs, so each w vector
  * loaded feeds R multiply-adds. R and C are constants at every call site: always_inline lets the
  * compiler unroll both loops and keep `acc` in registers. */
 static inline __attribute__((always_inline)) void tile(const int R, const int C, int k, int n, const float *restrict x,
-                                                       const float *restrict w, float *restrict y) {
+                                                       size_t ldx, const float *restrict w, float *restrict y,
+                                                       size_t ldy) {
     v8 acc[6][4];
     for (int a = 0; a < R; a++)
         for (int c = 0; c < C; c++)
-            acc[a][c] = load8(y + (size_t)a * n + 8 * c);
+            acc[a][c] = load8(y + a * ldy + 8 * c);
     for (int p = 0; p < k; p++, w += n) {
         v8 b[4];
         for (int c = 0; c < C; c++)
             b[c] = load8(w + 8 * c);
         for (int a = 0; a < R; a++) {
-            const float xa = x[(size_t)a * k + p];
+            const float xa = x[a * ldx + p];
             for (int c = 0; c < C; c++)
                 acc[a][c] += xa * b[c];
         }
     }
     for (int a = 0; a < R; a++)
         for (int c = 0; c < C; c++)
-            store8(y + (size_t)a * n + 8 * c, acc[a][c]);
+            store8(y + a * ldy + 8 * c, acc[a][c]);
 }
 
 /* Columns [j, j + 8C) of y for every row: 6-row tiles, then one tile for the 1-5 rows left over.
  * The k x 8C panel of w is read from memory once and then from cache by every row tile. */
 static inline __attribute__((always_inline)) void column_block(const int C, int rows, int k, int n, const float *x,
-                                                               const float *w, float *y) {
+                                                               size_t ldx, const float *w, float *y, size_t ldy) {
     int r = 0;
     for (; r + 6 <= rows; r += 6)
-        tile(6, C, k, n, x + (size_t)r * k, w, y + (size_t)r * n);
-    x += (size_t)r * k;
-    y += (size_t)r * n;
+        tile(6, C, k, n, x + r * ldx, ldx, w, y + r * ldy, ldy);
+    x += r * ldx;
+    y += r * ldy;
     switch (rows - r) {
-    case 5: tile(5, C, k, n, x, w, y); break;
-    case 4: tile(4, C, k, n, x, w, y); break;
-    case 3: tile(3, C, k, n, x, w, y); break;
-    case 2: tile(2, C, k, n, x, w, y); break;
-    case 1: tile(1, C, k, n, x, w, y); break;
+    case 5: tile(5, C, k, n, x, ldx, w, y, ldy); break;
+    case 4: tile(4, C, k, n, x, ldx, w, y, ldy); break;
+    case 3: tile(3, C, k, n, x, ldx, w, y, ldy); break;
+    case 2: tile(2, C, k, n, x, ldx, w, y, ldy); break;
+    case 1: tile(1, C, k, n, x, ldx, w, y, ldy); break;
     default: break;
     }
 }
 
-/* y[r, :] += x[r, :] @ w for r < rows; x (rows, k), w (k, n), y (rows, n).
+/* y[r, :] += x[r, :] @ w for r < rows; x (rows, k) and y (rows, n), rows ldx and ldy floats apart; w (k, n).
  * Column blocks of 16 outside, row tiles inside (see column_block), so each part of w is read from
  * memory once per call (with rows outside, a 2x512 LSTM's 4 MB matrices were streamed once per 6
  * rows, and 64 rows ran at 0.6x torch's speed; now 1.5x). Blocks of 8, then single columns, finish n. A
  * single row (the one-stream case) is a matrix-vector product bound by reading w: it streams w
  * front to back, four k at a time. */
-static void matmul_acc(int rows, int k, int n, const float *restrict x, const float *restrict w, float *restrict y) {
+static void matmul_strided(int rows, int k, int n, const float *restrict x, size_t ldx, const float *restrict w,
+                           float *restrict y, size_t ldy) {
     if (rows == 1) {
         int p = 0;
         for (; p + 4 <= k; p += 4) {
@@ -110,13 +113,18 @@ static void matmul_acc(int rows, int k, int n, const float *restrict x, const fl
     }
     int j = 0;
     for (; j + 16 <= n; j += 16)
-        column_block(2, rows, k, n, x, w + j, y + j);
+        column_block(2, rows, k, n, x, ldx, w + j, y + j, ldy);
     for (; j + 8 <= n; j += 8)
-        column_block(1, rows, k, n, x, w + j, y + j);
+        column_block(1, rows, k, n, x, ldx, w + j, y + j, ldy);
     for (; j < n; j++)
         for (int r = 0; r < rows; r++)
             for (int p = 0; p < k; p++)
-                y[(size_t)r * n + j] += x[(size_t)r * k + p] * w[(size_t)p * n + j];
+                y[r * ldy + j] += x[r * ldx + p] * w[(size_t)p * n + j];
+}
+
+/* matmul_strided for packed rows: x (rows, k), y (rows, n). */
+static void matmul_acc(int rows, int k, int n, const float *restrict x, const float *restrict w, float *restrict y) {
+    matmul_strided(rows, k, n, x, (size_t)k, w, y, (size_t)n);
 }
 
 /* exp(x) for float32 without libm, written so the compiler vectorises the loops that call it:
@@ -166,14 +174,14 @@ static inline float fast_tanh(float x0) {
 static inline float fast_sigmoid(float x) { return 0.5f + 0.5f * fast_tanh(0.5f * x); }
 
 /* One LSTM cell for one row: gates g (4H) in the order (i, f, o, g) before activation, in place
- * after it; c and h (H) updated: c = f*c + i*g, h = o*tanh(c). */
-static inline void lstm_cell(float *restrict g, float *restrict c, float *restrict h, int H) {
+ * after it; c = f*c_in + i*g written to c (which may be c_in), h = o*tanh(c) (H each). */
+static inline void lstm_cell(float *restrict g, const float *c_in, float *c, float *restrict h, int H) {
     for (int j = 0; j < 3 * H; j++)
         g[j] = fast_sigmoid(g[j]);
     for (int j = 3 * H; j < 4 * H; j++)
         g[j] = fast_tanh(g[j]);
     for (int j = 0; j < H; j++)
-        c[j] = g[H + j] * c[j] + g[j] * g[3 * H + j];
+        c[j] = g[H + j] * c_in[j] + g[j] * g[3 * H + j];
     for (int j = 0; j < H; j++)
         h[j] = g[2 * H + j] * fast_tanh(c[j]);
 }
@@ -201,7 +209,7 @@ static void advance(const Net *net, int rows, int stride, const int64_t *ids, fl
             float *c = state + (size_t)(L + l) * stride * H;
             matmul_acc(rows, H, GH, h, net->w_hh_t[l], proj); /* proj now holds the gates */
             for (int r = 0; r < rows; r++)
-                lstm_cell(proj + (size_t)r * GH, c + (size_t)r * H, h + (size_t)r * H, H);
+                lstm_cell(proj + (size_t)r * GH, c + (size_t)r * H, c + (size_t)r * H, h + (size_t)r * H, H);
         } else {
             for (int r = 0; r < rows; r++)
                 memcpy(gates + (size_t)r * GH, net->b_hh[l], sizeof(float) * GH);
@@ -372,43 +380,56 @@ typedef struct {
     float *out, *acts, *cs;       /* out (B, T, H) h_t; acts (B, T, 4H) gates after activation; cs (B, T, H) c_t */
     const float *h0, *c0, *dout;  /* backward: initial state (B, H) each, dout (B, T, H) */
     float *g_ih, *g_hh, *g_b;     /* backward: this part's dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H) */
-    float *work;                  /* this part's scratch: (r1 - r0) * 6H floats */
+    float *work;                  /* backward: this part's scratch, (r1 - r0) * LSTM_CHUNK * (5H + 1) floats */
 } LstmPart;
 
 static void *lstm_forward_part(void *arg) {
     const LstmPart *p = arg;
     const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0;
-    float *gates = p->work; /* (rows, 4H) */
+    const size_t lg = (size_t)T * G, lh = (size_t)T * H; /* a row's stride in acts, and in out and cs */
     float *h = p->h + (size_t)p->r0 * H, *c = p->c + (size_t)p->r0 * H;
+    float *acts = p->acts + (size_t)p->r0 * lg, *cs = p->cs + (size_t)p->r0 * lh, *out = p->out + (size_t)p->r0 * lh;
+    /* The gates are built in acts, where the backward pass reads them, and h_{t-1} and c_{t-1} are read
+     * from out and cs, where step t - 1 wrote them: no copies. */
     for (int t = 0; t < T; t++) {
+        float *g0 = acts + (size_t)t * G; /* row r's gates at g0 + r * lg */
         for (int r = 0; r < rows; r++) {
             const float *col = p->w_ih_t + (size_t)p->ids[(size_t)(p->r0 + r) * T + t] * G;
-            float *g = gates + (size_t)r * G;
+            float *g = g0 + r * lg;
             for (int j = 0; j < G; j++)
                 g[j] = col[j] + p->bias[j];
         }
-        matmul_acc(rows, H, G, h, p->w, gates);
+        if (t)
+            matmul_strided(rows, H, G, out + (size_t)(t - 1) * H, lh, p->w, g0, lg);
+        else
+            matmul_strided(rows, H, G, h, (size_t)H, p->w, g0, lg);
         for (int r = 0; r < rows; r++) {
-            float *g = gates + (size_t)r * G, *hr = h + (size_t)r * H, *cr = c + (size_t)r * H;
-            const size_t at = (size_t)(p->r0 + r) * T + t;
-            lstm_cell(g, cr, hr, H);
-            memcpy(p->acts + at * G, g, sizeof(float) * G);
-            memcpy(p->cs + at * H, cr, sizeof(float) * H);
-            memcpy(p->out + at * H, hr, sizeof(float) * H);
+            const size_t at = r * lh + (size_t)t * H;
+            lstm_cell(g0 + r * lg, t ? cs + at - H : c + (size_t)r * H, cs + at, out + at, H);
         }
+    }
+    for (int r = 0; T > 0 && r < rows; r++) { /* the last state */
+        memcpy(h + (size_t)r * H, out + r * lh + (size_t)(T - 1) * H, sizeof(float) * H);
+        memcpy(c + (size_t)r * H, cs + r * lh + (size_t)(T - 1) * H, sizeof(float) * H);
     }
     return NULL;
 }
 
+/* The weight gradient dW_hh^T += h_{t-1}^T dg_t is taken over LSTM_CHUNK steps at once: one product
+ * with LSTM_CHUNK * rows inner terms reads and writes dW_hh^T (H, 4H) a quarter as often as one per
+ * step. A row of ones under h^T makes the same product add the bias gradient (g_b follows g_hh). */
 static void *lstm_backward_part(void *arg) {
     const LstmPart *p = arg;
-    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0;
-    float *dg = p->work;                  /* (rows, 4H): this step's gradients of the gates before activation */
-    float *dhs = dg + (size_t)rows * G;   /* (rows, H): dh for step t - 1 */
-    float *hpt = dhs + (size_t)rows * H;  /* (H, rows): h_{t-1} transposed, for dW_hh^T += h_{t-1}^T dg */
+    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0, K = LSTM_CHUNK * rows;
+    float *dgs = p->work;              /* (K, 4H): gradients of the gates before activation, a chunk of steps */
+    float *hpt = dgs + (size_t)K * G;  /* (H + 1, K): the chunk's h_{t-1} transposed, then ones */
     float *dh = p->h + (size_t)p->r0 * H, *dc = p->c + (size_t)p->r0 * H;
     memset(p->g_ih, 0, sizeof(float) * ((size_t)p->V + H + 1) * G); /* g_ih, g_hh and g_b lie in a row */
+    for (int k = 0; k < K; k++)
+        hpt[(size_t)H * K + k] = 1.0f;
+    int filled = 0; /* steps of the chunk done */
     for (int t = T - 1; t >= 0; t--) {
+        float *dg = dgs + (size_t)filled * rows * G;
         for (int r = 0; r < rows; r++) {
             const size_t row = (size_t)(p->r0 + r), at = row * T + t;
             const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
@@ -427,17 +448,18 @@ static void *lstm_backward_part(void *arg) {
                 dcr[j] = dct * f;
             }
             float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
-            for (int j = 0; j < G; j++) {
+            for (int j = 0; j < G; j++)
                 gi[j] += d[j];
-                p->g_b[j] += d[j];
-            }
+            float *col = hpt + (size_t)filled * rows + r;
             for (int j = 0; j < H; j++)
-                hpt[(size_t)j * rows + r] = hprev[j];
+                col[(size_t)j * K] = hprev[j];
         }
-        matmul_acc(H, rows, G, hpt, dg, p->g_hh); /* dW_hh^T += h_{t-1}^T dg */
-        memset(dhs, 0, sizeof(float) * (size_t)rows * H);
-        matmul_acc(rows, G, H, dg, p->w, dhs); /* dh_{t-1} = dg @ w_hh */
-        memcpy(dh, dhs, sizeof(float) * (size_t)rows * H);
+        memset(dh, 0, sizeof(float) * (size_t)rows * H); /* this step's dh was read above */
+        matmul_acc(rows, G, H, dg, p->w, dh);             /* dh_{t-1} = dg @ w_hh */
+        if (++filled == LSTM_CHUNK || t == 0) {
+            matmul_strided(H + 1, filled * rows, G, hpt, (size_t)K, dgs, p->g_hh, (size_t)G);
+            filled = 0;
+        }
     }
     return NULL;
 }
@@ -454,7 +476,7 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
         part[k] = base;
         part[k].r0 = base.B * k / parts;
         part[k].r1 = base.B * (k + 1) / parts;
-        part[k].work = work + (size_t)part[k].r0 * 6 * base.H;
+        part[k].work = work ? work + (size_t)part[k].r0 * LSTM_CHUNK * (5 * base.H + 1) : NULL;
         if (grads) {
             part[k].g_ih = grads + k * per;
             part[k].g_hh = part[k].g_ih + (size_t)base.V * G;
@@ -466,19 +488,18 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
 }
 
 /* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (B, T, H);
- * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass; work holds B * 6H floats. */
+ * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass. */
 void charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
-                           const float *w_hh_t, float *h, float *c, float *out, float *acts, float *cs, float *work,
-                           int threads) {
+                           const float *w_hh_t, float *h, float *c, float *out, float *acts, float *cs, int threads) {
     LstmPart base = {B, T, H, V, 0, 0, ids, w_ih_t, bias, w_hh_t, h, c, out, acts, cs,
                      NULL, NULL, NULL, NULL, NULL, NULL, NULL};
-    lstm_parts(lstm_forward_part, base, threads, work, NULL);
+    lstm_parts(lstm_forward_part, base, threads, NULL, NULL);
 }
 
 /* Backward over T steps from the forward's out, acts and cs: dh, dc (B, H) hold the gradients of the
  * last state and receive those of the initial one; dout (B, T, H) is the gradient of out; grads
  * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order; w_hh is (4H, H); work holds
- * B * 6H floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
+ * B * LSTM_CHUNK * (5H + 1) floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
 void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
                             const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
                             float *dh, float *dc, float *grads, float *work, float *scratch, int threads) {
@@ -494,4 +515,4 @@ void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, cons
     }
 }
 
-int charloom_abi_version(void) { return 7; }
+int charloom_abi_version(void) { return 8; }
