@@ -49,7 +49,7 @@ def test_repeated_file(tmp_path: Path) -> None:
 
 
 def test_preset_scales_with_corpus_and_budget() -> None:
-    from charloom.config import PRESET_SIZES, preset_for
+    from charloom.config import CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
 
     def size(n: int, t: float) -> int:
         m = preset_for(n, t)["model"]
@@ -60,14 +60,22 @@ def test_preset_scales_with_corpus_and_budget() -> None:
         sizes = [size(n, t) for t in budgets]
         assert sizes == sorted(sizes), "a longer budget never gets a smaller model"
         assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
-    assert preset_for(540_000, 300)["model"]["hidden"] == 256  # 5 minutes: the fast network
+    # Nietzsche-size corpora: the small network for a minute, the large one with more dropout for five.
+    assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}
+    assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3}
     assert preset_for(540_000, 0)["model"]["hidden"] == 512
     assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
     assert "batch_size" not in preset_for(50_000_000, 0)["train"]
-    # The budget rule by hand: 1x512 at 12k chars/s needs 20 x 1.22M params / 12k = 2033 s.
-    layers, hidden, params, rate = PRESET_SIZES[2]
-    assert preset_for(1_000_000, 20 * params / rate + 1)["model"]["hidden"] == hidden
-    assert preset_for(1_000_000, 20 * params / rate - 1)["model"]["hidden"] < hidden
+    assert preset_for(50_000_000, 0)["model"]["dropout"] == 0.0
+    # The budget rule by hand: below 5M chars 1x512 (12k chars/s) needs 2.5 x 1.22M params / 12k = 254 s;
+    # above, 2x512 (4.5k chars/s) needs 20 x 3.32M / 4.5k = 14,756 s.
+    _, hidden, params, rate = PRESET_SIZES[2]
+    ratio = SMALL_CORPUS_CHARS_PER_PARAMETER
+    assert preset_for(1_000_000, ratio * params / rate + 1)["model"]["hidden"] == hidden
+    assert preset_for(1_000_000, ratio * params / rate - 1)["model"]["hidden"] < hidden
+    layers, hidden, params, rate = PRESET_SIZES[3]
+    assert preset_for(50_000_000, CHARS_PER_PARAMETER * params / rate + 1)["model"]["layers"] == layers
+    assert preset_for(50_000_000, CHARS_PER_PARAMETER * params / rate - 1)["model"]["layers"] < layers
 
 
 def test_idle_cores_is_between_one_and_the_available_cores() -> None:
