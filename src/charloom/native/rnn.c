@@ -415,6 +415,25 @@ static void *lstm_forward_part(void *arg) {
     return NULL;
 }
 
+/* One row's step backward: d (4H), the gradients of the gates before activation, from a (4H) the
+ * gates after it (i, f, o, g), c and c_prev (H), dh (H, from the step after) plus dout (H, from the
+ * output); dc (H) holds the cell's gradient from the step after and receives the one for the step
+ * before. restrict lets the compiler vectorise the loop (it did not with the pointers unqualified). */
+static inline void lstm_cell_backward(const float *restrict a, const float *restrict c, const float *restrict c_prev,
+                                      const float *restrict dh, const float *restrict dout, float *restrict dc,
+                                      float *restrict d, int H) {
+    for (int j = 0; j < H; j++) {
+        const float i = a[j], f = a[H + j], o = a[2 * H + j], g = a[3 * H + j];
+        const float tc = fast_tanh(c[j]), dht = dh[j] + dout[j];
+        const float dct = dc[j] + dht * o * (1.0f - tc * tc);
+        d[j] = dct * g * i * (1.0f - i);
+        d[H + j] = dct * c_prev[j] * f * (1.0f - f);
+        d[2 * H + j] = dht * tc * o * (1.0f - o);
+        d[3 * H + j] = dct * i * (1.0f - g * g);
+        dc[j] = dct * f;
+    }
+}
+
 /* The weight gradient dW_hh^T += h_{t-1}^T dg_t is taken over LSTM_CHUNK steps at once: one product
  * with LSTM_CHUNK * rows inner terms reads and writes dW_hh^T (H, 4H) a quarter as often as one per
  * step. A row of ones under h^T makes the same product add the bias gradient (g_b follows g_hh). */
@@ -435,18 +454,8 @@ static void *lstm_backward_part(void *arg) {
             const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
             const float *cprev = t ? p->cs + (at - 1) * H : p->c0 + row * H;
             const float *hprev = t ? p->out + (at - 1) * H : p->h0 + row * H;
-            float *d = dg + (size_t)r * G, *dcr = dc + (size_t)r * H;
-            const float *dhr = dh + (size_t)r * H;
-            for (int j = 0; j < H; j++) {
-                const float i = a[j], f = a[H + j], o = a[2 * H + j], g = a[3 * H + j];
-                const float tc = fast_tanh(cr[j]), dht = dhr[j] + dout[j];
-                const float dct = dcr[j] + dht * o * (1.0f - tc * tc);
-                d[j] = dct * g * i * (1.0f - i);
-                d[H + j] = dct * cprev[j] * f * (1.0f - f);
-                d[2 * H + j] = dht * tc * o * (1.0f - o);
-                d[3 * H + j] = dct * i * (1.0f - g * g);
-                dcr[j] = dct * f;
-            }
+            float *d = dg + (size_t)r * G;
+            lstm_cell_backward(a, cr, cprev, dh + (size_t)r * H, dout, dc + (size_t)r * H, d, H);
             float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
             for (int j = 0; j < G; j++)
                 gi[j] += d[j];
