@@ -44,9 +44,10 @@ static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 /* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k) with rows
- * ldx floats apart, w (k, n), y (rows, n) with rows ldy floats apart. The R x 8C tile of y stays in 2..12 vector registers while k runs, so each w vector
- * loaded feeds R multiply-adds. R and C are constants at every call site: always_inline lets the
- * compiler unroll both loops and keep `acc` in registers. */
+ * ldx floats apart, w (k, n), y (rows, n) with rows ldy floats apart. The R x 8C tile of y stays in
+ * 2..12 vector registers while k runs, so each w vector loaded feeds R multiply-adds. R and C are
+ * constants at every call site: always_inline lets the compiler unroll both loops and keep `acc` in
+ * registers. */
 static inline __attribute__((always_inline)) void tile(const int R, const int C, int k, int n, const float *restrict x,
                                                        size_t ldx, const float *restrict w, float *restrict y,
                                                        size_t ldy) {
