@@ -64,6 +64,9 @@ def test_preset_scales_with_corpus_and_budget() -> None:
     assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}
     assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3}
     assert preset_for(540_000, 0)["model"]["hidden"] == 512
+    # The conv and transformer presets keep the compute-optimal rule (measured: a transformer sized by
+    # the small-corpus rule did far worse).
+    assert preset_for(540_000, 300, recurrent=False)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}
     assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
     assert "batch_size" not in preset_for(50_000_000, 0)["train"]
     assert preset_for(50_000_000, 0)["model"]["dropout"] == 0.0

@@ -87,7 +87,7 @@ class ConvLM(LanguageModel):
         # Eight blocks per recurrent layer of the RNN preset (a 256-token receptive field at kernel 2),
         # 5/16 as wide: a block holds ~6 H^2 weights, so 8 x 6 x 160^2 ~ the 1.2M of a 512-unit LSTM
         # layer, and the compute per token matches too.
-        base = preset_for(n_train_chars, max_time)
+        base = preset_for(n_train_chars, max_time, recurrent=False)
         model = {**base["model"], "layers": 8 * base["model"]["layers"], "hidden": base["model"]["hidden"] * 5 // 16}
         return {"model": model, "train": base["train"]}
 

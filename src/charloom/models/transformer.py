@@ -110,7 +110,7 @@ class TransformerLM(LanguageModel):
         # validation bits/char, 2026-11-29: the old preset (4x80, T=128 windows every 64, B=32)
         # 3.56; nanoGPT's CPU "baby GPT" shape (4x128, T=64, B=12, lr 1e-3) 3.08; 4x128 B=16 lr 3e-3
         # 2.84; 2x128 B=16 lr 3e-3 2.58, lr 6e-3 2.55; 2x128 B=8 lr 3e-3 2.57. Small and fast wins.
-        base = preset_for(n_train_chars, max_time)
+        base = preset_for(n_train_chars, max_time, recurrent=False)
         model = {**base["model"], "layers": 2 * base["model"]["layers"],
                  "hidden": max(128, base["model"]["hidden"] // 2), "tie_weights": True}
         train = {**base["train"], "batching": "windows", "seq_len": 64, "window_step": 1, "batch_size": 16}
