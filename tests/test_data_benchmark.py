@@ -67,6 +67,10 @@ def test_preset_scales_with_corpus_and_budget() -> None:
     # The conv and transformer presets keep the compute-optimal rule (measured: a transformer sized by
     # the small-corpus rule did far worse).
     assert preset_for(540_000, 300, recurrent=False)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}
+    from charloom.models.base import model_class
+    assert model_class("transformer").preset(540_000, 300)["model"]["hidden"] == 128  # from 1x256, not 1x512
+    assert model_class("conv").preset(540_000, 300)["model"]["hidden"] == 80
+    assert model_class("gru").preset(540_000, 300)["model"]["hidden"] == 512  # recurrent: the LSTM's rule
     assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
     assert "batch_size" not in preset_for(50_000_000, 0)["train"]
     assert preset_for(50_000_000, 0)["model"]["dropout"] == 0.0
