@@ -27,10 +27,11 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 8
+ABI_VERSION = 9
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 LSTM_CHUNK = 4  # as in rnn.c
+LSTM_PAD = 8  # as in rnn.c: floats added to the row stride of the training kernel's 4H-wide matrices
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import LSTM_CHUNK, MAX_THREADS, library
+from . import LSTM_CHUNK, LSTM_PAD, MAX_THREADS, library
 
 
 def gate_order(hidden: int) -> torch.Tensor:
@@ -62,7 +62,11 @@ class _OneHotLSTM(torch.autograd.Function):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
             raise ValueError(f"token ids must lie in [0, {v})")  # the kernel reads row id of W_ih^T unchecked
         order = gate_order(hidden)
-        w_ih_t, w_hh_t = w_ih.detach()[order].t().contiguous(), w_hh.detach()[order].t().contiguous()  # (V, 4H), (H, 4H)
+        w_ih_t = w_ih.detach()[order].t().contiguous()  # (V, 4H)
+        # (H, 4H) in rows 4H + LSTM_PAD apart: a 4H of 512 floats is a whole page, which the kernel's
+        # products read slower (cache-set conflicts; see matmul_strided in rnn.c).
+        w_hh_t = w_ih.new_zeros(hidden, g + LSTM_PAD)[:, :g]
+        w_hh_t.copy_(w_hh.detach()[order].t())
         bias = (b_ih + b_hh).detach()[order].contiguous()
         w_hh_rows = w_hh.detach()[order]  # (4H, H) in our order, for the backward pass
         h, c = h0.detach().contiguous().clone(), c0.detach().contiguous().clone()  # (B, H): receive the last state
@@ -85,7 +89,7 @@ class _OneHotLSTM(torch.autograd.Function):
         dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
         dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
         grads = out.new_empty((v + hidden + 1) * g)  # dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H)
-        work = out.new_empty(b * LSTM_CHUNK * (5 * hidden + 1))
+        work = out.new_empty(b * LSTM_CHUNK * (5 * hidden + 1 + LSTM_PAD))
         scratch = out.new_empty(MAX_THREADS * (v + hidden + 1) * g)
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
         library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),

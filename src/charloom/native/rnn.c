@@ -24,6 +24,7 @@
 #define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
 #define DRAW_ROWS 4           /* rows drawn together (see sample_part) */
 #define LSTM_CHUNK 4          /* training: steps per weight-gradient product (see lstm_backward_part) */
+#define LSTM_PAD 8            /* training: floats added to the row stride of 4H-wide matrices (see matmul_strided) */
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -43,24 +44,25 @@ typedef float v8 __attribute__((vector_size(32))); /* GCC/Clang vector extension
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
-/* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k) with rows
- * ldx floats apart, w (k, n), y (rows, n) with rows ldy floats apart. The R x 8C tile of y stays in
+/* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k) has element
+ * (r, p) at x[r * xr + p * xc] (xc = 1 for rows in memory, xr = 1 for a transposed x), w (k, n) and
+ * y (rows, n) have rows ldw and ldy floats apart. The R x 8C tile of y stays in
  * 2..12 vector registers while k runs, so each w vector loaded feeds R multiply-adds. R and C are
  * constants at every call site: always_inline lets the compiler unroll both loops and keep `acc` in
  * registers. */
-static inline __attribute__((always_inline)) void tile(const int R, const int C, int k, int n, const float *restrict x,
-                                                       size_t ldx, const float *restrict w, float *restrict y,
-                                                       size_t ldy) {
+static inline __attribute__((always_inline)) void tile(const int R, const int C, int k, const float *restrict x, size_t xr,
+                                                       size_t xc, const float *restrict w, size_t ldw,
+                                                       float *restrict y, size_t ldy) {
     v8 acc[6][4];
     for (int a = 0; a < R; a++)
         for (int c = 0; c < C; c++)
             acc[a][c] = load8(y + a * ldy + 8 * c);
-    for (int p = 0; p < k; p++, w += n) {
+    for (int p = 0; p < k; p++, x += xc, w += ldw) {
         v8 b[4];
         for (int c = 0; c < C; c++)
             b[c] = load8(w + 8 * c);
         for (int a = 0; a < R; a++) {
-            const float xa = x[a * ldx + p];
+            const float xa = x[a * xr];
             for (int c = 0; c < C; c++)
                 acc[a][c] += xa * b[c];
         }
@@ -72,60 +74,64 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
 
 /* Columns [j, j + 8C) of y for every row: 6-row tiles, then one tile for the 1-5 rows left over.
  * The k x 8C panel of w is read from memory once and then from cache by every row tile. */
-static inline __attribute__((always_inline)) void column_block(const int C, int rows, int k, int n, const float *x,
-                                                               size_t ldx, const float *w, float *y, size_t ldy) {
+static inline __attribute__((always_inline)) void column_block(const int C, int rows, int k, const float *x,
+                                                               size_t xr, size_t xc, const float *w, size_t ldw,
+                                                               float *y, size_t ldy) {
     int r = 0;
     for (; r + 6 <= rows; r += 6)
-        tile(6, C, k, n, x + r * ldx, ldx, w, y + r * ldy, ldy);
-    x += r * ldx;
+        tile(6, C, k, x + r * xr, xr, xc, w, ldw, y + r * ldy, ldy);
+    x += r * xr;
     y += r * ldy;
     switch (rows - r) {
-    case 5: tile(5, C, k, n, x, ldx, w, y, ldy); break;
-    case 4: tile(4, C, k, n, x, ldx, w, y, ldy); break;
-    case 3: tile(3, C, k, n, x, ldx, w, y, ldy); break;
-    case 2: tile(2, C, k, n, x, ldx, w, y, ldy); break;
-    case 1: tile(1, C, k, n, x, ldx, w, y, ldy); break;
+    case 5: tile(5, C, k, x, xr, xc, w, ldw, y, ldy); break;
+    case 4: tile(4, C, k, x, xr, xc, w, ldw, y, ldy); break;
+    case 3: tile(3, C, k, x, xr, xc, w, ldw, y, ldy); break;
+    case 2: tile(2, C, k, x, xr, xc, w, ldw, y, ldy); break;
+    case 1: tile(1, C, k, x, xr, xc, w, ldw, y, ldy); break;
     default: break;
     }
 }
 
-/* y[r, :] += x[r, :] @ w for r < rows; x (rows, k) and y (rows, n), rows ldx and ldy floats apart; w (k, n).
+/* y[r, :] += x[r, :] @ w for r < rows; x (rows, k) with element (r, p) at x[r * xr + p * xc], w (k, n)
+ * and y (rows, n) with rows ldw and ldy floats apart. A w stride of whole 4 KB pages (512 floats, or a
+ * multiple) puts every row of a column block in the same few L1 cache sets, too few to hold the block:
+ * training pads such strides (LSTM_PAD; 64 x 128 x 512 in a C harness: 31 -> 35G multiply-adds/s).
  * Column blocks of 16 outside, row tiles inside (see column_block), so each part of w is read from
  * memory once per call (with rows outside, a 2x512 LSTM's 4 MB matrices were streamed once per 6
  * rows, and 64 rows ran at 0.6x torch's speed; now 1.5x). Blocks of 8, then single columns, finish n. A
  * single row (the one-stream case) is a matrix-vector product bound by reading w: it streams w
  * front to back, four k at a time. */
-static void matmul_strided(int rows, int k, int n, const float *restrict x, size_t ldx, const float *restrict w,
-                           float *restrict y, size_t ldy) {
+static void matmul_strided(int rows, int k, int n, const float *restrict x, size_t xr, size_t xc,
+                           const float *restrict w, size_t ldw, float *restrict y, size_t ldy) {
     if (rows == 1) {
         int p = 0;
         for (; p + 4 <= k; p += 4) {
-            const float *w0 = w + (size_t)p * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-            const float a0 = x[p], a1 = x[p + 1], a2 = x[p + 2], a3 = x[p + 3];
+            const float *w0 = w + p * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+            const float a0 = x[p * xc], a1 = x[(p + 1) * xc], a2 = x[(p + 2) * xc], a3 = x[(p + 3) * xc];
             for (int j = 0; j < n; j++)
                 y[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
         }
         for (; p < k; p++) {
-            const float *w0 = w + (size_t)p * n;
+            const float *w0 = w + p * ldw;
             for (int j = 0; j < n; j++)
-                y[j] += x[p] * w0[j];
+                y[j] += x[p * xc] * w0[j];
         }
         return;
     }
     int j = 0;
     for (; j + 16 <= n; j += 16)
-        column_block(2, rows, k, n, x, ldx, w + j, y + j, ldy);
+        column_block(2, rows, k, x, xr, xc, w + j, ldw, y + j, ldy);
     for (; j + 8 <= n; j += 8)
-        column_block(1, rows, k, n, x, ldx, w + j, y + j, ldy);
+        column_block(1, rows, k, x, xr, xc, w + j, ldw, y + j, ldy);
     for (; j < n; j++)
         for (int r = 0; r < rows; r++)
             for (int p = 0; p < k; p++)
-                y[r * ldy + j] += x[r * ldx + p] * w[(size_t)p * n + j];
+                y[r * ldy + j] += x[r * xr + p * xc] * w[p * ldw + j];
 }
 
-/* matmul_strided for packed rows: x (rows, k), y (rows, n). */
+/* matmul_strided for packed rows: x (rows, k), w (k, n), y (rows, n). */
 static void matmul_acc(int rows, int k, int n, const float *restrict x, const float *restrict w, float *restrict y) {
-    matmul_strided(rows, k, n, x, (size_t)k, w, y, (size_t)n);
+    matmul_strided(rows, k, n, x, (size_t)k, 1, w, (size_t)n, y, (size_t)n);
 }
 
 /* exp(x) for float32 without libm, written so the compiler vectorises the loops that call it:
@@ -376,12 +382,12 @@ typedef struct {
     int B, T, H, V, r0, r1;       /* this part's rows [r0, r1) of B */
     const int64_t *ids;           /* (B, T) */
     const float *w_ih_t, *bias;   /* (V, 4H), (4H) */
-    const float *w;               /* forward: w_hh_t (H, 4H); backward: w_hh (4H, H) */
+    const float *w;               /* forward: w_hh_t (H, 4H), rows 4H + LSTM_PAD apart; backward: w_hh (4H, H) */
     float *h, *c;                 /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
     float *out, *acts, *cs;       /* out (B, T, H) h_t; acts (B, T, 4H) gates after activation; cs (B, T, H) c_t */
     const float *h0, *c0, *dout;  /* backward: initial state (B, H) each, dout (B, T, H) */
     float *g_ih, *g_hh, *g_b;     /* backward: this part's dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H) */
-    float *work;                  /* backward: this part's scratch, (r1 - r0) * LSTM_CHUNK * (5H + 1) floats */
+    float *work;                  /* backward: this part's scratch, (r1 - r0) * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats */
 } LstmPart;
 
 static void *lstm_forward_part(void *arg) {
@@ -401,9 +407,9 @@ static void *lstm_forward_part(void *arg) {
                 g[j] = col[j] + p->bias[j];
         }
         if (t)
-            matmul_strided(rows, H, G, out + (size_t)(t - 1) * H, lh, p->w, g0, lg);
+            matmul_strided(rows, H, G, out + (size_t)(t - 1) * H, lh, 1, p->w, (size_t)G + LSTM_PAD, g0, lg);
         else
-            matmul_strided(rows, H, G, h, (size_t)H, p->w, g0, lg);
+            matmul_strided(rows, H, G, h, (size_t)H, 1, p->w, (size_t)G + LSTM_PAD, g0, lg);
         for (int r = 0; r < rows; r++) {
             const size_t at = r * lh + (size_t)t * H;
             lstm_cell(g0 + r * lg, t ? cs + at - H : c + (size_t)r * H, cs + at, out + at, H);
@@ -437,37 +443,37 @@ static inline void lstm_cell_backward(const float *restrict a, const float *rest
 
 /* The weight gradient dW_hh^T += h_{t-1}^T dg_t is taken over LSTM_CHUNK steps at once: one product
  * with LSTM_CHUNK * rows inner terms reads and writes dW_hh^T (H, 4H) a quarter as often as one per
- * step. A row of ones under h^T makes the same product add the bias gradient (g_b follows g_hh). */
+ * step. Its left factor h^T is read transposed from the chunk's h_{t-1} rows, each with a 1 after it,
+ * so the same product adds the bias gradient (g_b follows g_hh). */
 static void *lstm_backward_part(void *arg) {
     const LstmPart *p = arg;
     const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0, K = LSTM_CHUNK * rows;
-    float *dgs = p->work;              /* (K, 4H): gradients of the gates before activation, a chunk of steps */
-    float *hpt = dgs + (size_t)K * G;  /* (H + 1, K): the chunk's h_{t-1} transposed, then ones */
+    const size_t ld = (size_t)G + LSTM_PAD; /* the row stride of dgs */
+    float *dgs = p->work;                   /* (K, 4H): gradients of the gates before activation, a chunk of steps */
+    float *hp = dgs + K * ld;               /* (K, H + 1): the chunk's h_{t-1}, each followed by a 1 */
     float *dh = p->h + (size_t)p->r0 * H, *dc = p->c + (size_t)p->r0 * H;
     memset(p->g_ih, 0, sizeof(float) * ((size_t)p->V + H + 1) * G); /* g_ih, g_hh and g_b lie in a row */
     for (int k = 0; k < K; k++)
-        hpt[(size_t)H * K + k] = 1.0f;
+        hp[(size_t)k * (H + 1) + H] = 1.0f;
     int filled = 0; /* steps of the chunk done */
     for (int t = T - 1; t >= 0; t--) {
-        float *dg = dgs + (size_t)filled * rows * G;
+        float *dg = dgs + (size_t)filled * rows * ld;
         for (int r = 0; r < rows; r++) {
             const size_t row = (size_t)(p->r0 + r), at = row * T + t;
             const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
             const float *cprev = t ? p->cs + (at - 1) * H : p->c0 + row * H;
             const float *hprev = t ? p->out + (at - 1) * H : p->h0 + row * H;
-            float *d = dg + (size_t)r * G;
+            float *d = dg + r * ld;
             lstm_cell_backward(a, cr, cprev, dh + (size_t)r * H, dout, dc + (size_t)r * H, d, H);
             float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
             for (int j = 0; j < G; j++)
                 gi[j] += d[j];
-            float *col = hpt + (size_t)filled * rows + r;
-            for (int j = 0; j < H; j++)
-                col[(size_t)j * K] = hprev[j];
+            memcpy(hp + ((size_t)filled * rows + r) * (H + 1), hprev, sizeof(float) * H);
         }
         memset(dh, 0, sizeof(float) * (size_t)rows * H); /* this step's dh was read above */
-        matmul_acc(rows, G, H, dg, p->w, dh);             /* dh_{t-1} = dg @ w_hh */
+        matmul_strided(rows, G, H, dg, ld, 1, p->w, (size_t)H, dh, (size_t)H); /* dh_{t-1} = dg @ w_hh */
         if (++filled == LSTM_CHUNK || t == 0) {
-            matmul_strided(H + 1, filled * rows, G, hpt, (size_t)K, dgs, p->g_hh, (size_t)G);
+            matmul_strided(H + 1, filled * rows, G, hp, 1, (size_t)H + 1, dgs, ld, p->g_hh, (size_t)G);
             filled = 0;
         }
     }
@@ -486,7 +492,7 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
         part[k] = base;
         part[k].r0 = base.B * k / parts;
         part[k].r1 = base.B * (k + 1) / parts;
-        part[k].work = work ? work + (size_t)part[k].r0 * LSTM_CHUNK * (5 * base.H + 1) : NULL;
+        part[k].work = work ? work + (size_t)part[k].r0 * LSTM_CHUNK * (5 * base.H + 1 + LSTM_PAD) : NULL;
         if (grads) {
             part[k].g_ih = grads + k * per;
             part[k].g_hh = part[k].g_ih + (size_t)base.V * G;
@@ -498,7 +504,8 @@ static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *wo
 }
 
 /* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (B, T, H);
- * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass. */
+ * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass; w_hh_t (H, 4H) has rows
+ * 4H + LSTM_PAD floats apart. */
 void charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
                            const float *w_hh_t, float *h, float *c, float *out, float *acts, float *cs, int threads) {
     LstmPart base = {B, T, H, V, 0, 0, ids, w_ih_t, bias, w_hh_t, h, c, out, acts, cs,
@@ -509,7 +516,7 @@ void charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const
 /* Backward over T steps from the forward's out, acts and cs: dh, dc (B, H) hold the gradients of the
  * last state and receive those of the initial one; dout (B, T, H) is the gradient of out; grads
  * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order; w_hh is (4H, H); work holds
- * B * LSTM_CHUNK * (5H + 1) floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
+ * B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
 void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
                             const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
                             float *dh, float *dc, float *grads, float *work, float *scratch, int threads) {
@@ -525,4 +532,4 @@ void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, cons
     }
 }
 
-int charloom_abi_version(void) { return 8; }
+int charloom_abi_version(void) { return 9; }
