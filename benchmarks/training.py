@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/training.py            # full run, about 20 minutes on 2 cores
     PYTHONPATH=src python benchmarks/training.py --quick    # smoke check, about 2 minutes
+    PYTHONPATH=src python benchmarks/training.py --keras-python /tmp/tf/bin/python  # + Keras, same machine
 
 Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
 VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Reference figures from the issue (2 cores, no GPU): Keras 3 + TF 2.21 running the book's recipe.
+# Reference figures from the issue (2 cores, no GPU): Keras 3 + TF 2.21 running the book's recipe, on
+# the issue's machine. --keras-python measures the same recipe on this one (benchmarks/keras_book.py).
 KERAS_BOOK = {"val_bpc": 2.20, "supervised_chars_per_s": 4957, "peak_rss_mb": 2400}
 GOALS = {"nietzsche_bpc": 1.80, "tinyshakespeare_nats": 1.40, "train_peak_mb": 600, "encode_mb_per_s": 50,
          "encode_peak_spread_mb": 100}
@@ -155,13 +157,29 @@ def case_encode(path: str, lowercase: bool) -> dict[str, Any]:
 # The driver
 # --------------------------------------------------------------------------------------------------
 
+def _child(cmd: list[str], about: dict[str, Any]) -> dict[str, Any]:
+    """Run ``cmd``; the JSON object its last line printed, or ``about`` with the error's last line."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    except OSError as exc:
+        return {**about, "error": [f"cannot run {cmd[0]}: {exc}"]}
+    if proc.returncode != 0:
+        return {**about, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_case(kind: str, **kwargs: Any) -> dict[str, Any]:
     """Run one case in a fresh Python process and return what it printed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps({"kind": kind, **kwargs})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        return {"kind": kind, **kwargs, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _child(cmd, {"kind": kind, **kwargs})
+
+
+def run_keras(python: str, budget: float, val_chars: int = 0) -> dict[str, Any]:
+    """The book's recipe in Keras on this machine: benchmarks/keras_book.py under ``python`` (one with
+    Keras 3 and TensorFlow, which charloom does not need)."""
+    script = Path(__file__).resolve().parent / "keras_book.py"
+    cmd = [python, str(script), "--budget", str(budget), "--val-chars", str(val_chars)]
+    return _child(cmd, {"recipe": "book, in Keras", "python": python})
 
 
 def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int = 0) -> Path:
@@ -187,7 +205,14 @@ def markdown(report: dict[str, Any]) -> str:
         val = f"{row['val_bpc']:.3f} bpc" if row["corpus"] == "nietzsche" else f"{row['val_loss_nats']:.3f} nats"
         lines.append(f"| {row['corpus']}, {row['recipe']} recipe, {row['budget_s']:.0f} s | {row['model']} | {val} | "
                      f"{row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
-    lines.append(f"| Keras 3 book recipe (reference) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | "
+    keras = report.get("keras_book_measured")
+    if keras and "error" in keras:
+        lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | |")
+    elif keras:
+        lines.append(f"| Keras {keras['keras']} + TF {keras['tensorflow']} book recipe, this machine, "
+                     f"{keras['budget_s']:.0f} s | lstm 1x128 | {keras['val_bpc']:.3f} bpc | "
+                     f"{keras['supervised_chars_per_s']:,} | | {keras['peak_rss_mb']:,.0f} MB |")
+    lines.append(f"| Keras 3 book recipe (issue's reference machine) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | "
                  f"{KERAS_BOOK['supervised_chars_per_s']:,} | | {KERAS_BOOK['peak_rss_mb']:,} MB |")
     lines += ["", "| encode | MB | MB/s | peak RSS | growth over imports |", "|---|---|---|---|---|"]
     for row in report["encoding"]:
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds of training per case (default 300, quick 10)")
     parser.add_argument("--skip-training", action="store_true", help="only the encoding cases")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (default 0: all cores)")
+    parser.add_argument("--keras-python", metavar="PYTHON",
+                        help="also time the book's recipe in Keras here, with this Python (one with TensorFlow)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:  # inside a child process
@@ -236,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                                out=str(folder / f"{corpus}-{recipe}"), settings={"threads": args.threads})
                 report["training"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+            if args.keras_python:
+                report["keras_book_measured"] = run_keras(args.keras_python, budget, 5000 if args.quick else 0)
+                print(json.dumps(report["keras_book_measured"]), file=sys.stderr, flush=True)
         nietzsche = named_corpus_path("nietzsche")
         sizes = [("nietzsche x1", 1, 0), ("nietzsche x4" if args.quick else "nietzsche x16", 4 if args.quick else 16, 0)]
         sizes += [("64 MB file", 0, 64 * 10 ** 6)] if args.quick else [("nietzsche x256", 256, 0), ("1 GB file", 0, 10 ** 9)]

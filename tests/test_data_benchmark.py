@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from charloom.config import ModelConfig
 from charloom.models import build_model
@@ -35,6 +37,21 @@ def test_encode_case_runs_in_a_child_and_reports(tmp_path: Path) -> None:
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": [], "encoding": [{"label": "tiny", **row}]}
     assert "| tiny |" in training.markdown(report)
+
+
+def test_keras_comparison_reports_a_missing_tensorflow_and_tabulates_a_run() -> None:
+    # charloom's environment has no TensorFlow: the Keras run says what is missing in one line.
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed in this environment")
+    row = training.run_keras(sys.executable, budget=1.0)
+    assert len(row["error"]) == 1 and "needs Keras 3 and TensorFlow" in row["error"][0]
+    report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
+              "training": [], "encoding": [], "keras_book_measured": row}
+    assert "| Keras book recipe, this machine | error:" in training.markdown(report)
+    report["keras_book_measured"] = {"keras": "3.15.1", "tensorflow": "2.21.0", "budget_s": 300.0, "val_bpc": 2.3334,
+                                     "supervised_chars_per_s": 1277, "peak_rss_mb": 2324.4}
+    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | 1,277 |" in (
+        training.markdown(report))
 
 
 def test_repeated_file(tmp_path: Path) -> None:
