@@ -39,8 +39,8 @@ def test_encode_case_runs_in_a_child_and_reports(tmp_path: Path) -> None:
     assert "| tiny |" in training.markdown(report)
 
 
-def test_keras_comparison_reports_a_missing_tensorflow_and_tabulates_a_run() -> None:
-    # charloom's environment has no TensorFlow: the Keras run says what is missing in one line.
+def test_keras_run_without_tensorflow_reports_it_in_one_line() -> None:
+    # charloom's environment has no TensorFlow: the Keras run says what is missing, and the table shows it.
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow is installed in this environment")
     row = training.run_keras(sys.executable, budget=1.0)
@@ -48,10 +48,16 @@ def test_keras_comparison_reports_a_missing_tensorflow_and_tabulates_a_run() -> 
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": [], "encoding": [], "keras_book_measured": row}
     assert "| Keras book recipe, this machine | error:" in training.markdown(report)
-    report["keras_book_measured"] = {"keras": "3.15.1", "tensorflow": "2.21.0", "budget_s": 300.0, "val_bpc": 2.3334,
-                                     "supervised_chars_per_s": 1277, "peak_rss_mb": 2324.4}
-    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | 1,277 |" in (
-        training.markdown(report))
+
+
+def test_keras_run_is_tabulated_beside_the_reference() -> None:
+    keras = {"keras": "3.15.1", "tensorflow": "2.21.0", "budget_s": 300.0, "val_bpc": 2.3334,
+             "supervised_chars_per_s": 1277, "peak_rss_mb": 2324.4}
+    report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
+              "training": [], "encoding": [], "keras_book_measured": keras}
+    table = training.markdown(report)
+    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | 1,277 |" in table
+    assert "| Keras 3 book recipe (issue's reference machine) |" in table
 
 
 def test_repeated_file(tmp_path: Path) -> None:
