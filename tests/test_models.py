@@ -7,7 +7,7 @@ import torch
 
 from charloom.config import ConfigError, ModelConfig, TrainConfig, from_dict
 from charloom.models import MODELS, build_model, model_class
-from charloom.models.base import tree_map
+from charloom.models.base import Dropout, tree_map
 
 ARCHS = sorted(MODELS)
 
@@ -154,3 +154,21 @@ def test_architectures_declare_their_needs():
         transformer.check_config(ModelConfig(model="transformer", hidden=30, heads=4))
     with pytest.raises(ConfigError, match="embedding"):
         model_class("gru").check_config(ModelConfig(model="gru", input="onehot", tie_weights=True))
+
+
+def test_dropout_keeps_the_share_and_the_expectation_and_passes_its_mask_back():
+    torch.manual_seed(0)
+    x = (torch.rand(64, 50, 40) + 0.5).requires_grad_()  # no zeros of its own
+    drop = Dropout(0.3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 128,000 draws
+    scale = 32768 / (32768 - round(0.3 * 32768))
+    torch.testing.assert_close(y[kept], x[kept] * scale)
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.01
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * scale)
+    assert not torch.equal(drop(x), y)  # a fresh mask each call
+    drop.eval()
+    assert drop(x) is x
+    assert Dropout(0.0).train()(x) is x

@@ -1,5 +1,5 @@
-"""Training the book's model on the native kernel (charloom.native.lstm): the same outputs and
-gradients as nn.LSTM, the same training, and the trainer's thread handling."""
+"""Training one-layer LSTMs on the native kernel (charloom.native.lstm): the same outputs and
+gradients as nn.LSTM, the same training (the book's recipe and ours), and the trainer's thread handling."""
 
 import pytest
 import torch
@@ -9,33 +9,49 @@ import charloom
 from charloom import native
 from charloom.config import ModelConfig
 from charloom.models import build_model
-from charloom.native.lstm import onehot_lstm
+from charloom.native.lstm import kernel_order, onehot_lstm
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 
 # Steps around the kernel's chunks of LSTM_CHUNK = 4 steps (a part chunk left, whole chunks, one step);
-# rows around its tiles of 6 and its split over threads.
-@pytest.mark.parametrize("batch,steps,vocab,hidden,threads", [(5, 7, 11, 16, 1), (37, 9, 13, 24, 2), (20, 5, 300, 8, 3),
-                                                              (64, 30, 57, 128, 2), (16, 8, 7, 16, 2), (3, 1, 5, 8, 1)])
-def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads):  # noqa: F811
+# rows around its tiles of 6; hidden sizes around its blocks of 16 units and their split over threads
+# (8: one block, so one thread; 40: blocks of 16, 16 and 8 over 3 threads; 100: 50 units a thread
+# would split a block, so 48 and 52); an embedding before the layer, or one-hot input.
+@pytest.mark.parametrize("batch,steps,vocab,hidden,threads,embedding", [
+    (5, 7, 11, 16, 1, 0), (37, 9, 13, 24, 2, 0), (20, 5, 300, 8, 3, 0), (64, 30, 57, 128, 2, 0), (16, 8, 7, 16, 2, 0),
+    (3, 1, 5, 8, 1, 0), (9, 6, 10, 40, 3, 0), (4, 5, 9, 100, 2, 6), (32, 13, 57, 64, 8, 16), (1, 4, 6, 20, 2, 3)])
+def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads, embedding):  # noqa: F811
     torch.manual_seed(0)
-    rnn = torch.nn.LSTM(vocab, hidden, batch_first=True)
+    rnn = torch.nn.LSTM(embedding or vocab, hidden, batch_first=True)
+    table = torch.randn(vocab, embedding, requires_grad=True) if embedding else None
     ids = torch.randint(0, vocab, (batch, steps))
     h0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
     c0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
-    inputs = [*rnn.parameters(), h0, c0]
+    inputs = [*rnn.parameters(), h0, c0] + ([table] if embedding else [])
 
     def loss_and_grads(out, h, c):
         # Every output feeds the loss, with different weights, so every gradient path is exercised.
         loss = (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
         return [out, h, c], torch.autograd.grad(loss, inputs)
 
-    want, want_grads = loss_and_grads(*_flat(rnn(F.one_hot(ids, vocab).float(), (h0, c0))))
-    got, got_grads = loss_and_grads(*_flat(onehot_lstm(rnn, ids, (h0, c0), threads)))
+    x = table[ids] if embedding else F.one_hot(ids, vocab).float()
+    want, want_grads = loss_and_grads(*_flat(rnn(x, (h0, c0))))
+    got, got_grads = loss_and_grads(*_flat(onehot_lstm(rnn, ids, (h0, c0), threads, table)))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [1, 16, 40, 512])
+def test_the_kernel_order_is_a_permutation_in_blocks_with_its_inverse(hidden):
+    order, back = kernel_order(hidden)
+    assert sorted(order.tolist()) == list(range(4 * hidden))
+    assert torch.equal(order[back], torch.arange(4 * hidden))
+    # The first block: torch's (i, f, g, o) rows of its units in the kernel's order (i, f, o, g).
+    units = list(range(min(16, hidden)))
+    h = hidden
+    assert order[:4 * len(units)].tolist() == units + [h + u for u in units] + [3 * h + u for u in units] + [2 * h + u for u in units]
 
 
 def _flat(result):
@@ -62,6 +78,25 @@ def test_the_book_recipe_trains_the_same_with_and_without_the_kernel(kernel, boo
     with_kernel = charloom.train(corpus, out=tmp_path / "native", seed=3, **settings)
     monkeypatch.setattr(native, "_loaded", {"lib": None})  # as without a compiler
     without = charloom.train(corpus, out=tmp_path / "torch", seed=3, **settings)
+    for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    assert with_kernel.history[-1]["val_loss"] == pytest.approx(without.history[-1]["val_loss"], abs=1e-4)
+
+
+def test_the_default_recipe_trains_the_same_with_and_without_the_kernel(kernel, tmp_path, tiny_text, monkeypatch):  # noqa: F811
+    # An embedding before the layer, dropout after it and state carried across batches.
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(tiny_text, encoding="utf-8")
+    settings = dict(layers=1, hidden=40, embedding_dim=8, dropout=0.2, seq_len=16, batch_size=8, max_steps=6,
+                    sample_temperatures=(), eval_every=3, threads=2, epochs=1, seed=5)
+    calls = []
+    real = charloom.native.lstm._OneHotLSTM.apply
+    monkeypatch.setattr(charloom.native.lstm._OneHotLSTM, "apply", lambda *a: calls.append(1) or real(*a))
+    with_kernel = charloom.train(corpus, out=tmp_path / "native", **settings)
+    assert len(calls) == 6  # every training step, no evaluation
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
+    without = charloom.train(corpus, out=tmp_path / "torch", **settings)
+    assert len(calls) == 6
     for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
     assert with_kernel.history[-1]["val_loss"] == pytest.approx(without.history[-1]["val_loss"], abs=1e-4)

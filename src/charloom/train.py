@@ -225,9 +225,10 @@ class Trainer:
                   and bool(getattr(model, "supports_native_training", lambda: False)()))
         if not native:
             return self._fit()
-        # The book's model trains on the native kernel (charloom.native.lstm), whose threads need the
-        # cores: torch runs the rest of each step on one thread, since its OpenMP workers keep
-        # spinning on the other cores after every parallel op (whole steps ran 20-50% slower).
+        # One-layer LSTMs (the book's, and the default preset's below 5M chars) train on the native
+        # kernel (charloom.native.lstm), whose threads need the cores: torch runs the rest of each
+        # step on one thread, since its OpenMP workers keep spinning on the other cores after every
+        # parallel op (whole steps ran 20-50% slower).
         # Evaluations and the epoch's end (samples, checkpoints) get all threads back.
         model.native_threads, self._threads_between_steps = threads, threads
         torch.set_num_threads(1)

@@ -142,6 +142,23 @@ def model_class(name: str) -> type[LanguageModel]:
     return cls
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask, on a CPU, comes from 15-bit random integers (four per random int64):
+    ~4x faster than torch's bernoulli_, which took 12 ms of a ~130 ms step for the default recipe's
+    (32, 64, 512) outputs on one core. p is rounded to a multiple of 1/32768; the kept values are
+    scaled by the exact inverse of the kept share, so the expectation is unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        # random_() on int64 draws 63 random bits: each of the four 16-bit pieces has 15 below its top bit.
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+        drop = round(self.p * 32768)
+        keep = (bits & 0x7FFF) >= drop
+        return x * keep * (32768 / (32768 - drop))
+
+
 def output_layers(hidden: int, vocab_size: int, embedding: nn.Embedding | None) -> tuple[nn.Linear | None, nn.Linear]:
     """``(proj, head)`` mapping hidden states (B, T, H) to logits (B, T, V): ``head(proj(h))``.
 

@@ -14,15 +14,15 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..native import lstm as native_lstm
-from .base import ExportSpec, LanguageModel, State, output_layers, register
+from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
 
 
 class RecurrentLM(LanguageModel):
     """A stack of LSTM or GRU layers over characters; ``cell`` is set by the registered subclasses."""
 
     cell: type[nn.LSTM] | type[nn.GRU] = nn.LSTM
-    # Threads for training steps on the native one-hot LSTM kernel (charloom.native.lstm); 0 = off.
-    # The trainer sets it for the book's model on a CPU (see supports_native_training).
+    # Threads for training steps on the native LSTM kernel (charloom.native.lstm); 0 = off. The
+    # trainer sets it for one-layer LSTMs on a CPU (see supports_native_training).
     native_threads = 0
     state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H)
 
@@ -35,7 +35,7 @@ class RecurrentLM(LanguageModel):
         in_dim = vocab_size if onehot else config.embedding_dim
         self.rnn = self.cell(in_dim, config.hidden, num_layers=config.layers, batch_first=True,
                              dropout=config.dropout if config.layers > 1 else 0.0)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.proj, self.head = output_layers(config.hidden, vocab_size, self.embed if config.tie_weights else None)
         if config.init == "keras":
             self._keras_init()
@@ -60,14 +60,14 @@ class RecurrentLM(LanguageModel):
         nn.init.zeros_(self.head.bias)
 
     def supports_native_training(self) -> bool:
-        """Whether training steps can run on the native kernel: a one-layer LSTM over one-hot input
-        (the book's model), with the kernel built."""
-        return (self.cell is nn.LSTM and self.embed is None and self.config.layers == 1
-                and native_lstm.library() is not None)
+        """Whether training steps can run on the native kernel: a one-layer LSTM (the book's model,
+        and the default recipe's on corpora under 5M chars), with the kernel built."""
+        return self.cell is nn.LSTM and self.config.layers == 1 and native_lstm.library() is not None
 
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
-        if self.native_threads and self.training and self.embed is None and native_lstm.usable(self.rnn, idx):
-            out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads)  # (B, T, H)
+        if self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
+            table = None if self.embed is None else self.embed.weight  # (V, E)
+            out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads, table)  # (B, T, H)
         else:
             out, state = self.rnn(self._inputs(idx), state)  # (B, T, H)
         out = self.drop(out[:, -1:] if last_only else out)

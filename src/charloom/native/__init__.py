@@ -8,7 +8,7 @@ the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``) into the cache 
 compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
 :func:`library` returns None: generation uses the numpy and torch paths, which draw the same
 tokens up to last-bit rounding (``tests/test_native.py`` checks the logits against ``model.forward``
-and the tokens against the other paths), and the book's model trains with ``nn.LSTM``.
+and the tokens against the other paths), and one-layer LSTMs train with ``nn.LSTM``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 9
+ABI_VERSION = 10
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 LSTM_CHUNK = 4  # as in rnn.c
-LSTM_PAD = 8  # as in rnn.c: floats added to the row stride of the training kernel's 4H-wide matrices
+LSTM_BLOCK = 16  # as in rnn.c: hidden units per block of the training kernel's gate columns
+LSTM_PAD = 8  # as in rnn.c: floats added to the row stride of the training kernel's gate gradients
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -112,9 +113,9 @@ def library() -> Any | None:
         lib.charloom_rnn_sample.argtypes = [ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32]
         lib.charloom_rnn_sample.restype = None
         lib.charloom_lstm_forward.argtypes = [i32] * 4 + [ptr] * 9 + [i32]
-        lib.charloom_lstm_forward.restype = None
-        lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 13 + [i32]
-        lib.charloom_lstm_backward.restype = None
+        lib.charloom_lstm_forward.restype = i32
+        lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 12 + [i32]
+        lib.charloom_lstm_backward.restype = i32
     _loaded["lib"] = lib
     return lib
 

@@ -16,15 +16,17 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_LAYERS 8
 #define MAX_THREADS 8
 #define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
 #define DRAW_ROWS 4           /* rows drawn together (see sample_part) */
-#define LSTM_CHUNK 4          /* training: steps per weight-gradient product (see lstm_backward_part) */
-#define LSTM_PAD 8            /* training: floats added to the row stride of 4H-wide matrices (see matmul_strided) */
+#define LSTM_CHUNK 4          /* training: steps per weight-gradient product (see lstm_backward_member) */
+#define LSTM_PAD 8            /* training: floats added to the row stride of the gate gradients (see matmul_strided) */
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -132,6 +134,46 @@ static void matmul_strided(int rows, int k, int n, const float *restrict x, size
 /* matmul_strided for packed rows: x (rows, k), w (k, n), y (rows, n). */
 static void matmul_acc(int rows, int k, int n, const float *restrict x, const float *restrict w, float *restrict y) {
     matmul_strided(rows, k, n, x, (size_t)k, 1, w, (size_t)n, y, (size_t)n);
+}
+
+/* w (k, n), rows ldw floats apart, copied into wp (k * n floats) in panels for matmul_panels: each
+ * whole block of 16 columns as a contiguous (k, 16) panel, then the last n mod 16 columns as one
+ * (k, n mod 16) block. A panel is read front to back, from few pages, where a block of a wide w has
+ * its k rows on k pages: for 16 x 512 x 2048 (the default recipe's recurrent product) a C harness
+ * ran 16 -> 22G multiply-adds/s, and the book's 64 x 128 x 512 23 -> 30G. */
+static void pack_panels(int k, int n, const float *w, size_t ldw, float *wp) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int p = 0; p < k; p++, wp += 16)
+            memcpy(wp, w + p * ldw + j, 16 * sizeof(float));
+    const int rest = n - j;
+    for (int p = 0; rest && p < k; p++, wp += rest)
+        memcpy(wp, w + p * ldw + j, (size_t)rest * sizeof(float));
+}
+
+/* pack_panels of w = src^T, for src (n, k) with rows lds floats apart: a panel gathers 16 rows of src,
+ * each read front to back. */
+static void pack_panels_t(int k, int n, const float *src, size_t lds, float *wp) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int p = 0; p < k; p++, wp += 16)
+            for (int c = 0; c < 16; c++)
+                wp[c] = src[(j + c) * lds + p];
+    const int rest = n - j;
+    for (int p = 0; rest && p < k; p++, wp += rest)
+        for (int c = 0; c < rest; c++)
+            wp[c] = src[(j + c) * lds + p];
+}
+
+/* y[r, :] += x[r, :] @ w for r < rows, with w (k, n) in pack_panels' layout wp; x and y as in
+ * matmul_strided. */
+static void matmul_panels(int rows, int k, int n, const float *x, size_t xr, size_t xc, const float *wp,
+                          float *y, size_t ldy) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16, wp += (size_t)16 * k)
+        column_block(2, rows, k, x, xr, xc, wp, 16, y + j, ldy);
+    if (j < n)
+        matmul_strided(rows, k, n - j, x, xr, xc, wp, (size_t)(n - j), y + j, ldy);
 }
 
 /* exp(x) for float32 without libm, written so the compiler vectorises the loops that call it:
@@ -367,57 +409,144 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
     run_parts(sample_part, (char *)part, sizeof part[0], parts);
 }
 
-/* ---- Training: an LSTM layer over one-hot input (the book's model), forward and backward --------
+/* ---- Training: an LSTM layer over one-hot input, forward and backward ---------------------------
  *
- * Gate order is (i, f, o, g), as in generation (the caller reorders torch's rows). The input part of
- * the gates is column ids[b, t] of W_ih (the one-hot product), read as row ids[b, t] of w_ih_t (V, 4H),
- * plus bias = b_ih + b_hh:
+ * The input part of the gates is column ids[b, t] of W_ih (the one-hot product), read as row
+ * ids[b, t] of w_ih_t (V, 4H), plus bias = b_ih + b_hh:
  *   gates = w_ih_t[id] + bias + h @ w_hh_t, then lstm_cell
- * The backward pass produces every gradient (W_ih, W_hh, the bias, the initial state), so a training
- * step runs no large torch op whose worker threads would then spin on the cores these threads use.
- * Rows (sequences) never interact: ranges of rows run on their own threads with no synchronisation
- * between steps, each with its own partial weight gradients, summed at the end. */
+ * (an embedding E before the layer is the one-hot table W_ih E^T; the caller builds it). The backward
+ * pass produces every gradient (W_ih, W_hh, the bias, the initial state), so a training step runs no
+ * large torch op whose worker threads would then spin on the cores these threads use.
+ *
+ * Gate columns come in blocks of LSTM_BLOCK hidden units, each block's gates in the order (i, f, o, g)
+ * (the caller reorders torch's rows: kernel_order in native/lstm.py): block b holds columns
+ * [4 LSTM_BLOCK b, 4 LSTM_BLOCK (b + 1)), and only the last block may be narrower. The threads split
+ * the hidden units, whole blocks each: a thread computes its units' gates for every row, so it reads
+ * only its share of the recurrent weights at every step (split by rows, every thread read all of
+ * them, and at H = 512 the 4 MB per step per thread made two threads barely faster than one), and
+ * its share of every weight gradient is its own (no partial sums to add up). Steps meet at a barrier,
+ * since step t + 1 needs all of h_t.
+ * out, acts, cs and dout are time-major, (T, B, .): a step's rows lie together, so its products read
+ * and write whole blocks, not rows a sequence's length apart (with (B, T, .) rows, the default
+ * recipe's 4H-wide gates were 512 KB apart: a product into them ran ~20% slower). */
+
+#define LSTM_BLOCK 16 /* hidden units per block of gate columns: a panel of pack_panels */
+
+/* A barrier for the threads of one call: spins, then yields (a step is ~0.1-1 ms, and on a loaded
+ * machine a thread may wait for one that lost its core). */
+typedef struct {
+    int count, arrived, sense;
+} Barrier;
+
+static void barrier_wait(Barrier *b, int *local_sense) {
+    const int sense = !*local_sense;
+    *local_sense = sense;
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == b->count) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, sense, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != sense; spins++)
+        if (spins > 4000)
+            sched_yield();
+}
 
 typedef struct {
-    int B, T, H, V, r0, r1;       /* this part's rows [r0, r1) of B */
-    const int64_t *ids;           /* (B, T) */
-    const float *w_ih_t, *bias;   /* (V, 4H), (4H) */
-    const float *w;               /* forward: w_hh_t (H, 4H), rows 4H + LSTM_PAD apart; backward: w_hh (4H, H) */
-    float *h, *c;                 /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
-    float *out, *acts, *cs;       /* out (B, T, H) h_t; acts (B, T, 4H) gates after activation; cs (B, T, H) c_t */
-    const float *h0, *c0, *dout;  /* backward: initial state (B, H) each, dout (B, T, H) */
-    float *g_ih, *g_hh, *g_b;     /* backward: this part's dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H) */
-    float *work;                  /* backward: this part's scratch, (r1 - r0) * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats */
-} LstmPart;
+    int B, T, H, V;
+    const int64_t *ids;          /* (B, T) */
+    const float *w_ih_t, *bias;  /* (V, 4H), (4H) */
+    const float *w;              /* w_hh (4H, H) */
+    float *packed;               /* each thread's share of w in pack_panels' layout (H * 4H floats); backward: then the chunk's dg */
+    float *h, *c;                /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
+    float *out, *acts, *cs;      /* out (T, B, H) h_t; acts (T, B, 4H) gates after activation; cs (T, B, H) c_t */
+    const float *h0, *c0, *dout; /* backward: initial state (B, H) each, dout (T, B, H) */
+    float *grads;                /* backward: dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H), in a row */
+    float *work;                 /* backward: B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats */
+    int size, go;                /* threads in the team; set (go = 1) once they are all started */
+    Barrier barrier;
+} LstmJob;
 
-static void *lstm_forward_part(void *arg) {
-    const LstmPart *p = arg;
-    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0;
-    const size_t lg = (size_t)T * G, lh = (size_t)T * H; /* a row's stride in acts, and in out and cs */
-    float *h = p->h + (size_t)p->r0 * H, *c = p->c + (size_t)p->r0 * H;
-    float *acts = p->acts + (size_t)p->r0 * lg, *cs = p->cs + (size_t)p->r0 * lh, *out = p->out + (size_t)p->r0 * lh;
+typedef struct {
+    LstmJob *job;
+    int member;
+} LstmMember;
+
+/* Member m's hidden units [u0, u1) of H: a share of the LSTM_BLOCK-unit blocks. */
+static void member_units(const LstmJob *job, int m, int *u0, int *u1) {
+    const int blocks = (job->H + LSTM_BLOCK - 1) / LSTM_BLOCK;
+    const int b0 = blocks * m / job->size, b1 = blocks * (m + 1) / job->size;
+    *u0 = b0 * LSTM_BLOCK;
+    *u1 = b1 * LSTM_BLOCK < job->H ? b1 * LSTM_BLOCK : job->H;
+}
+
+/* Waits until the team is complete; returns the member's job and sets its units. */
+static LstmJob *member_start(void *arg, int *m, int *u0, int *u1) {
+    const LstmMember *me = arg;
+    LstmJob *job = me->job;
+    while (!__atomic_load_n(&job->go, __ATOMIC_ACQUIRE))
+        sched_yield();
+    *m = me->member;
+    member_units(job, *m, u0, u1);
+    return job;
+}
+
+/* Run fn for a team of up to `threads` threads (the caller's and new ones, no more than there are
+ * blocks of units): the team's size is fixed once its threads have started, so a thread that cannot
+ * be created only makes the team smaller. */
+static void run_team(void *(*fn)(void *), LstmJob *job, int threads) {
+    const int blocks = (job->H + LSTM_BLOCK - 1) / LSTM_BLOCK;
+    int want = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    want = want < blocks ? want : (blocks > 0 ? blocks : 1);
+    pthread_t tid[MAX_THREADS];
+    LstmMember members[MAX_THREADS];
+    int n = 1;
+    job->go = 0;
+    for (; n < want; n++) {
+        members[n] = (LstmMember){job, n};
+        if (pthread_create(&tid[n], NULL, fn, &members[n]) != 0)
+            break;
+    }
+    job->size = n;
+    job->barrier = (Barrier){n, 0, 0};
+    __atomic_store_n(&job->go, 1, __ATOMIC_RELEASE);
+    members[0] = (LstmMember){job, 0};
+    fn(&members[0]);
+    for (int k = 1; k < n; k++)
+        pthread_join(tid[k], NULL);
+}
+
+static void *lstm_forward_member(void *arg) {
+    int m, u0, u1, sense = 0;
+    const LstmJob *p = member_start(arg, &m, &u0, &u1);
+    const int B = p->B, T = p->T, H = p->H, G = 4 * H, nu = u1 - u0;
+    /* This member's gate columns [4 u0, 4 u1) of w_hh^T, packed. */
+    float *w = p->packed + (size_t)H * 4 * u0;
+    pack_panels_t(H, 4 * nu, p->w + 4 * (size_t)u0 * H, (size_t)H, w);
     /* The gates are built in acts, where the backward pass reads them, and h_{t-1} and c_{t-1} are read
      * from out and cs, where step t - 1 wrote them: no copies. */
     for (int t = 0; t < T; t++) {
-        float *g0 = acts + (size_t)t * G; /* row r's gates at g0 + r * lg */
-        for (int r = 0; r < rows; r++) {
-            const float *col = p->w_ih_t + (size_t)p->ids[(size_t)(p->r0 + r) * T + t] * G;
-            float *g = g0 + r * lg;
-            for (int j = 0; j < G; j++)
-                g[j] = col[j] + p->bias[j];
+        const size_t at = (size_t)t * B; /* the step's first row */
+        float *g = p->acts + at * G;     /* (B, 4H) */
+        for (int r = 0; r < B; r++) {
+            const float *col = p->w_ih_t + (size_t)p->ids[(size_t)r * T + t] * G;
+            float *gr = g + (size_t)r * G;
+            for (int j = 4 * u0; j < 4 * u1; j++)
+                gr[j] = col[j] + p->bias[j];
         }
-        if (t)
-            matmul_strided(rows, H, G, out + (size_t)(t - 1) * H, lh, 1, p->w, (size_t)G + LSTM_PAD, g0, lg);
-        else
-            matmul_strided(rows, H, G, h, (size_t)H, 1, p->w, (size_t)G + LSTM_PAD, g0, lg);
-        for (int r = 0; r < rows; r++) {
-            const size_t at = r * lh + (size_t)t * H;
-            lstm_cell(g0 + r * lg, t ? cs + at - H : c + (size_t)r * H, cs + at, out + at, H);
-        }
+        const float *hprev = t ? p->out + (at - B) * H : p->h, *cprev = t ? p->cs + (at - B) * H : p->c; /* (B, H) */
+        matmul_panels(B, H, 4 * nu, hprev, (size_t)H, 1, w, g + 4 * (size_t)u0, (size_t)G);
+        for (int r = 0; r < B; r++)
+            for (int u = u0; u < u1; u += LSTM_BLOCK) {
+                const size_t row = (at + r) * H + u;
+                lstm_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->cs + row, p->out + row,
+                          u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
+            }
+        barrier_wait((Barrier *)&p->barrier, &sense); /* step t + 1 reads all of h_t */
     }
-    for (int r = 0; T > 0 && r < rows; r++) { /* the last state */
-        memcpy(h + (size_t)r * H, out + r * lh + (size_t)(T - 1) * H, sizeof(float) * H);
-        memcpy(c + (size_t)r * H, cs + r * lh + (size_t)(T - 1) * H, sizeof(float) * H);
+    for (int r = 0; T > 0 && r < B; r++) { /* the last state; every member has read h and c (step 0) */
+        const size_t last = ((size_t)(T - 1) * B + r) * H + u0;
+        memcpy(p->h + (size_t)r * H + u0, p->out + last, sizeof(float) * nu);
+        memcpy(p->c + (size_t)r * H + u0, p->cs + last, sizeof(float) * nu);
     }
     return NULL;
 }
@@ -442,94 +571,88 @@ static inline void lstm_cell_backward(const float *restrict a, const float *rest
 }
 
 /* The weight gradient dW_hh^T += h_{t-1}^T dg_t is taken over LSTM_CHUNK steps at once: one product
- * with LSTM_CHUNK * rows inner terms reads and writes dW_hh^T (H, 4H) a quarter as often as one per
- * step. Its left factor h^T is read transposed from the chunk's h_{t-1} rows, each with a 1 after it,
- * so the same product adds the bias gradient (g_b follows g_hh). */
-static void *lstm_backward_part(void *arg) {
-    const LstmPart *p = arg;
-    const int T = p->T, H = p->H, G = 4 * H, rows = p->r1 - p->r0, K = LSTM_CHUNK * rows;
-    const size_t ld = (size_t)G + LSTM_PAD; /* the row stride of dgs */
-    float *dgs = p->work;                   /* (K, 4H): gradients of the gates before activation, a chunk of steps */
-    float *hp = dgs + K * ld;               /* (K, H + 1): the chunk's h_{t-1}, each followed by a 1 */
-    float *dh = p->h + (size_t)p->r0 * H, *dc = p->c + (size_t)p->r0 * H;
-    memset(p->g_ih, 0, sizeof(float) * ((size_t)p->V + H + 1) * G); /* g_ih, g_hh and g_b lie in a row */
-    for (int k = 0; k < K; k++)
-        hp[(size_t)k * (H + 1) + H] = 1.0f;
+ * with LSTM_CHUNK * B inner terms reads and writes the member's columns of dW_hh^T a quarter as often
+ * as one per step. Its left factor h^T is read transposed from the chunk's h_{t-1} rows, each with a 1
+ * after it, so the same product adds the bias gradient (g_b follows g_hh). */
+static void *lstm_backward_member(void *arg) {
+    int m, u0, u1, sense = 0;
+    LstmJob *p = member_start(arg, &m, &u0, &u1);
+    const int B = p->B, T = p->T, H = p->H, V = p->V, G = 4 * H, nu = u1 - u0, c0 = 4 * u0, nc = 4 * nu;
+    const size_t ld = (size_t)G + LSTM_PAD;   /* the row stride of dgs */
+    float *dgs = p->work;                     /* (LSTM_CHUNK * B, 4H): gate gradients before activation */
+    float *hp = dgs + (size_t)LSTM_CHUNK * B * ld; /* (LSTM_CHUNK * B, H + 1): h_{t-1}, each followed by a 1 */
+    float *g_ih = p->grads, *g_hh = p->grads + (size_t)V * G;
+    /* This member's units' columns of w_hh (4H, H), packed: dh_{t-1}[:, u0:u1] = dg @ w_hh[:, u0:u1]. */
+    float *w = p->packed + (size_t)G * u0;
+    pack_panels(G, nu, p->w + u0, (size_t)H, w);
+    float *dgp = p->packed + (size_t)G * H + (size_t)LSTM_CHUNK * B * c0; /* the chunk's dg, this member's columns, packed */
+    for (int i = 0; i < V + H + 1; i++) /* g_ih, g_hh and g_b lie in a row */
+        memset(p->grads + (size_t)i * G + c0, 0, sizeof(float) * nc);
     int filled = 0; /* steps of the chunk done */
     for (int t = T - 1; t >= 0; t--) {
-        float *dg = dgs + (size_t)filled * rows * ld;
-        for (int r = 0; r < rows; r++) {
-            const size_t row = (size_t)(p->r0 + r), at = row * T + t;
+        float *dg = dgs + (size_t)filled * B * ld;
+        for (int r = 0; r < B; r++) {
+            const size_t at = (size_t)t * B + r;
             const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
-            const float *cprev = t ? p->cs + (at - 1) * H : p->c0 + row * H;
-            const float *hprev = t ? p->out + (at - 1) * H : p->h0 + row * H;
-            float *d = dg + r * ld;
-            lstm_cell_backward(a, cr, cprev, dh + (size_t)r * H, dout, dc + (size_t)r * H, d, H);
-            float *gi = p->g_ih + (size_t)p->ids[at] * G; /* the one-hot product's gradient: row id of dW_ih^T */
-            for (int j = 0; j < G; j++)
+            const float *cprev = t ? p->cs + (at - B) * H : p->c0 + (size_t)r * H;
+            const float *hprev = t ? p->out + (at - B) * H : p->h0 + (size_t)r * H;
+            float *d = dg + r * ld, *dh = p->h + (size_t)r * H, *dc = p->c + (size_t)r * H;
+            for (int u = u0; u < u1; u += LSTM_BLOCK)
+                lstm_cell_backward(a + 4 * u, cr + u, cprev + u, dh + u, dout + u, dc + u, d + 4 * u,
+                                   u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
+            float *gi = g_ih + (size_t)p->ids[(size_t)r * T + t] * G; /* the one-hot product's gradient: row id of dW_ih^T */
+            for (int j = c0; j < c0 + nc; j++)
                 gi[j] += d[j];
-            memcpy(hp + ((size_t)filled * rows + r) * (H + 1), hprev, sizeof(float) * H);
+            memcpy(hp + ((size_t)filled * B + r) * (H + 1) + u0, hprev + u0, sizeof(float) * nu);
         }
-        memset(dh, 0, sizeof(float) * (size_t)rows * H); /* this step's dh was read above */
-        matmul_strided(rows, G, H, dg, ld, 1, p->w, (size_t)H, dh, (size_t)H); /* dh_{t-1} = dg @ w_hh */
+        barrier_wait(&p->barrier, &sense); /* every unit's dg_t and h_{t-1} are in */
+        for (int r = 0; r < B; r++) /* this step's dh was read above */
+            memset(p->h + (size_t)r * H + u0, 0, sizeof(float) * nu);
+        matmul_panels(B, G, nu, dg, ld, 1, w, p->h + u0, (size_t)H); /* dh_{t-1} = dg @ w_hh */
         if (++filled == LSTM_CHUNK || t == 0) {
-            matmul_strided(H + 1, filled * rows, G, hp, 1, (size_t)H + 1, dgs, ld, p->g_hh, (size_t)G);
+            pack_panels(filled * B, nc, dgs + c0, ld, dgp);
+            matmul_panels(H + 1, filled * B, nc, hp, 1, (size_t)H + 1, dgp, g_hh + c0, (size_t)G);
             filled = 0;
+            barrier_wait(&p->barrier, &sense); /* all have read hp before the next chunk refills it */
         }
     }
     return NULL;
 }
 
-/* Run `fn` over ranges of the B rows (the caller's thread and up to threads - 1 new ones); returns
- * the number of ranges. Range k's partial gradients sit at k * (V + H + 1) * 4H in `grads`. */
-static int lstm_parts(void *(*fn)(void *), LstmPart base, int threads, float *work, float *grads) {
-    const size_t G = 4 * (size_t)base.H, per = ((size_t)base.V + base.H + 1) * G;
-    int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    if (base.B / parts < MIN_ROWS_PER_THREAD)
-        parts = base.B / MIN_ROWS_PER_THREAD > 0 ? base.B / MIN_ROWS_PER_THREAD : 1;
-    LstmPart part[MAX_THREADS];
-    for (int k = 0; k < parts; k++) {
-        part[k] = base;
-        part[k].r0 = base.B * k / parts;
-        part[k].r1 = base.B * (k + 1) / parts;
-        part[k].work = work ? work + (size_t)part[k].r0 * LSTM_CHUNK * (5 * base.H + 1 + LSTM_PAD) : NULL;
-        if (grads) {
-            part[k].g_ih = grads + k * per;
-            part[k].g_hh = part[k].g_ih + (size_t)base.V * G;
-            part[k].g_b = part[k].g_hh + (size_t)base.H * G;
-        }
-    }
-    run_parts(fn, (char *)part, sizeof part[0], parts);
-    return parts;
-}
-
-/* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (B, T, H);
- * acts (B, T, 4H) and cs (B, T, H) are kept for the backward pass; w_hh_t (H, 4H) has rows
- * 4H + LSTM_PAD floats apart. */
-void charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
-                           const float *w_hh_t, float *h, float *c, float *out, float *acts, float *cs, int threads) {
-    LstmPart base = {B, T, H, V, 0, 0, ids, w_ih_t, bias, w_hh_t, h, c, out, acts, cs,
-                     NULL, NULL, NULL, NULL, NULL, NULL, NULL};
-    lstm_parts(lstm_forward_part, base, threads, NULL, NULL);
+/* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (T, B, H);
+ * acts (T, B, 4H) and cs (T, B, H) are kept for the backward pass; w_ih_t (V, 4H) and bias (4H) have
+ * their columns in blocks (see above), w_hh (4H, H) its rows. Returns 0, or 1 when there is no memory
+ * for the packed weights (nothing is written then). */
+int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
+                          const float *w_hh, float *h, float *c, float *out, float *acts, float *cs, int threads) {
+    LstmJob job = {B, T, H, V, ids, w_ih_t, bias, w_hh, malloc(sizeof(float) * (size_t)H * 4 * H), h, c,
+                   out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0, {0, 0, 0}};
+    if (!job.packed)
+        return 1;
+    run_team(lstm_forward_member, &job, threads);
+    free(job.packed);
+    return 0;
 }
 
 /* Backward over T steps from the forward's out, acts and cs: dh, dc (B, H) hold the gradients of the
- * last state and receive those of the initial one; dout (B, T, H) is the gradient of out; grads
- * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order; w_hh is (4H, H); work holds
- * B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats and scratch MAX_THREADS * (V + H + 1) * 4H floats. */
-void charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
-                            const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
-                            float *dh, float *dc, float *grads, float *work, float *scratch, int threads) {
-    const size_t per = ((size_t)V + H + 1) * 4 * (size_t)H;
-    LstmPart base = {B, T, H, V, 0, 0, ids, NULL, NULL, w_hh, dh, dc, (float *)out, (float *)acts, (float *)cs,
-                     h0, c0, dout, NULL, NULL, NULL, NULL};
-    const int parts = lstm_parts(lstm_backward_part, base, threads, work, scratch);
-    for (size_t i = 0; i < per; i++) {
-        float sum = 0.0f;
-        for (int k = 0; k < parts; k++)
-            sum += scratch[k * per + i];
-        grads[i] = sum;
-    }
+ * last state and receive those of the initial one; dout (T, B, H) is the gradient of out; grads
+ * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order, columns in blocks; w_hh is
+ * (4H, H), rows in blocks; work holds B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats. Returns 0, or 1
+ * when there is no memory for the packed weights (nothing is written then). */
+int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
+                           const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
+                           float *dh, float *dc, float *grads, float *work, int threads) {
+    LstmJob job = {B, T, H, V, ids, NULL, NULL, w_hh, malloc(sizeof(float) * ((size_t)H + LSTM_CHUNK * B) * 4 * H), dh, dc,
+                   (float *)out, (float *)acts, (float *)cs, h0, c0, dout, grads, work, 0, 0, {0, 0, 0}};
+    if (!job.packed)
+        return 1;
+    const size_t K = (size_t)LSTM_CHUNK * B;
+    float *hp = work + K * (4 * (size_t)H + LSTM_PAD);
+    for (size_t k = 0; k < K; k++)
+        hp[k * (H + 1) + H] = 1.0f;
+    run_team(lstm_backward_member, &job, threads);
+    free(job.packed);
+    return 0;
 }
 
-int charloom_abi_version(void) { return 9; }
+int charloom_abi_version(void) { return 10; }
