@@ -97,8 +97,8 @@ def test_preset_scales_with_corpus_and_budget() -> None:
     assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
     assert "batch_size" not in preset_for(50_000_000, 0)["train"]
     assert preset_for(50_000_000, 0)["model"]["dropout"] == 0.0
-    # The budget rule by hand: below 5M chars 1x512 (12k chars/s) needs 2.5 x 1.22M params / 12k = 254 s;
-    # above, 2x512 (4.5k chars/s) needs 20 x 3.32M / 4.5k = 14,756 s.
+    # The budget rule by hand: below 5M chars 1x512 (14k chars/s) needs 2.5 x 1.22M params / 14k = 218 s;
+    # above, 2x512 (5k chars/s) needs 20 x 3.32M / 5k = 13,280 s.
     _, hidden, params, rate = PRESET_SIZES[2]
     ratio = SMALL_CORPUS_CHARS_PER_PARAMETER
     assert preset_for(1_000_000, ratio * params / rate + 1)["model"]["hidden"] == hidden

@@ -293,15 +293,15 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Sizes the default recipe chooses from: (layers, hidden, parameters for a ~60-char alphabet, training
-# throughput in supervised chars/s on 2 cores). Throughput: forward + backward + AdamW at B=64, T=128 on a
-# 2-core AMD EPYC (AVX2), 2026-11-29: 256 and 512 from a quick 2-thread test on the idle machine; 384
-# and 2x512 scaled from single-thread CPU-time measurements on it (22k, 11.4k, 7.3k chars per CPU-second
-# for 1x256, 1x384, 1x512; 8.6k for 2x256). Re-measure with benchmarks/training.py.
+# throughput in supervised chars/s on 2 cores). Throughput: whole training steps at B=32, T=64 (the
+# small-corpus batch) on Nietzsche, 2 threads, on a 2-core AMD EPYC (AVX2), 2026-11-29 at commit
+# a9ad05b: one-layer sizes on the native kernel (charloom.native.lstm), 2x512 on nn.LSTM.
+# Re-measure with benchmarks/training.py.
 PRESET_SIZES: list[tuple[int, int, int, int]] = [
-    (1, 256, 350_000, 25_000),
-    (1, 384, 720_000, 16_000),
-    (1, 512, 1_220_000, 12_000),
-    (2, 512, 3_320_000, 4_500),
+    (1, 256, 350_000, 41_000),
+    (1, 384, 720_000, 23_000),
+    (1, 512, 1_220_000, 14_000),
+    (2, 512, 3_320_000, 5_000),
 ]
 # A model is worth its size only if the run can show it about this many characters per parameter.
 # Below 5M characters the data, not the compute, runs out first: a small network overfits a small
