@@ -28,7 +28,7 @@ from . import LSTM_BLOCK, LSTM_CHUNK, LSTM_PAD, library
 
 def gate_order(hidden: int) -> torch.Tensor:
     """Indices taking torch's LSTM gate rows (i, f, g, o) to (i, f, o, g), so one sigmoid covers the
-    first 3H and one tanh the last H (the order of rnn.c and the generation stepper). Swapping two
+    first 3H and one tanh the last H (the order of generation, in rnn.c and the stepper). Swapping two
     blocks, it is its own inverse."""
     h = hidden
     return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
