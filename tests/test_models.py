@@ -172,3 +172,15 @@ def test_dropout_keeps_the_share_and_the_expectation_and_passes_its_mask_back():
     drop.eval()
     assert drop(x) is x
     assert Dropout(0.0).train()(x) is x
+
+
+def test_adamw_is_fused_on_a_cpu_and_decays_only_matrices_outside_the_embedding():
+    from charloom.train import make_optimizer
+
+    net = build_model(ModelConfig(layers=1, hidden=16, embedding_dim=8), 11)
+    opt = make_optimizer(net, TrainConfig(weight_decay=0.05))
+    assert opt.defaults["fused"] is True  # torch's default on a CPU loops over the parameters (~10x slower)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    for name, p in net.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2 and "embed" not in name), name
