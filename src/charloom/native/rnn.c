@@ -96,8 +96,10 @@ static inline __attribute__((always_inline)) void column_block(const int C, int 
 
 /* y[r, :] += x[r, :] @ w for r < rows; x (rows, k) with element (r, p) at x[r * xr + p * xc], w (k, n)
  * and y (rows, n) with rows ldw and ldy floats apart. A w stride of whole 4 KB pages (512 floats, or a
- * multiple) puts every row of a column block in the same few L1 cache sets, too few to hold the block:
- * training pads such strides (LSTM_PAD; 64 x 128 x 512 in a C harness: 31 -> 35G multiply-adds/s).
+ * multiple) puts every row of a column block in the same few L1 cache sets, too few to hold the block
+ * (64 x 128 x 512 in a C harness: 31G multiply-adds/s, 35G with the stride padded by 8 floats). Training
+ * copies its w into panels instead (pack_panels); its gate gradients, read as x, keep rows LSTM_PAD
+ * floats longer than 4H.
  * Column blocks of 16 outside, row tiles inside (see column_block), so each part of w is read from
  * memory once per call (with rows outside, a 2x512 LSTM's 4 MB matrices were streamed once per 6
  * rows, and 64 rows ran at 0.6x torch's speed; now 1.5x). Blocks of 8, then single columns, finish n. A
@@ -517,7 +519,7 @@ static void run_team(void *(*fn)(void *), LstmJob *job, int threads) {
 
 static void *lstm_forward_member(void *arg) {
     int m, u0, u1, sense = 0;
-    const LstmJob *p = member_start(arg, &m, &u0, &u1);
+    LstmJob *p = member_start(arg, &m, &u0, &u1);
     const int B = p->B, T = p->T, H = p->H, G = 4 * H, nu = u1 - u0;
     /* This member's gate columns [4 u0, 4 u1) of w_hh^T, packed. */
     float *w = p->packed + (size_t)H * 4 * u0;
@@ -541,7 +543,7 @@ static void *lstm_forward_member(void *arg) {
                 lstm_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->cs + row, p->out + row,
                           u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
             }
-        barrier_wait((Barrier *)&p->barrier, &sense); /* step t + 1 reads all of h_t */
+        barrier_wait(&p->barrier, &sense); /* step t + 1 reads all of h_t */
     }
     for (int r = 0; T > 0 && r < B; r++) { /* the last state; every member has read h and c (step 0) */
         const size_t last = ((size_t)(T - 1) * B + r) * H + u0;
