@@ -145,7 +145,7 @@ def model_class(name: str) -> type[LanguageModel]:
 class Dropout(nn.Dropout):
     """nn.Dropout whose mask, on a CPU, comes from 15-bit random integers (four per random int64):
     ~4x faster than torch's bernoulli_, which took 12 ms of a ~130 ms step for the default recipe's
-    (32, 64, 512) outputs on one core. p is rounded to a multiple of 1/32768; the kept values are
+    (32, 64, 512) outputs on one core. Every model's dropout layers are this one. p is rounded to a multiple of 1/32768; the kept values are
     scaled by the exact inverse of the kept share, so the expectation is unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

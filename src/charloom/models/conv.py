@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
-from .base import LanguageModel, State, output_layers, register
+from .base import Dropout, LanguageModel, State, output_layers, register
 
 DILATION_CYCLE = 8  # dilations k**0 .. k**7, then again (WaveNet repeats 1..512)
 
@@ -74,7 +74,7 @@ class ConvLM(LanguageModel):
         self.inp = nn.Linear(vocab_size if onehot else config.embedding_dim, config.hidden)
         k = config.kernel_size
         self.blocks = nn.ModuleList(GatedBlock(config.hidden, k, k ** (i % DILATION_CYCLE)) for i in range(config.layers))
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.proj, self.head = output_layers(config.hidden, vocab_size, self.embed if config.tie_weights else None)
 
     @property

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
-from .base import LanguageModel, State, output_layers, register
+from .base import Dropout, LanguageModel, State, output_layers, register
 
 DEFAULT_CONTEXT = 128  # when a config built outside a run leaves context at 0
 
@@ -52,7 +52,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.dropout = dropout
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                 past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class TransformerLM(LanguageModel):
         if config.positions == "rotary":
             dh = d // config.heads
             self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh), persistent=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(d, config.heads, config.dropout) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(d)
         self.proj, self.head = output_layers(d, vocab_size, self.wte if config.tie_weights else None)
