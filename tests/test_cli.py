@@ -90,6 +90,8 @@ def test_bad_train_settings(in_tmp, tiny_file):
     assert_one_line_error(code, err, "max-time")
     code, _, err = cli("train", str(tiny_file), "--recipe", "magic")
     assert_one_line_error(code, err, "recipe")
+    code, _, err = cli("train", str(tiny_file), "--ema", "1")
+    assert_one_line_error(code, err, "--ema")
     assert not (in_tmp / "runs").exists()
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +21,7 @@ from charloom import checkpoint
 from charloom.cli import main
 from charloom.data import Batcher
 from charloom.errors import CheckpointError
-from charloom.train import StopFlag
+from charloom.train import Listener, StopFlag
 from tests.conftest import TINY_SETTINGS
 
 # A run that crosses several epochs (per-epoch samples drawn), evaluates, and uses dropout.
@@ -80,12 +81,14 @@ def _flatten(obj, prefix=""):
         yield prefix, obj
 
 
-def test_resume_is_bit_exact(tmp_path, tiny_file, batch_log):
+@pytest.mark.parametrize("ema", [0.0, 0.95], ids=["raw", "averaged"])
+def test_resume_is_bit_exact(tmp_path, tiny_file, batch_log, ema):
     torch.set_num_threads(1)
-    charloom.train(tiny_file, out=tmp_path / "straight", **EXACT)
+    settings = dict(EXACT, ema=ema)
+    charloom.train(tiny_file, out=tmp_path / "straight", **settings)
     straight_batches = list(batch_log)
     batch_log.clear()
-    stopped = charloom.train(tiny_file, out=tmp_path / "split", stop=StopAfter(100), **EXACT)
+    stopped = charloom.train(tiny_file, out=tmp_path / "split", stop=StopAfter(100), **settings)
     assert stopped.stop_reason == "stopped by SIGINT"
     assert _state(tmp_path / "split")[1]["progress"]["step"] == 100
     charloom.train(resume=tmp_path / "split")
@@ -100,6 +103,8 @@ def test_resume_is_bit_exact(tmp_path, tiny_file, batch_log):
     for name, value in opt1.items():
         assert torch.equal(value, opt2[name]) if isinstance(value, torch.Tensor) else value == opt2[name], name
     assert torch.equal(s1["torch_rng"], s2["torch_rng"])
+    if ema:  # the raw weights training goes on from, beside the average in the model file
+        assert all(torch.equal(a, b) for a, b in zip(s1["ema"]["other"], s2["ema"]["other"]))
     assert [r["step"] for r in h1] == [50, 100, 150, 200]
     assert h1 == h2, "logged losses differ"
     assert s1["progress"]["loss_ema"] == s2["progress"]["loss_ema"]
@@ -114,6 +119,50 @@ def test_resume_continues_the_stream_state(tmp_path, tiny_file):
     state = checkpoint.load_training_state(checkpoint.resolve(tmp_path / "run", "last"))
     h, c = state["rnn_state"]
     assert h.shape == (1, 8, 32) and c.shape == (1, 8, 32) and h.abs().sum() > 0
+
+
+def test_weight_averaging_is_what_runs_evaluate_sample_and_save(tmp_path, tiny_file):
+    """With --ema the run evaluates, samples from and saves the moving average of the raw weights (with
+    its warm-up), and keeps the raw weights in the training state to resume from."""
+    torch.set_num_threads(1)
+    raw_steps: list[list[torch.Tensor]] = []
+    evaluated: list[list[torch.Tensor]] = []
+
+    class Record(Listener):
+        def on_step(self, trainer, loss, chars_per_s):
+            raw_steps.append([p.detach().clone() for p in trainer.model.parameters()])
+
+        def on_eval(self, trainer, row, improved):
+            evaluated.append([p.detach().clone() for p in trainer.model.parameters()])
+
+    from charloom.api import resolve_configs
+    from charloom.config import TrainConfig, from_dict, to_dict
+    from charloom.models import build_model
+    from charloom.train import Trainer
+
+    mcfg, tcfg = resolve_configs(dict(TINY_SETTINGS, ema=0.9, dropout=0.2, eval_every=5), 2000)
+    net = build_model(mcfg, 20)
+    ids = np.random.default_rng(0).integers(0, 20, 3000).astype(np.int64)
+    start = [p.detach().clone() for p in net.parameters()]
+    trainer = Trainer(net, ids, 2500, tcfg, listener=Record())
+    trainer.fit()
+    assert len(raw_steps) == tcfg.max_steps == 12
+
+    average = start
+    for step, weights in enumerate(raw_steps):
+        decay = min(0.9, (1 + step) / (10 + step))
+        assert decay == trainer.ema_decay(step)
+        average = [a + (1 - decay) * (w - a) for a, w in zip(average, weights)]
+        if (step + 1) % 5 == 0:  # the evaluation after this step saw the average, not the raw weights
+            seen = evaluated[(step + 1) // 5 - 1]
+            assert all(torch.allclose(s, a, atol=1e-6) for s, a in zip(seen, average))
+            assert not all(torch.equal(s, w) for s, w in zip(seen, weights))
+    final = list(net.parameters())
+    assert all(torch.allclose(f, a, atol=1e-6) for f, a in zip(final, average)), "the model does not hold the average"
+    saved = trainer.state_dict()["ema"]
+    assert saved["model_holds_average"] and all(torch.equal(o, w) for o, w in zip(saved["other"], raw_steps[-1]))
+    # A run saved before weight averaging existed resumes without it; a new one records its choice.
+    assert from_dict(TrainConfig, {}).ema == 0.0 and from_dict(TrainConfig, to_dict(tcfg)).ema == 0.9
 
 
 # -- graceful stop --------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ class Trainer:
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        # Weight averaging (cfg.ema): a moving average of the parameters, updated after every step,
+        # that evaluations, samples and checkpoints see instead of the raw weights (swapped in for
+        # them; see _use_average). Once fit returns, the model holds the average.
+        self.params = list(model.parameters())
+        self.average = [p.detach().clone() for p in self.params] if cfg.ema else None
+        self.averaged = False  # whether the model's parameters hold the average (the raw weights wait in self.average)
 
     # -- schedule -------------------------------------------------------------------------------
     def lr_at(self, step: int, elapsed: float) -> float:
@@ -147,6 +153,39 @@ class Trainer:
         frac = min(1.0, frac)
         low = cfg.lr * cfg.min_lr_ratio
         return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    # -- weight averaging -----------------------------------------------------------------------
+    def ema_decay(self, step: int) -> float:
+        """The share of the average kept at ``step``: cfg.ema, less early on, so that a short run's average
+        does not hold on to its first weights: (1 + step) / (10 + step) until that reaches cfg.ema
+        (the warm-up of TensorFlow's ExponentialMovingAverage with num_updates)."""
+        return min(self.cfg.ema, (1 + step) / (10 + step))
+
+    def _update_average(self) -> None:
+        if self.average is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.average, self.params, 1.0 - self.ema_decay(self.progress.step))
+
+    def _use_average(self, on: bool) -> None:
+        """Put the averaged weights in the model (on) or the raw ones back (off); the others wait in
+        ``self.average``. Nothing to do without weight averaging."""
+        if self.average is None or self.averaged == on:
+            return
+        with torch.no_grad():
+            for param, other in zip(self.params, self.average):
+                held = param.detach().clone()
+                param.copy_(other)
+                other.copy_(held)
+        self.averaged = on
+
+    @contextmanager
+    def _averaged(self) -> Iterator[None]:
+        """The body with the averaged weights in the model, the raw ones back afterwards."""
+        self._use_average(True)
+        try:
+            yield
+        finally:
+            self._use_average(False)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, exact: bool = False) -> float:
@@ -174,6 +213,10 @@ class Trainer:
                          "best_val": p.best_val, "evals_since_best": p.evals_since_best,
                          "history": p.history, "loss_ema": p.loss_ema, "skipped": p.skipped},
             **({"rnn_state": self.rnn_state} if self.rnn_state is not None else {}),
+            # The weights the model does not hold: the raw ones when it holds the average (as it does
+            # whenever a checkpoint is written), else the average.
+            **({"ema": {"model_holds_average": self.averaged, "other": [t.clone() for t in self.average]}}
+               if self.average is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +230,15 @@ class Trainer:
                                  history=list(p["history"]), loss_ema=float(p.get("loss_ema", math.nan)),
                                  skipped=int(p.get("skipped", 0)))
         self.rnn_state = state.get("rnn_state")
+        if self.average is not None:
+            # The model holds what the checkpoint's model file held; training resumes from the raw weights.
+            saved = state.get("ema")
+            if saved is None:  # a run that did not average before: start the average from its weights
+                self.average = [p.detach().clone() for p in self.params]
+            else:
+                self.average = [t.to(p.device).clone() for t, p in zip(saved["other"], self.params)]
+                self.averaged = bool(saved["model_holds_average"])
+                self._use_average(False)
 
     # -- the loop -------------------------------------------------------------------------------
     def _eval_due(self, step: int, epoch_ended: bool) -> bool:
@@ -257,6 +309,7 @@ class Trainer:
     def _fit(self) -> Progress:
         cfg, p, model = self.cfg, self.progress, self.model
         last_only = {"last_only": True} if cfg.objective == "last" else {}
+        self._use_average(False)  # steps train the raw weights (a second fit finds the average in the model)
         model.train()
         state = self.rnn_state  # None, or the stream state a resumed run left off with
         loss_ema = p.loss_ema
@@ -309,6 +362,7 @@ class Trainer:
                 continue
             bad_run = 0
             self.optimizer.step()
+            self._update_average()
             if state is not None:
                 state = model.detach_state(state)
             self.rnn_state = state
@@ -319,15 +373,17 @@ class Trainer:
             chars_per_s = supervised / dt if chars_per_s == 0 else 0.9 * chars_per_s + 0.1 * supervised / dt
             self.listener.on_step(self, loss_ema, chars_per_s)
             epoch_ended = self.batcher.index >= self.batcher.steps_per_epoch
-            if self._eval_due(p.step, epoch_ended):
-                with self._all_threads():
-                    self._run_eval(loss_ema, chars_per_s)
-            if epoch_ended:
-                p.epoch += 1
-                with self._all_threads():
-                    self.listener.on_epoch_end(self)
+            eval_due = self._eval_due(p.step, epoch_ended)
+            if eval_due or epoch_ended:
+                with self._all_threads(), self._averaged():
+                    if eval_due:
+                        self._run_eval(loss_ema, chars_per_s)
+                    if epoch_ended:
+                        p.epoch += 1
+                        self.listener.on_epoch_end(self)
         # A final evaluation unless the last step was just evaluated or a signal asks us to hurry.
         interrupted = p.stop_reason.startswith(("stopped by", "diverged"))
+        self._use_average(True)  # what the run hands back, and its last checkpoint holds
         if p.step > 0 and not interrupted and (not p.history or p.history[-1]["step"] != p.step):
             with self._all_threads():
                 self._run_eval(loss_ema, chars_per_s)
