@@ -121,19 +121,22 @@ def test_resume_continues_the_stream_state(tmp_path, tiny_file):
     assert h.shape == (1, 8, 32) and c.shape == (1, 8, 32) and h.abs().sum() > 0
 
 
-def test_weight_averaging_is_what_runs_evaluate_sample_and_save(tmp_path, tiny_file):
+def test_weight_averaging_is_what_runs_evaluate_sample_and_save():
     """With --ema the run evaluates, samples from and saves the moving average of the raw weights (with
     its warm-up), and keeps the raw weights in the training state to resume from."""
     torch.set_num_threads(1)
     raw_steps: list[list[torch.Tensor]] = []
-    evaluated: list[list[torch.Tensor]] = []
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}  # the model's weights at each event, by (event, step)
 
     class Record(Listener):
         def on_step(self, trainer, loss, chars_per_s):
             raw_steps.append([p.detach().clone() for p in trainer.model.parameters()])
 
         def on_eval(self, trainer, row, improved):
-            evaluated.append([p.detach().clone() for p in trainer.model.parameters()])
+            seen["eval", trainer.progress.step] = [p.detach().clone() for p in trainer.model.parameters()]
+
+        def on_epoch_end(self, trainer):  # where the per-epoch samples are drawn
+            seen["epoch", trainer.progress.step] = [p.detach().clone() for p in trainer.model.parameters()]
 
     from charloom.api import resolve_configs
     from charloom.config import TrainConfig, from_dict, to_dict
@@ -148,15 +151,17 @@ def test_weight_averaging_is_what_runs_evaluate_sample_and_save(tmp_path, tiny_f
     trainer.fit()
     assert len(raw_steps) == tcfg.max_steps == 12
 
+    assert sorted(seen) == [("epoch", 9), ("eval", 5), ("eval", 10), ("eval", 12)]  # 9 steps an epoch
     average = start
     for step, weights in enumerate(raw_steps):
         decay = min(0.9, (1 + step) / (10 + step))
         assert decay == trainer.ema_decay(step)
         average = [a + (1 - decay) * (w - a) for a, w in zip(average, weights)]
-        if (step + 1) % 5 == 0:  # the evaluation after this step saw the average, not the raw weights
-            seen = evaluated[(step + 1) // 5 - 1]
-            assert all(torch.allclose(s, a, atol=1e-6) for s, a in zip(seen, average))
-            assert not all(torch.equal(s, w) for s, w in zip(seen, weights))
+        for event in ("eval", "epoch"):  # after this step, evaluation and samples saw the average, not the raw weights
+            if (event, step + 1) in seen:
+                model_weights = seen[event, step + 1]
+                assert all(torch.allclose(m, a, atol=1e-6) for m, a in zip(model_weights, average))
+                assert not all(torch.equal(m, w) for m, w in zip(model_weights, weights))
     final = list(net.parameters())
     assert all(torch.allclose(f, a, atol=1e-6) for f, a in zip(final, average)), "the model does not hold the average"
     saved = trainer.state_dict()["ema"]
