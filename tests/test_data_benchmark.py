@@ -94,7 +94,10 @@ def test_preset_scales_with_corpus_and_budget() -> None:
     assert model_class("transformer").preset(540_000, 300)["model"]["hidden"] == 128  # from 1x256, not 1x512
     assert model_class("conv").preset(540_000, 300)["model"]["hidden"] == 80
     assert model_class("gru").preset(540_000, 300)["model"]["hidden"] == 512  # recurrent: the LSTM's rule
-    assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3}
+    assert preset_for(540_000, 300)["train"] == {"epochs": 20, "batch_size": 32, "seq_len": 64, "lr": 6e-3,
+                                                 "weight_decay": 0.1}
+    assert "weight_decay" not in preset_for(540_000, 60)["train"]  # measured on 1x512 only
+    assert "weight_decay" not in preset_for(540_000, 300, recurrent=False)["train"]
     assert "batch_size" not in preset_for(50_000_000, 0)["train"]
     assert preset_for(50_000_000, 0)["model"]["dropout"] == 0.0
     # The budget rule by hand: below 5M chars 1x512 (14k chars/s) needs 2.5 x 1.22M params / 14k = 218 s;
