@@ -230,15 +230,13 @@ class Trainer:
                                  history=list(p["history"]), loss_ema=float(p.get("loss_ema", math.nan)),
                                  skipped=int(p.get("skipped", 0)))
         self.rnn_state = state.get("rnn_state")
-        if self.average is not None:
+        saved = state.get("ema")
+        if self.average is not None and saved is not None:
             # The model holds what the checkpoint's model file held; training resumes from the raw weights.
-            saved = state.get("ema")
-            if saved is None:  # a run that did not average before: start the average from its weights
-                self.average = [p.detach().clone() for p in self.params]
-            else:
-                self.average = [t.to(p.device).clone() for t, p in zip(saved["other"], self.params)]
-                self.averaged = bool(saved["model_holds_average"])
-                self._use_average(False)
+            # (Without a saved average, the one __init__ started from the loaded weights stands.)
+            self.average = [t.to(p.device).clone() for t, p in zip(saved["other"], self.params)]
+            self.averaged = bool(saved["model_holds_average"])
+            self._use_average(False)
 
     # -- the loop -------------------------------------------------------------------------------
     def _eval_due(self, step: int, epoch_ended: bool) -> bool:
