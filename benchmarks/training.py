@@ -3,6 +3,11 @@
     PYTHONPATH=src python benchmarks/training.py            # full run, about 20 minutes on 2 cores
     PYTHONPATH=src python benchmarks/training.py --quick    # smoke check, about 2 minutes
     PYTHONPATH=src python benchmarks/training.py --keras-python /tmp/tf/bin/python  # + Keras, same machine
+    PYTHONPATH=src python benchmarks/training.py --seeds 3  # the default recipe's cases with seeds 0, 1, 2
+
+One 300 s run says little about a recipe on its own: with everything else fixed, the seed (the
+initial weights, dropout masks and batch offsets) moved a Nietzsche result from 1.797 to 1.846
+bits/char. ``--seeds`` repeats the default recipe's cases and reports each run and their mean.
 
 Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
 VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to
@@ -117,7 +122,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     step_flops = flops_per_step(model.net, tcfg.batch_size, tcfg.seq_len, tcfg.objective)
     achieved = step_flops * last["step"] / max(1e-9, last["seconds"]) / 1e9
     return {
-        "corpus": corpus, "recipe": recipe, "budget_s": budget, "wall_s": round(wall, 1),
+        "corpus": corpus, "recipe": recipe, "seed": tcfg.seed, "budget_s": budget, "wall_s": round(wall, 1),
         "model": f"{mcfg.model} {mcfg.layers}x{mcfg.hidden}", "parameters": model.net.num_parameters(),
         "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "objective": tcfg.objective,
         "threads": torch.get_num_threads(), "steps": last["step"], "epochs": round(last["step"] / max(1, _steps_per_epoch(model)), 2),
@@ -197,6 +202,32 @@ def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int 
     return path
 
 
+def _headline(row: dict[str, Any]) -> float:
+    """The figure a case is judged by: bits/char on Nietzsche (the book's unit), nats elsewhere."""
+    return row["val_bpc"] if row["corpus"] == "nietzsche" else row["val_loss_nats"]
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (corpus, recipe) trained with more than one seed: the seeds, their headline figures and
+    the mean, min and max (runs that failed are left out and counted)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["corpus"], row["recipe"]), []).append(row)
+    out = []
+    for (corpus, recipe), group in groups.items():
+        if len(group) < 2:
+            continue
+        done = [r for r in group if "error" not in r]
+        values = [_headline(r) for r in done]
+        summary: dict[str, Any] = {"corpus": corpus, "recipe": recipe,
+                                   "unit": "bits/char" if corpus == "nietzsche" else "nats",
+                                   "seeds": [r["seed"] for r in done], "values": values, "failed": len(group) - len(done)}
+        if values:
+            summary.update(mean=round(sum(values) / len(values), 4), min=min(values), max=max(values))
+        out.append(summary)
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     """A short table of the headline numbers."""
     lines = [f"Training benchmark, {report['date']}, commit {report['commit']}, {report['machine']}", "",
@@ -207,8 +238,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | |")
             continue
         val = f"{row['val_bpc']:.3f} bpc" if row["corpus"] == "nietzsche" else f"{row['val_loss_nats']:.3f} nats"
-        lines.append(f"| {row['corpus']}, {row['recipe']} recipe, {row['budget_s']:.0f} s | {row['model']} | {val} | "
+        seed = f", seed {row['seed']}" if row.get("seed", 0) else ""
+        lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {val} | "
                      f"{row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
+    for summary in report.get("seed_summary", []):
+        unit = "bpc" if summary["unit"] == "bits/char" else "nats"
+        spread = (f"mean {summary['mean']:.3f} {unit} (min {summary['min']:.3f}, max {summary['max']:.3f})"
+                  if summary["values"] else "no run finished")
+        failed = f", {summary['failed']} failed" if summary["failed"] else ""
+        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, seeds {', '.join(map(str, summary['seeds']))}"
+                     f"{failed} | | {spread} | | | |")
     keras = report.get("keras_book_measured")
     if keras and "error" in keras:
         lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | |")
@@ -235,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds of training per case (default 300, quick 10)")
     parser.add_argument("--skip-training", action="store_true", help="only the encoding cases")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (default 0: all cores)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train the default recipe's cases with seeds 0..N-1 and report their mean (default 1)")
     parser.add_argument("--keras-python", metavar="PYTHON",
                         help="also time the book's recipe in Keras here, with this Python (one with TensorFlow)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.case:  # inside a child process
         spec = json.loads(args.case)
         kind = spec.pop("kind")
@@ -262,11 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="charloom-bench-") as tmp:
         folder = Path(tmp)
         if not args.skip_training:
-            for corpus, recipe in [("nietzsche", "default"), ("tinyshakespeare", "default"), ("nietzsche", "book")]:
+            cases = [(c, "default", seed) for c in ("nietzsche", "tinyshakespeare") for seed in range(args.seeds)]
+            for corpus, recipe, seed in cases + [("nietzsche", "book", 0)]:
                 row = run_case("train", corpus=corpus, recipe=recipe, budget=budget,
-                               out=str(folder / f"{corpus}-{recipe}"), settings={"threads": args.threads})
+                               out=str(folder / f"{corpus}-{recipe}-{seed}"), settings={"threads": args.threads, "seed": seed})
                 report["training"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+            report["seed_summary"] = seed_summary(report["training"])
             if args.keras_python:
                 report["keras_book_measured"] = run_keras(args.keras_python, budget, 5000 if args.quick else 0)
                 print(json.dumps(report["keras_book_measured"]), file=sys.stderr, flush=True)
