@@ -202,9 +202,9 @@ def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int 
     return path
 
 
-def _headline(row: dict[str, Any]) -> float:
-    """The figure a case is judged by: bits/char on Nietzsche (the book's unit), nats elsewhere."""
-    return row["val_bpc"] if row["corpus"] == "nietzsche" else row["val_loss_nats"]
+def _headline(row: dict[str, Any]) -> tuple[float, str]:
+    """The figure a case is judged by, and its unit: bits/char on Nietzsche (the book's unit), nats elsewhere."""
+    return (row["val_bpc"], "bpc") if row["corpus"] == "nietzsche" else (row["val_loss_nats"], "nats")
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -218,9 +218,8 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(group) < 2:
             continue
         done = [r for r in group if "error" not in r]
-        values = [_headline(r) for r in done]
-        summary: dict[str, Any] = {"corpus": corpus, "recipe": recipe,
-                                   "unit": "bits/char" if corpus == "nietzsche" else "nats",
+        values = [_headline(r)[0] for r in done]
+        summary: dict[str, Any] = {"corpus": corpus, "recipe": recipe, "unit": _headline(group[0])[1],
                                    "seeds": [r["seed"] for r in done], "values": values, "failed": len(group) - len(done)}
         if values:
             summary.update(mean=round(sum(values) / len(values), 4), min=min(values), max=max(values))
@@ -237,13 +236,12 @@ def markdown(report: dict[str, Any]) -> str:
         if "error" in row:
             lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | |")
             continue
-        val = f"{row['val_bpc']:.3f} bpc" if row["corpus"] == "nietzsche" else f"{row['val_loss_nats']:.3f} nats"
+        value, unit = _headline(row)
         seed = f", seed {row['seed']}" if row.get("seed", 0) else ""
-        lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {val} | "
+        lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {value:.3f} {unit} | "
                      f"{row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
     for summary in report.get("seed_summary", []):
-        unit = "bpc" if summary["unit"] == "bits/char" else "nats"
-        spread = (f"mean {summary['mean']:.3f} {unit} (min {summary['min']:.3f}, max {summary['max']:.3f})"
+        spread = (f"mean {summary['mean']:.3f} {summary['unit']} (min {summary['min']:.3f}, max {summary['max']:.3f})"
                   if summary["values"] else "no run finished")
         failed = f" ({summary['failed']} more failed)" if summary["failed"] else ""
         lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, seeds {', '.join(map(str, summary['seeds']))}"

@@ -72,7 +72,7 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
             {**row("nietzsche", 0, 2.2, 1.5), "recipe": "book"}]  # one seed: no summary
     summary = training.seed_summary(rows)
     assert summary == [
-        {"corpus": "nietzsche", "recipe": "default", "unit": "bits/char", "seeds": [0, 1], "values": [1.80, 1.84],
+        {"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [0, 1], "values": [1.80, 1.84],
          "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84},
         {"corpus": "tinyshakespeare", "recipe": "default", "unit": "nats", "seeds": [0], "values": [1.43],
          "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43}]
