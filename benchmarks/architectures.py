@@ -1,6 +1,6 @@
 """Every architecture on both corpora at the same time budget: bits per char, speed, parameters.
 
-    python benchmarks/architectures.py                 # 300 s per run, 4 models x 2 corpora (about 45 min)
+    python benchmarks/architectures.py                 # 300 s per run, 5 models x 2 corpora (about 55 min)
     python benchmarks/architectures.py --quick         # tiny models, short corpora, 4 s each: proves it runs
     python benchmarks/architectures.py --tokens word --models lstm,transformer --budget 120
 

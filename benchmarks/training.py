@@ -72,23 +72,30 @@ def flops_per_step(net: Any, batch: int, seq_len: int, objective: str) -> float:
 
     torch's FlopCounterMode counts the matmuls it sees (heads, projections, attention, convs) but not
     the fused recurrent kernels, so nn.LSTM / nn.GRU layers are added analytically:
-    2 * (in + H) * gates * H per layer per time step. The input product counts as the dense product
-    nn.LSTM (and Keras) compute, although charloom's kernel reads a one-hot input, or an embedding's
-    table W_ih E^T, as a lookup.
+    2 * (in + H) * gates * H per layer per time step (for the modules the forward calls). The input
+    product counts as the dense product nn.LSTM (and Keras) compute, although charloom's kernel reads a
+    one-hot input, or an embedding's table W_ih E^T, as a lookup.
     """
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randint(0, net.vocab_size, (batch, seq_len))
+    # Only the recurrent modules the forward calls: a Mogrifier keeps its weights in an nn.LSTM but
+    # runs its own steps, whose products the counter sees.
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, *_: called.add(id(mod)))
+             for m in net.modules() if isinstance(m, torch.nn.RNNBase)]
     with FlopCounterMode(display=False) as counter:
         logits, _ = net(x, last_only=objective == "last")  # as training runs it: (B, 1, V) for the book's objective
         loss = F.cross_entropy(logits[:, -1], x[:, -1]) if objective == "last" else logits.float().mean()
         loss.backward()
+    for hook in hooks:
+        hook.remove()
     net.zero_grad(set_to_none=True)
     total = float(counter.get_total_flops())
     for module in net.modules():
-        if isinstance(module, torch.nn.RNNBase):
+        if isinstance(module, torch.nn.RNNBase) and id(module) in called:
             gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
             for layer in range(module.num_layers):
                 in_dim = module.input_size if layer == 0 else module.hidden_size

@@ -24,7 +24,8 @@ from tests.conftest import TINY_TEXT, run_cli
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-VARIANTS = [("lstm", "embedding", 2), ("gru", "embedding", 1), ("lstm", "onehot", 1), ("gru", "onehot", 2)]
+VARIANTS = [("lstm", "embedding", 2), ("gru", "embedding", 1), ("lstm", "onehot", 1), ("gru", "onehot", 2),
+            ("mogrifier", "embedding", 1)]
 
 
 def tiny_model(arch: str, input_kind: str, layers: int, window: int = 0) -> Model:
@@ -53,7 +54,7 @@ def test_onnx_steps_reproduce_a_full_pytorch_forward(tmp_path, arch, input_kind,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files left
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    assert names == (["token", "h", "c"] if arch == "lstm" else ["token", "h"])
+    assert names == (["token", "h"] if arch == "gru" else ["token", "h", "c"])
     # Independent check: feed 40 tokens one at a time through ONNX, carrying the state, and compare
     # with one full PyTorch forward over the sequence (2 rows at once).
     idx = torch.randint(0, model.net.vocab_size, (2, 40))

@@ -20,7 +20,8 @@ from charloom.models.stepper import make_stepper
 from charloom.tokenizers import CharTokenizer
 from tests.conftest import LETTERS, FakeLetters
 
-ARCHS = [("lstm", "onehot", 1), ("lstm", "embedding", 2), ("gru", "embedding", 2), ("gru", "onehot", 1)]
+ARCHS = [("lstm", "onehot", 1), ("lstm", "embedding", 2), ("gru", "embedding", 2), ("gru", "onehot", 1),
+         ("mogrifier", "embedding", 1), ("mogrifier", "onehot", 2)]
 
 
 def small(arch, inp, layers, vocab=20, tie=False):

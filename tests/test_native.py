@@ -25,7 +25,8 @@ def kernel():
 
 
 MODELS = [("lstm", "onehot", 1, False), ("lstm", "embedding", 2, False), ("lstm", "embedding", 3, True),
-          ("gru", "onehot", 1, False), ("gru", "embedding", 2, True)]
+          ("gru", "onehot", 1, False), ("gru", "embedding", 2, True), ("mogrifier", "onehot", 1, False),
+          ("mogrifier", "embedding", 2, True)]
 
 
 @pytest.mark.parametrize("arch,inp,layers,tie", MODELS)

@@ -36,10 +36,11 @@ class Sampler:
         if meta.get("format") != FORMAT:
             raise ValueError(f"unsupported export format {meta.get('format')!r}; export the model again")
         self.w, self.meta = arrays, meta
-        self.kind = meta["network"]  # "lstm" or "gru"
-        if self.kind not in ("lstm", "gru"):
-            raise ValueError(f"this sampler runs lstm and gru networks, not {self.kind!r}")
+        self.kind = meta["network"]  # "lstm", "gru" or "mogrifier" (an LSTM with gating rounds)
+        if self.kind not in ("lstm", "gru", "mogrifier"):
+            raise ValueError(f"this sampler runs lstm, gru and mogrifier networks, not {self.kind!r}")
         self.layers = sum(1 for k in arrays if k.startswith("rnn.") and k.endswith(".weight_ih"))
+        self.rounds = sum(1 for k in arrays if k.startswith("rnn.0.mog."))  # Mogrifier rounds per layer
         self.hidden = arrays["rnn.0.weight_hh"].shape[1]  # (gates * H, H)
         self.vocab = arrays["head.w"].shape[0]  # (V, H)
         tok = meta["tokenizer"]
@@ -74,7 +75,7 @@ class Sampler:
     # -- the network ----------------------------------------------------------------------------------
     def zero_state(self, batch: int) -> list[np.ndarray]:
         """``[h]`` (GRU) or ``[h, c]`` (LSTM), each (layers, B, hidden)."""
-        n = 2 if self.kind == "lstm" else 1
+        n = 1 if self.kind == "gru" else 2
         return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in range(n)]
 
     def step(self, tokens: np.ndarray, state: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -90,9 +91,15 @@ class Sampler:
         for layer in range(self.layers):
             p = f"rnn.{layer}."
             h = state[0][layer]  # (B, H)
+            for k in range(self.rounds):  # Mogrifier: x and h gate each other, in turn
+                m = w[f"{p}mog.{k}"]  # (E, H) for even rounds, (H, E) for odd
+                if k % 2 == 0:
+                    x = x * (2.0 * _sigmoid(h @ m.T))
+                else:
+                    h = h * (2.0 * _sigmoid(x @ m.T))
             gi = x @ w[p + "weight_ih"].T + w[p + "bias_ih"]  # (B, G*H)
             gh = h @ w[p + "weight_hh"].T + w[p + "bias_hh"]
-            if self.kind == "lstm":
+            if self.kind != "gru":
                 i, f, g, o = np.split(gi + gh, 4, axis=1)  # torch's gate order
                 c = _sigmoid(f) * state[1][layer] + _sigmoid(i) * np.tanh(g)
                 h = _sigmoid(o) * np.tanh(c)
@@ -106,7 +113,7 @@ class Sampler:
             new_h.append(h)
             x = h
         logits = x @ w["head.w"].T + w["head.b"]  # (B, V)
-        out = [np.stack(new_h)] + ([np.stack(new_c)] if self.kind == "lstm" else [])
+        out = [np.stack(new_h)] + ([np.stack(new_c)] if self.kind != "gru" else [])
         return logits.astype(np.float32), [s.astype(np.float32) for s in out]
 
     def _read(self, ids: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -7,7 +7,10 @@ tensor ops:
 - the first layer's input projection ``W_ih x + b_ih (+ b_hh)`` is precomputed for every token
   into a table (V, G*H), since the input is an embedding row or a one-hot vector: one row lookup
   replaces the embedding, the one-hot and a matmul;
-- the LSTM gates are reordered to (i, f, o, g) so one sigmoid and one tanh cover all of them.
+- the LSTM gates are reordered to (i, f, o, g) so one sigmoid and one tanh cover all of them;
+- a Mogrifier layer (``mog_t``: its rounds' matrices, transposed, one per row) gates its input and
+  state before the step; its layer 0 reads embedding rows (``embed``), since the gated input has
+  no table.
 
 Only architectures in this package get a stepper (``make_stepper`` returns None otherwise), and the
 generation loop falls back to ``model.forward``. ``tests/test_generate_fast.py`` checks every
@@ -23,7 +26,20 @@ from torch import nn
 
 from ..native.lstm import gate_order
 from .base import LanguageModel
+from .mogrifier import MogrifierLM
 from .rnn import RecurrentLM
+
+
+def mog_rounds(mog_t: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mogrifier layer's rounds for one step: x (B, E) and h (B, H) gated in turn; ``mog_t`` (R, H * E)
+    holds round k's Q_k^T (H, E) or R_k^T (E, H), flat."""
+    e, hidden = x.shape[1], h.shape[1]
+    for k in range(mog_t.shape[0]):
+        if k % 2 == 0:
+            x = x * (2 * torch.sigmoid(h @ mog_t[k].view(hidden, e)))
+        else:
+            h = h * (2 * torch.sigmoid(x @ mog_t[k].view(e, hidden)))
+    return x, h
 
 
 class RecurrentStepper:
@@ -48,7 +64,14 @@ class RecurrentStepper:
                 # GRU keeps b_hh apart: its n gate multiplies (W_hn h + b_hn) by r.
                 in_bias = b_ih + b_hh if self.lstm else b_ih
                 entry = {"w_hh_t": w_hh.t().contiguous(), "b_hh": b_hh.clone()}
-                if layer == 0:
+                if isinstance(model, MogrifierLM):
+                    entry["mog_t"] = torch.stack([w.detach().t().reshape(-1) for w in model.mog[layer]])
+                if layer == 0 and "mog_t" in entry:  # the gated input has no table: embedding rows, then W_ih
+                    entry["embed"] = (torch.eye(model.vocab_size) if model.embed is None
+                                      else model.embed.weight.detach()).contiguous()  # (V, E)
+                    entry["w_ih_t"] = w_ih.t().contiguous()
+                    entry["b_in"] = in_bias.clone()
+                elif layer == 0:
                     if model.embed is None:  # one-hot: W_ih x is column x of W_ih
                         table = w_ih.t() + in_bias
                     else:
@@ -89,13 +112,17 @@ class RecurrentStepper:
         n, h = len(self.layers), self.hidden
         x = None
         for i, layer in enumerate(self.layers):
-            if i == 0:
+            h_in = state[i]  # what the recurrent product reads: h, or h after a Mogrifier's rounds
+            if "mog_t" in layer:
+                x, h_in = mog_rounds(layer["mog_t"], layer["embed"].index_select(0, ids) if i == 0 else x, h_in)
+                proj = torch.addmm(layer["b_in"], x, layer["w_ih_t"])
+            elif i == 0:
                 proj = layer["table"].index_select(0, ids)  # (B, G*H)
             else:
                 proj = torch.addmm(layer["b_in"], x, layer["w_ih_t"])
             if self.lstm:
-                hx, cx = state[i], state[n + i]
-                gates = torch.addmm(proj, hx, layer["w_hh_t"])  # (B, 4H) as (i, f, o, g)
+                cx = state[n + i]
+                gates = torch.addmm(proj, h_in, layer["w_hh_t"])  # (B, 4H) as (i, f, o, g)
                 ifo = gates[:, :3 * h].sigmoid()
                 g = gates[:, 3 * h:].tanh()
                 in_gate, forget, out_gate = ifo.chunk(3, 1)
@@ -162,9 +189,20 @@ class NumpyStepper:
         n = len(self.layers)
         x = None
         for i, layer in enumerate(self.layers):
-            proj = layer["table"][ids] if i == 0 else x @ layer["w_ih_t"] + layer["b_in"]  # (B, G*H)
+            h_in = state[i]
+            if "mog_t" in layer:
+                x = layer["embed"][ids] if i == 0 else x
+                e = x.shape[1]
+                for k, w in enumerate(layer["mog_t"]):  # the rounds (see mog_rounds)
+                    if k % 2 == 0:
+                        x = x * (2.0 / (1.0 + np.exp(-(h_in @ w.reshape(h, e)))))
+                    else:
+                        h_in = h_in * (2.0 / (1.0 + np.exp(-(x @ w.reshape(e, h)))))
+                proj = x @ layer["w_ih_t"] + layer["b_in"]
+            else:
+                proj = layer["table"][ids] if i == 0 else x @ layer["w_ih_t"] + layer["b_in"]  # (B, G*H)
             if self.lstm:
-                gates = proj + state[i] @ layer["w_hh_t"]  # (B, 4H) as (-i, -f, -o, g)
+                gates = proj + h_in @ layer["w_hh_t"]  # (B, 4H) as (-i, -f, -o, g)
                 ifo = gates[:, :3 * h]
                 np.exp(ifo, out=ifo)
                 ifo += 1.0
@@ -191,7 +229,7 @@ class NumpyStepper:
 def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
     """A fast stepper for ``model``, or None when its architecture has none (use ``forward``)."""
     # Only the exact architectures written here: a subclass with its own forward gets none.
-    if (isinstance(model, RecurrentLM) and type(model).forward is RecurrentLM.forward
+    if (isinstance(model, RecurrentLM) and type(model).forward in (RecurrentLM.forward, MogrifierLM.forward)
             and model.cell in (nn.LSTM, nn.GRU) and not model.training):
         return RecurrentStepper(model)
     return None

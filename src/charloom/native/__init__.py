@@ -27,7 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 10
+ABI_VERSION = 11
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 LSTM_CHUNK = 4  # as in rnn.c
@@ -47,6 +47,8 @@ class _Net(ctypes.Structure):
         ("w_ih_t", _f32p * MAX_LAYERS), ("b_in", _f32p * MAX_LAYERS),
         ("w_hh_t", _f32p * MAX_LAYERS), ("b_hh", _f32p * MAX_LAYERS),
         ("head_w_t", _f32p), ("head_b", _f32p), ("work", _f32p),
+        ("mog_rounds", ctypes.c_int32 * MAX_LAYERS), ("mog_in", ctypes.c_int32), ("embed", _f32p),
+        ("mog_t", _f32p * MAX_LAYERS),
     ]
 
 
@@ -116,6 +118,12 @@ def library() -> Any | None:
         lib.charloom_lstm_forward.restype = i32
         lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 12 + [i32]
         lib.charloom_lstm_backward.restype = i32
+        lib.charloom_mog_record_floats.argtypes = [i32] * 3
+        lib.charloom_mog_record_floats.restype = ctypes.c_size_t
+        lib.charloom_mog_forward.argtypes = [i32] * 6 + [ptr] * 12 + [i32]
+        lib.charloom_mog_forward.restype = i32
+        lib.charloom_mog_backward.argtypes = [i32] * 6 + [ptr] * 17 + [i32]
+        lib.charloom_mog_backward.restype = i32
     _loaded["lib"] = lib
     return lib
 
@@ -152,12 +160,17 @@ class NativeStepper:
         self.work = np.zeros(rows * (2 * gh + padded + 2) + MAX_THREADS * (3 * DRAW_ROWS * self.vocab + 36),
                              dtype=np.float32)  # see Net.work in rnn.c
         net = _Net(lstm=int(self.lstm), layers=len(layers), hidden=self.hidden, vocab=self.vocab, vocab_padded=padded)
-        net.table = _ptr(self._keep[0]["table"])
         for i, layer in enumerate(self._keep):
             net.w_hh_t[i] = _ptr(layer["w_hh_t"])
             net.b_hh[i] = _ptr(layer["b_hh"])
-            if i:
+            if "table" in layer:
+                net.table = _ptr(layer["table"])
+            else:  # a later layer, or a Mogrifier layer 0 (its input is the embedding row, not a table)
                 net.w_ih_t[i], net.b_in[i] = _ptr(layer["w_ih_t"]), _ptr(layer["b_in"])
+            if "mog_t" in layer:
+                net.mog_rounds[i], net.mog_t[i] = stepper.layers[i]["mog_t"].shape[0], _ptr(layer["mog_t"])
+            if "embed" in layer:
+                net.embed, net.mog_in = _ptr(layer["embed"]), layer["embed"].shape[1]
         net.head_w_t, net.head_b, net.work = _ptr(self.head_w_t), _ptr(self.head_b), _ptr(self.work)
         self.net = net
         self._netp = ctypes.addressof(net)  # the struct stays alive in self.net
@@ -167,6 +180,8 @@ class NativeStepper:
         """A native stepper for ``stepper``'s model and ``rows`` rows, or None (no kernel, too many layers)."""
         if len(stepper.layers) > MAX_LAYERS:
             return None
+        if "embed" in stepper.layers[0] and stepper.layers[0]["embed"].shape[1] > stepper.hidden:
+            return None  # a Mogrifier's rounds use the gates' scratch, which holds an input of up to H
         lib = library()
         return cls(lib, stepper, rows) if lib is not None else None
 

@@ -25,6 +25,8 @@ from torch import nn
 
 from . import LSTM_BLOCK, LSTM_CHUNK, LSTM_PAD, library
 
+MOG_MAX_ROUNDS = 8  # as in rnn.c
+
 
 def gate_order(hidden: int) -> torch.Tensor:
     """Indices taking torch's LSTM gate rows (i, f, g, o) to (i, f, o, g), so one sigmoid covers the
@@ -132,4 +134,77 @@ def onehot_lstm(rnn: nn.LSTM, ids: torch.Tensor, state: Any = None, threads: int
         h0, c0 = state[0][0], state[1][0]
     out, h, c = _OneHotLSTM.apply(ids, w_in, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, h0, c0,
                                   threads)
+    return out, (h.unsqueeze(0), c.unsqueeze(0))
+
+
+class _MogrifierLSTM(torch.autograd.Function):
+    """(ids (B, T), emb (V, D), mog (the rounds' matrices, flat), w_ih (4H, D), w_hh (4H, H), b_ih, b_hh
+    (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT): a Mogrifier LSTM layer (see rnn.c)."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, emb: torch.Tensor, mog: torch.Tensor, w_ih: torch.Tensor,
+                w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                rounds: int, threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t = ids.shape
+        v, d = emb.shape
+        hidden = w_hh.shape[1]
+        ids = ids.contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise ValueError(f"token ids must lie in [0, {v})")  # the kernel reads row id of emb unchecked
+        order, _ = kernel_order(hidden)
+        w_ih_k = w_ih.detach().index_select(0, order).contiguous()  # (4H, D), rows in the kernel's order
+        w_hh_k = w_hh.detach().index_select(0, order).contiguous()  # (4H, H)
+        bias = (b_ih + b_hh).detach().index_select(0, order)
+        emb_c, mog_c = emb.detach().contiguous(), mog.detach().contiguous()
+        h, c = h0.detach().contiguous().clone(), c0.detach().contiguous().clone()
+        lib = library()
+        out = w_hh.new_empty(t, b, hidden)  # time-major, as the LSTM kernel's
+        acts = w_hh.new_empty(t, b, 4 * hidden)
+        cs = w_hh.new_empty(t, b, hidden)
+        rec = w_hh.new_empty(t, b, lib.charloom_mog_record_floats(hidden, d, rounds))  # every round's vectors
+        if lib.charloom_mog_forward(b, t, hidden, d, v, rounds, _p(ids), _p(emb_c), _p(mog_c), _p(w_ih_k), _p(w_hh_k),
+                                    _p(bias), _p(h), _p(c), _p(out), _p(acts), _p(cs), _p(rec), threads):
+            raise MemoryError("no memory for the Mogrifier kernel's packed weights")
+        ctx.save_for_backward(ids, mog_c, w_ih_k, w_hh_k, h0, c0, out, acts, cs, rec)
+        ctx.threads, ctx.rounds, ctx.vocab = threads, rounds, v
+        return out.transpose(0, 1), h, c
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor | None, dh_last: torch.Tensor | None,
+                 dc_last: torch.Tensor | None) -> tuple[Any, ...]:
+        ids, mog, w_ih_k, w_hh_k, h0, c0, out, acts, cs, rec = ctx.saved_tensors
+        t, b, hidden = out.shape
+        d, g, v = w_ih_k.shape[1], 4 * hidden, ctx.vocab
+        dout = out.new_zeros(t, b, hidden) if dout is None else dout.transpose(0, 1).contiguous()  # (T, B, H)
+        dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
+        dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
+        g_w = out.new_empty(hidden + d + 1, g)  # dW_hh^T, dW_ih^T, db
+        g_mog, g_emb = torch.empty_like(mog), out.new_empty(v, d)
+        k = LSTM_CHUNK * b
+        work = out.new_empty(k * (g + LSTM_PAD + hidden + d + 1) + 2 * b * max(hidden, d) + b * d)
+        h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
+        if library().charloom_mog_backward(b, t, hidden, d, v, ctx.rounds, _p(ids), _p(mog), _p(w_ih_k), _p(w_hh_k),
+                                           _p(out), _p(acts), _p(cs), _p(rec), _p(h0c), _p(c0c), _p(dout), _p(dh),
+                                           _p(dc), _p(g_w), _p(g_mog), _p(g_emb), _p(work), ctx.threads):
+            raise MemoryError("no memory for the Mogrifier kernel's packed weights")
+        _, back = kernel_order(hidden)
+        g_w = g_w.index_select(1, back)  # columns back in torch's gate order
+        d_b = g_w[hidden + d]
+        return (None, g_emb, g_mog, g_w[hidden:hidden + d].t(), g_w[:hidden].t(), d_b, d_b.clone(), dh, dc, None,
+                None)
+
+
+def mogrifier_lstm(rnn: nn.LSTM, rounds: list[torch.Tensor], ids: torch.Tensor, embedding: torch.Tensor,
+                   state: Any = None, threads: int = 1) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A one-layer Mogrifier LSTM over ``embedding[ids]`` (embedding (V, D)) on the native kernel: the
+    LSTM's weights in ``rnn``, the rounds' matrices (Q_0 (D, H), R_1 (H, D), Q_2, ...) in ``rounds``.
+    Returns out (B, T, H) and the last state ((1, B, H), (1, B, H))."""
+    b, hidden = ids.shape[0], rnn.hidden_size
+    if state is None:
+        h0 = c0 = torch.zeros(b, hidden)
+    else:
+        h0, c0 = state[0][0], state[1][0]
+    mog = torch.cat([w.reshape(-1) for w in rounds])
+    out, h, c = _MogrifierLSTM.apply(ids, embedding, mog, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0,
+                                     rnn.bias_hh_l0, h0, c0, len(rounds), threads)
     return out, (h.unsqueeze(0), c.unsqueeze(0))
