@@ -100,6 +100,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(kernel):  # noqa: F811
         mogrifier_lstm(rnn, [torch.zeros(4, 8)], torch.tensor([[0, 5]]), torch.zeros(5, 4))
 
 
+def test_the_kernel_refuses_a_round_count_it_cannot_run(kernel):  # noqa: F811
+    rnn = torch.nn.LSTM(4, 8, batch_first=True)
+    with pytest.raises(ValueError, match="1 to 8 rounds, got 9"):
+        mogrifier_lstm(rnn, [torch.zeros(4, 8), torch.zeros(8, 4)] * 4 + [torch.zeros(4, 8)], torch.tensor([[0, 1]]),
+                       torch.zeros(5, 4))
+
+
 @pytest.mark.parametrize("rounds", [0, 9])
 def test_a_round_count_outside_1_to_8_is_refused_with_the_range(tmp_path, tiny_text, rounds):
     corpus = tmp_path / "tiny.txt"

@@ -65,7 +65,8 @@ class MogrifierLM(RecurrentLM):
             self.mog.append(rounds)
 
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
-        if self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
+        if (self.native_threads and self.training and native_lstm.usable(self.rnn, idx)
+                and len(self.mog[0]) <= native_lstm.MOG_MAX_ROUNDS):
             table = torch.eye(self.vocab_size) if self.embed is None else self.embed.weight  # (V, E)
             out, state = native_lstm.mogrifier_lstm(self.rnn, list(self.mog[0]), idx, table, state,
                                                     self.native_threads)  # (B, T, H)

@@ -199,6 +199,8 @@ def mogrifier_lstm(rnn: nn.LSTM, rounds: list[torch.Tensor], ids: torch.Tensor, 
     """A one-layer Mogrifier LSTM over ``embedding[ids]`` (embedding (V, D)) on the native kernel: the
     LSTM's weights in ``rnn``, the rounds' matrices (Q_0 (D, H), R_1 (H, D), Q_2, ...) in ``rounds``.
     Returns out (B, T, H) and the last state ((1, B, H), (1, B, H))."""
+    if not 1 <= len(rounds) <= MOG_MAX_ROUNDS:
+        raise ValueError(f"the Mogrifier kernel runs 1 to {MOG_MAX_ROUNDS} rounds, got {len(rounds)}")
     b, hidden = ids.shape[0], rnn.hidden_size
     if state is None:
         h0 = c0 = torch.zeros(b, hidden)

@@ -748,10 +748,10 @@ static const float *mog_latest(const MogJob *p, const float *rec, const float *h
     return parity ? hprev : rec;
 }
 
-/* Floats of member workspace: packed shares of W_hh, W_ih and every round's matrix, forward or backward. */
-static size_t mog_work_floats(int B, int H, int D, int R) {
-    (void)B;
-    return (size_t)(H + D) * 4 * H + (size_t)R * H * D + 64;
+/* Floats of a member's workspace for its packed shares of W_hh, W_ih and every round's matrix (at most
+ * the whole of each), forward or backward. */
+static size_t mog_work_floats(int H, int D, int R) {
+    return (size_t)(H + D) * 4 * H + (size_t)R * H * D;
 }
 
 static void *mog_forward_member(void *arg) {
@@ -939,7 +939,8 @@ static int mog_setup(MogJob *p, int threads) {
     const int blocks = (H + LSTM_BLOCK - 1) / LSTM_BLOCK;
     int want = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
     want = want < blocks ? want : (blocks > 0 ? blocks : 1);
-    const size_t floats = mog_work_floats(p->team.B, H, D, p->R) + (size_t)LSTM_CHUNK * p->team.B * 4 * H;
+    /* Backward also packs a chunk's gate gradients: LSTM_CHUNK B rows of a member's (at most 4H) columns. */
+    const size_t floats = mog_work_floats(H, D, p->R) + (size_t)LSTM_CHUNK * p->team.B * 4 * H;
     for (int m = 0; m < MAX_THREADS; m++)
         p->work[m] = NULL;
     for (int m = 0; m < want; m++)
