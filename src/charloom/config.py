@@ -328,7 +328,7 @@ PRESET_SIZES: list[tuple[int, int, int, int]] = [
 #   -> 1.843 (seed 0), 1.855 -> 1.848 (seed 1); Tiny Shakespeare 1.453 -> 1.447 nats. Adopted.
 #   A Mogrifier LSTM (models/mogrifier.py, 4 rounds) with the 1x512 settings, 300 s, 2026-11-29/30:
 #   seeds 0-2 1.834, 1.827, 1.826 (~1,700 steps: a step costs a third more); at 2,236 steps 1.825, where
-#   a step-by-step torch version of it had scored 1.786 (another run's luck). Not the default.
+#   a step-by-step torch version of it had scored 1.786 (it did not repeat). Not the default.
 #   Not for the transformer preset derived from it: on Nietzsche, 2x256 with dropout 0.3 (from 1x512)
 #   ended at 3.494 bits/char, 2x128 with dropout 0.1 (from 1x256) at 2.082; conv was not measured.
 SMALL_CORPUS_CHARS_PER_PARAMETER = 2.5

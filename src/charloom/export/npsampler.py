@@ -6,8 +6,8 @@ This file needs NumPy and nothing else (no torch, no charloom): copy it next to 
 
 or, from Python, ``Sampler.load("model.npz").generate("the meaning of ", length=200, temperature=0.5)``.
 
-It implements the recurrent networks charloom exports (LSTM and GRU, embedding or one-hot input),
-carrying their state one character at a time, and the sampling pipeline of ``charloom generate``:
+It implements the recurrent networks charloom exports (LSTM, GRU and Mogrifier, embedding or one-hot
+input), carrying their state one character at a time, and the sampling pipeline of ``charloom generate``:
 temperature (0 = greedy), top-k, top-p, then an inverse-CDF draw. At temperature 0 it writes the
 text PyTorch writes. At other temperatures a seed gives the same text on every run of this
 sampler, but not PyTorch's text: NumPy's random numbers are not torch's.
@@ -74,7 +74,7 @@ class Sampler:
 
     # -- the network ----------------------------------------------------------------------------------
     def zero_state(self, batch: int) -> list[np.ndarray]:
-        """``[h]`` (GRU) or ``[h, c]`` (LSTM), each (layers, B, hidden)."""
+        """``[h]`` (GRU) or ``[h, c]`` (LSTM, Mogrifier), each (layers, B, hidden)."""
         n = 1 if self.kind == "gru" else 2
         return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in range(n)]
 
