@@ -209,9 +209,15 @@ def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int 
     return path
 
 
+def _unit(corpus: str) -> str:
+    """The unit a corpus's cases are judged in: bits/char on Nietzsche (the book's unit), nats elsewhere."""
+    return "bpc" if corpus == "nietzsche" else "nats"
+
+
 def _headline(row: dict[str, Any]) -> tuple[float, str]:
-    """The figure a case is judged by, and its unit: bits/char on Nietzsche (the book's unit), nats elsewhere."""
-    return (row["val_bpc"], "bpc") if row["corpus"] == "nietzsche" else (row["val_loss_nats"], "nats")
+    """A finished case's headline figure and its unit (see _unit)."""
+    unit = _unit(row["corpus"])
+    return row["val_bpc" if unit == "bpc" else "val_loss_nats"], unit
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -226,7 +232,7 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         done = [r for r in group if "error" not in r]
         values = [_headline(r)[0] for r in done]
-        summary: dict[str, Any] = {"corpus": corpus, "recipe": recipe, "unit": _headline(group[0])[1],
+        summary: dict[str, Any] = {"corpus": corpus, "recipe": recipe, "unit": _unit(corpus),
                                    "seeds": [r["seed"] for r in done], "values": values, "failed": len(group) - len(done)}
         if values:
             summary.update(mean=round(sum(values) / len(values), 4), min=min(values), max=max(values))
@@ -250,9 +256,12 @@ def markdown(report: dict[str, Any]) -> str:
     for summary in report.get("seed_summary", []):
         spread = (f"mean {summary['mean']:.3f} {summary['unit']} (min {summary['min']:.3f}, max {summary['max']:.3f})"
                   if summary["values"] else "no run finished")
-        failed = f" ({summary['failed']} more failed)" if summary["failed"] else ""
-        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, seeds {', '.join(map(str, summary['seeds']))}"
-                     f"{failed} | | {spread} | | | |")
+        if summary["seeds"]:
+            failed = f" ({summary['failed']} more failed)" if summary["failed"] else ""
+            seeds = f"seeds {', '.join(map(str, summary['seeds']))}{failed}"
+        else:  # a failed run's seed is not recorded: count them
+            seeds = f"{summary['failed']} seeds"
+        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, {seeds} | | {spread} | | | |")
     keras = report.get("keras_book_measured")
     if keras and "error" in keras:
         lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | |")

@@ -82,6 +82,11 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     assert "| nietzsche, default recipe, seed 1, 300 s | lstm 1x512 | 1.840 bpc |" in table
     assert "| nietzsche, default recipe, seeds 0, 1 | | mean 1.820 bpc (min 1.800, max 1.840) |" in table
     assert "| tinyshakespeare, default recipe, seeds 0 (1 more failed) | | mean 1.430 nats (min 1.430, max 1.430) |" in table
+    all_failed = training.seed_summary([{**failed, "corpus": "nietzsche"}] * 3)
+    assert all_failed == [{"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [], "values": [],
+                           "failed": 3}]
+    table = training.markdown({**report, "training": [], "seed_summary": all_failed})
+    assert "| nietzsche, default recipe, 3 seeds | | no run finished | | | |" in table
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "training.py"), "--seeds", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--seeds must be at least 1, got 0" in done.stderr
