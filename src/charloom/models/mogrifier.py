@@ -18,6 +18,7 @@ torch, one step at a time.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,6 +29,24 @@ from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
 from ..native import lstm as native_lstm
 from .base import ExportSpec, State, register
 from .rnn import RecurrentLM
+
+
+def transposed_rounds(rounds: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A layer's round matrices as :func:`mog_rounds` and the native kernels read them: (R, H * E), row k
+    round k's Q_k^T (H, E) or R_k^T (E, H), flat."""
+    return torch.stack([w.t().reshape(-1) for w in rounds])
+
+
+def mog_rounds(mog_t: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mogrifier layer's rounds for one step: x (B, E) and h (B, H) gated in turn, from
+    :func:`transposed_rounds`'s ``mog_t``. The one torch version, for training, evaluation and stepping."""
+    e, hidden = x.shape[1], h.shape[1]
+    for k in range(mog_t.shape[0]):
+        if k % 2 == 0:
+            x = x * (2 * torch.sigmoid(h @ mog_t[k].view(hidden, e)))
+        else:
+            h = h * (2 * torch.sigmoid(x @ mog_t[k].view(e, hidden)))
+    return x, h
 
 
 @register("mogrifier")
@@ -90,14 +109,10 @@ class MogrifierLM(RecurrentLM):
             w_ih, w_hh = getattr(self.rnn, f"weight_ih_l{layer}"), getattr(self.rnn, f"weight_hh_l{layer}")
             bias = getattr(self.rnn, f"bias_ih_l{layer}") + getattr(self.rnn, f"bias_hh_l{layer}")
             h, c = state[0][layer], state[1][layer]  # (B, H)
+            mog_t = transposed_rounds(self.mog[layer])  # once per call: autograd reaches the matrices through it
             outs, kept = [], []
             for step in range(t):
-                xt, ht = x[:, step], h
-                for k, w in enumerate(self.mog[layer]):
-                    if k % 2 == 0:
-                        xt = 2 * torch.sigmoid(ht @ w.t()) * xt
-                    else:
-                        ht = 2 * torch.sigmoid(xt @ w.t()) * ht
+                xt, ht = mog_rounds(mog_t, x[:, step], h)
                 i, f, g, o = (torch.addmm(bias, xt, w_ih.t()) + ht @ w_hh.t()).chunk(4, 1)  # torch's gate order
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)

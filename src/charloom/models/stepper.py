@@ -26,20 +26,8 @@ from torch import nn
 
 from ..native.lstm import gate_order
 from .base import LanguageModel
-from .mogrifier import MogrifierLM
+from .mogrifier import MogrifierLM, mog_rounds, transposed_rounds
 from .rnn import RecurrentLM
-
-
-def mog_rounds(mog_t: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Mogrifier layer's rounds for one step: x (B, E) and h (B, H) gated in turn; ``mog_t`` (R, H * E)
-    holds round k's Q_k^T (H, E) or R_k^T (E, H), flat."""
-    e, hidden = x.shape[1], h.shape[1]
-    for k in range(mog_t.shape[0]):
-        if k % 2 == 0:
-            x = x * (2 * torch.sigmoid(h @ mog_t[k].view(hidden, e)))
-        else:
-            h = h * (2 * torch.sigmoid(x @ mog_t[k].view(e, hidden)))
-    return x, h
 
 
 class RecurrentStepper:
@@ -65,7 +53,7 @@ class RecurrentStepper:
                 in_bias = b_ih + b_hh if self.lstm else b_ih
                 entry = {"w_hh_t": w_hh.t().contiguous(), "b_hh": b_hh.clone()}
                 if isinstance(model, MogrifierLM):
-                    entry["mog_t"] = torch.stack([w.detach().t().reshape(-1) for w in model.mog[layer]])
+                    entry["mog_t"] = transposed_rounds(model.mog[layer]).detach()
                 if layer == 0 and "mog_t" in entry:  # the gated input has no table: embedding rows, then W_ih
                     entry["embed"] = (torch.eye(model.vocab_size) if model.embed is None
                                       else model.embed.weight.detach()).contiguous()  # (V, E)

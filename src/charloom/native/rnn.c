@@ -949,9 +949,14 @@ static int mog_setup(MogJob *p, int threads) {
     return 0;
 }
 
-static void mog_free(MogJob *p) {
+/* Sets up the job, runs fn over its team and frees its workspace: 0, or 1 when out of memory. */
+static int mog_run(MogJob *p, void *(*fn)(void *), int threads) {
+    const int failed = mog_setup(p, threads);
+    if (!failed)
+        run_team(fn, &p->team, threads);
     for (int m = 0; m < MAX_THREADS; m++)
         free(p->work[m]);
+    return failed;
 }
 
 /* Records of S floats per step and row (see above): the caller allocates T * B * S for rec. */
@@ -976,13 +981,7 @@ int charloom_mog_forward(int B, int T, int H, int D, int V, int R, const int64_t
     memset(&job, 0, sizeof job);
     job.team = (LstmJob){B, T, H, V, ids, NULL, NULL, NULL, NULL, h, c, out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0, {0, 0, 0}};
     job.D = D, job.R = R, job.emb = emb, job.mog = mog, job.w_ih = w_ih, job.w_hh = w_hh, job.bias = bias, job.rec = rec;
-    if (mog_setup(&job, threads)) {
-        mog_free(&job);
-        return 1;
-    }
-    run_team(mog_forward_member, &job.team, threads);
-    mog_free(&job);
-    return 0;
+    return mog_run(&job, mog_forward_member, threads);
 }
 
 /* Backward from the forward's out, acts, cs and rec: dh, dc (B, H) hold the gradients of the last
@@ -1008,13 +1007,7 @@ int charloom_mog_backward(int B, int T, int H, int D, int V, int R, const int64_
     job.dx = job.dpre + 2 * B * P;
     for (size_t k = 0; k < KC; k++)
         job.hp[k * (H + D + 1) + H + D] = 1.0f;
-    if (mog_setup(&job, threads)) {
-        mog_free(&job);
-        return 1;
-    }
-    run_team(mog_backward_member, &job.team, threads);
-    mog_free(&job);
-    return 0;
+    return mog_run(&job, mog_backward_member, threads);
 }
 
 int charloom_abi_version(void) { return 11; }
