@@ -122,6 +122,12 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     t1 = time.perf_counter()
     result = model.evaluate(exact=True)
     eval_s = time.perf_counter() - t1
+    dynamic: dict[str, Any] = {}
+    if not model.train_config.generation_window:  # the book's fixed windows carry no state to adapt
+        t2 = time.perf_counter()
+        adapted = model.evaluate(dynamic=True, progress=False)
+        dynamic = {"val_loss_nats_dynamic": round(adapted.loss, 4), "val_bpc_dynamic": round(adapted.bits_per_char, 4),
+                   "dynamic_eval_s": round(time.perf_counter() - t2, 1)}
     tcfg, mcfg = model.train_config, model.net.config
     last = model.history[-1]
     per_step = tcfg.batch_size * (1 if tcfg.objective == "last" else tcfg.seq_len)
@@ -136,7 +142,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
         "stop_reason": model.stop_reason,
         "val_loss_nats": round(result.loss, 4), "val_bpc": round(result.bits_per_char, 4),
         "eval": "windowed (the book's 60-char view)" if tcfg.generation_window else "exact stateful pass",
-        "eval_s": round(eval_s, 1), "supervised_chars_per_s": round(chars_per_s),
+        "eval_s": round(eval_s, 1), **dynamic, "supervised_chars_per_s": round(chars_per_s),
         "train_gflops_per_s": round(achieved, 2), "matmul_gflops_per_s": round(gflops, 1),
         "share_of_matmul_rate": round(achieved / gflops, 3), "peak_rss_mb": round(_rss_mb(), 1),
     }
@@ -214,10 +220,12 @@ def _unit(corpus: str) -> str:
     return "bpc" if corpus == "nietzsche" else "nats"
 
 
-def _headline(row: dict[str, Any]) -> tuple[float, str]:
-    """A finished case's headline figure and its unit (see _unit)."""
+def _headline(row: dict[str, Any], dynamic: bool = False) -> tuple[float | None, str]:
+    """A finished case's headline figure and its unit (see _unit); ``dynamic``: under dynamic
+    evaluation (None where the case has none)."""
     unit = _unit(row["corpus"])
-    return row["val_bpc" if unit == "bpc" else "val_loss_nats"], unit
+    key = ("val_bpc" if unit == "bpc" else "val_loss_nats") + ("_dynamic" if dynamic else "")
+    return row.get(key), unit
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -236,6 +244,9 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                    "seeds": [r["seed"] for r in done], "values": values, "failed": len(group) - len(done)}
         if values:
             summary.update(mean=round(sum(values) / len(values), 4), min=min(values), max=max(values))
+        adapted = [_headline(r, dynamic=True)[0] for r in done]
+        if values and None not in adapted:
+            summary.update(dynamic_values=adapted, dynamic_mean=round(sum(adapted) / len(adapted), 4))
         out.append(summary)
     return out
 
@@ -243,33 +254,36 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(report: dict[str, Any]) -> str:
     """A short table of the headline numbers."""
     lines = [f"Training benchmark, {report['date']}, commit {report['commit']}, {report['machine']}", "",
-             "| case | model | val | supervised chars/s | share of matmul rate | peak RSS |",
-             "|---|---|---|---|---|---|"]
+             "| case | model | val | val, dynamic eval | supervised chars/s | share of matmul rate | peak RSS |",
+             "|---|---|---|---|---|---|---|"]
     for row in report["training"]:
         if "error" in row:
-            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | |")
+            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | | |")
             continue
         value, unit = _headline(row)
+        adapted = _headline(row, dynamic=True)[0]
+        adapted_text = f"{adapted:.3f} {unit}" if adapted is not None else ""
         seed = f", seed {row['seed']}" if row.get("seed", 0) else ""
         lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {value:.3f} {unit} | "
-                     f"{row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
+                     f"{adapted_text} | {row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
     for summary in report.get("seed_summary", []):
         spread = (f"mean {summary['mean']:.3f} {summary['unit']} (min {summary['min']:.3f}, max {summary['max']:.3f})"
                   if summary["values"] else "no run finished")
+        adapted_mean = f"mean {summary['dynamic_mean']:.3f} {summary['unit']}" if "dynamic_mean" in summary else ""
         if summary["seeds"]:
             failed = f" ({summary['failed']} more failed)" if summary["failed"] else ""
             seeds = f"seeds {', '.join(map(str, summary['seeds']))}{failed}"
         else:  # a failed run's seed is not recorded: count them
             seeds = f"{summary['failed']} seeds"
-        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, {seeds} | | {spread} | | | |")
+        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, {seeds} | | {spread} | {adapted_mean} | | | |")
     keras = report.get("keras_book_measured")
     if keras and "error" in keras:
-        lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | |")
+        lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | | |")
     elif keras:
         lines.append(f"| Keras {keras['keras']} + TF {keras['tensorflow']} book recipe, this machine, "
-                     f"{keras['budget_s']:.0f} s | lstm 1x128 | {keras['val_bpc']:.3f} bpc | "
+                     f"{keras['budget_s']:.0f} s | lstm 1x128 | {keras['val_bpc']:.3f} bpc | | "
                      f"{keras['supervised_chars_per_s']:,} | | {keras['peak_rss_mb']:,.0f} MB |")
-    lines.append(f"| Keras 3 book recipe (issue's reference machine) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | "
+    lines.append(f"| Keras 3 book recipe (issue's reference machine) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | | "
                  f"{KERAS_BOOK['supervised_chars_per_s']:,} | | {KERAS_BOOK['peak_rss_mb']:,} MB |")
     lines += ["", "| encode | MB | MB/s | peak RSS | growth over imports |", "|---|---|---|---|---|"]
     for row in report["encoding"]:

@@ -66,6 +66,14 @@ def test_train_save_load_generate_evaluate(tmp_path, arch, tokens):
     assert loaded.evaluate("a stitch in time saves nine.").chars == len("a stitch in time saves nine.") - len(
         loaded.tokenizer.decode(loaded.tokenizer.encode("a stitch in time saves nine.")[:1]))
 
+    # Dynamic evaluation runs on every architecture: with no step it is the exact pass; with steps
+    # the weights come back as they were.
+    still = charloom.DynamicEval(lr=0.0, decay=0.0, stats_segments=3)
+    assert loaded.evaluate(dynamic=still).total_nats == pytest.approx(result.total_nats, rel=1e-5)
+    before = {k: v.clone() for k, v in loaded.net.state_dict().items()}
+    assert math.isfinite(loaded.evaluate(dynamic=charloom.DynamicEval(stats_segments=3)).total_nats)
+    assert all(torch.equal(before[k], v) for k, v in loaded.net.state_dict().items())
+
 
 def test_cli_trains_and_generates_with_model_and_tokens_flags(tmp_path):
     corpus = tmp_path / "tiny.txt"

@@ -56,37 +56,41 @@ def test_keras_run_is_tabulated_beside_the_reference() -> None:
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": [], "encoding": [], "keras_book_measured": keras}
     table = training.markdown(report)
-    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | 1,277 |" in table
+    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | | 1,277 |" in table
     assert "| Keras 3 book recipe (issue's reference machine) |" in table
 
 
 def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     def row(corpus: str, seed: int, bpc: float, nats: float) -> dict:
         return {"corpus": corpus, "recipe": "default", "seed": seed, "budget_s": 300.0, "model": "lstm 1x512",
-                "val_bpc": bpc, "val_loss_nats": nats, "supervised_chars_per_s": 15000,
-                "share_of_matmul_rate": 0.7, "peak_rss_mb": 480.0}
+                "val_bpc": bpc, "val_loss_nats": nats, "val_bpc_dynamic": round(bpc - 0.04, 4), "val_loss_nats_dynamic": round(nats - 0.1, 4),
+                "supervised_chars_per_s": 15000, "share_of_matmul_rate": 0.7, "peak_rss_mb": 480.0}
 
     failed = {"kind": "train", "corpus": "tinyshakespeare", "recipe": "default", "error": ["killed"]}
     rows = [row("nietzsche", 0, 1.80, 1.25), row("nietzsche", 1, 1.84, 1.28),
             row("tinyshakespeare", 0, 2.06, 1.43), failed,
-            {**row("nietzsche", 0, 2.2, 1.5), "recipe": "book"}]  # one seed: no summary
+            {**row("nietzsche", 0, 2.2, 1.5), "recipe": "book", "val_bpc_dynamic": None}]  # one seed: no summary
+    del rows[1]["val_bpc_dynamic"]  # a case without dynamic evaluation: no dynamic mean for its group
     summary = training.seed_summary(rows)
     assert summary == [
         {"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [0, 1], "values": [1.80, 1.84],
          "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84},
         {"corpus": "tinyshakespeare", "recipe": "default", "unit": "nats", "seeds": [0], "values": [1.43],
-         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43}]
+         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43, "dynamic_values": [1.33], "dynamic_mean": 1.33}]
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": rows, "encoding": [], "seed_summary": summary}
     table = training.markdown(report)
-    assert "| nietzsche, default recipe, seed 1, 300 s | lstm 1x512 | 1.840 bpc |" in table
-    assert "| nietzsche, default recipe, seeds 0, 1 | | mean 1.820 bpc (min 1.800, max 1.840) |" in table
-    assert "| tinyshakespeare, default recipe, seeds 0 (1 more failed) | | mean 1.430 nats (min 1.430, max 1.430) |" in table
+    assert "| nietzsche, default recipe, 300 s | lstm 1x512 | 1.800 bpc | 1.760 bpc | 15,000 |" in table
+    assert "| nietzsche, default recipe, seed 1, 300 s | lstm 1x512 | 1.840 bpc |  | 15,000 |" in table
+    assert "| nietzsche, book recipe, 300 s | lstm 1x512 | 2.200 bpc |  |" in table
+    assert "| nietzsche, default recipe, seeds 0, 1 | | mean 1.820 bpc (min 1.800, max 1.840) |  |" in table
+    assert ("| tinyshakespeare, default recipe, seeds 0 (1 more failed) | | mean 1.430 nats (min 1.430, max 1.430) "
+            "| mean 1.330 nats |") in table
     all_failed = training.seed_summary([{**failed, "corpus": "nietzsche"}] * 3)
     assert all_failed == [{"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [], "values": [],
                            "failed": 3}]
     table = training.markdown({**report, "training": [], "seed_summary": all_failed})
-    assert "| nietzsche, default recipe, 3 seeds | | no run finished | | | |" in table
+    assert "| nietzsche, default recipe, 3 seeds | | no run finished |  | | | |" in table
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "training.py"), "--seeds", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--seeds must be at least 1, got 0" in done.stderr

@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from .api import Completion, Model, load, train  # noqa: E402
 from .errors import CharloomError  # noqa: E402
+from .config import DynamicEval  # noqa: E402
 
-__all__ = ["CharloomError", "Completion", "Model", "__version__", "load", "train"]
+__all__ = ["CharloomError", "Completion", "DynamicEval", "Model", "__version__", "load", "train"]

@@ -11,11 +11,12 @@ import argparse
 import json
 import os
 import sys
+import dataclasses
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from .config import RECIPES, ConfigError, ModelConfig, SampleConfig, TrainConfig, parse_duration
+from .config import RECIPES, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, parse_duration
 from .errors import CharloomError
 
 PRESET_FIELDS = {"layers", "hidden", "dropout", "epochs"}
@@ -148,6 +149,15 @@ def build_parser() -> Parser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--fast", action="store_true", help="score 16 pieces side by side (each warmed up on the text before it) instead of one exact pass")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    e.add_argument("--dynamic", action="store_true",
+                   help="dynamic evaluation (Krause et al. 2018): after scoring each segment, take a gradient step on it, "
+                        "so the model adapts to the text as it reads it (needs the run's training data; the model is not changed)")
+    e.add_argument("--dynamic-lr", type=float, default=DynamicEval.lr, metavar="ETA",
+                   help=f"dynamic step size, in units of each weight's training-gradient RMS (default: {DynamicEval.lr:g})")
+    e.add_argument("--dynamic-decay", type=float, default=DynamicEval.decay, metavar="LAMBDA",
+                   help=f"dynamic pull back toward the trained weights per segment (default: {DynamicEval.decay:g})")
+    e.add_argument("--dynamic-segment", type=int, default=DynamicEval.segment, metavar="N",
+                   help=f"tokens scored between dynamic updates (default: {DynamicEval.segment})")
     s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a web page",
                        description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
                                    "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
@@ -381,12 +391,16 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     if args.file and not Path(args.file).is_file():
         raise CharloomError(args.file, "no such file", "check the path")
     model = api.load(args.run_dir, which=args.checkpoint)
-    result = model.evaluate(text, exact=not args.fast)
+    dynamic = DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment) if args.dynamic else False
+    result = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
     data = {"split": "validation" if text is None else args.file, **result.as_dict()}
+    if dynamic:
+        data["dynamic"] = dataclasses.asdict(dynamic)
     if args.json:
         stdout.write(json.dumps(data) + "\n")
     else:
-        stdout.write(f"{data['split']}: {result.loss:.4f} nats per token | {result.bits_per_char:.4f} bits per char | "
+        how = " (dynamic evaluation)" if dynamic else ""
+        stdout.write(f"{data['split']}{how}: {result.loss:.4f} nats per token | {result.bits_per_char:.4f} bits per char | "
                      f"perplexity {result.perplexity:.3f} | {result.tokens:,} tokens\n")
     return 0
 

@@ -7,12 +7,15 @@ with different tokenizers compare. Every target id is scored exactly once.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import DynamicEval
 from .models import LanguageModel
 
 
@@ -116,3 +119,106 @@ def windowed_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, w
         logits, _ = model(block[:, :-1])
         total += float(_nll(logits[:, -1], block[:, -1]).sum())
     return total, max(0, end - start)
+
+
+STATS_STREAMS = 64  # streams side by side when measuring training-gradient RMS
+
+
+@contextmanager
+def _grad_on(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Gradients on for ``params`` inside the block (even under inference_mode), as they were after it."""
+    flags = [p.requires_grad for p in params]
+    with torch.inference_mode(False), torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+
+def _segment_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    # x, y (B, S) -> summed nats (scalar, float32) and the state after x
+    logits, state = model(x, state)
+    return _nll(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).sum(), state
+
+
+def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.dtype.is_floating_point]
+
+
+def gradient_rms(model: LanguageModel, ids: np.ndarray, end: int, settings: DynamicEval,
+                 tick: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Per weight, the RMS of the gradient of the mean loss of ``settings.segment``-token segments over
+    ``ids[:end]`` (the training split), read as STATS_STREAMS contiguous streams with state carried,
+    for at most ``settings.stats_segments`` batches. Dropout off; the weights are not changed.
+    ``tick(1)`` after each batch (a progress bar's update)."""
+    params = _trainable(model)
+    rows = (end - 1) // STATS_STREAMS
+    if rows < 2:
+        raise ValueError(f"the training split is too short for gradient statistics ({end} tokens)")
+    model.eval()
+    with _grad_on(params):  # all inside, as in dynamic_nats
+        data = torch.as_tensor(np.asarray(ids[:rows * STATS_STREAMS + 1], dtype=np.int64))
+        x_all = data[:-1].view(STATS_STREAMS, rows).to(_device(model))  # stream j reads ids[j*rows : (j+1)*rows]
+        y_all = data[1:].view(STATS_STREAMS, rows).to(_device(model))
+        squares = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        state, batches = None, 0
+        for c in range(0, rows, settings.segment):
+            if batches == settings.stats_segments:
+                break
+            x, y = x_all[:, c:c + settings.segment], y_all[:, c:c + settings.segment]  # (64, S)
+            loss, state = _segment_loss(model, x, y, state)
+            state = model.detach_state(state)
+            grads = torch.autograd.grad(loss / y.numel(), params, allow_unused=True)
+            for sq, g in zip(squares, grads):
+                if g is not None:
+                    sq += g.float() ** 2
+            batches += 1
+            if tick:
+                tick(1)
+        return [torch.sqrt(sq / batches) for sq in squares]
+
+
+def dynamic_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, rms: list[torch.Tensor],
+                 settings: DynamicEval = DynamicEval(), tick: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Sum of -log p(ids[t] | ids[:t]) for t in [start, end) under dynamic evaluation: one exact pass
+    in ``settings.segment``-token segments, each scored and then learned from (see DynamicEval).
+    ``rms`` is :func:`gradient_rms` of the same model. The model's weights are restored afterwards.
+    ``tick(k)`` after each segment of k targets."""
+    start = max(start, 1)
+    n = end - start
+    if n <= 0:
+        return 0.0, 0
+    params = _trainable(model)
+    model.eval()
+    # Everything inside: tensors made under a caller's inference_mode could not join autograd.
+    with _grad_on(params):
+        trained = [p.detach().clone() for p in params]
+        mean_rms = sum(float(r.mean()) for r in rms) / max(1, len(rms))
+        # Per-weight pull toward the trained value, capped so that one step never overshoots it.
+        pull = [torch.clamp(settings.decay * r / max(mean_rms, 1e-30), max=1.0) for r in rms]
+        scale = [settings.lr / (r + settings.eps) for r in rms]
+        seq = torch.as_tensor(np.asarray(ids[start - 1:end], dtype=np.int64)).to(_device(model))  # inputs + the last target
+        total, state = 0.0, None
+        try:
+            for c in range(0, n, settings.segment):
+                x = seq[c:c + settings.segment].unsqueeze(0)  # (1, S)
+                y = seq[c + 1:c + 1 + settings.segment].unsqueeze(0)
+                loss, state = _segment_loss(model, x[:, :y.shape[1]], y, state)
+                state = model.detach_state(state)
+                total += float(loss.detach())
+                grads = torch.autograd.grad(loss / y.numel(), params, allow_unused=True)
+                with torch.no_grad():
+                    for p, p0, g, k, s in zip(params, trained, grads, pull, scale):
+                        p.add_(k * (p0 - p))
+                        if g is not None:
+                            p.sub_(s * g)
+                if tick:
+                    tick(y.shape[1])
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(params, trained):
+                    p.copy_(p0)
+    return total, n
