@@ -1,6 +1,6 @@
 """Training benchmark: quality per CPU budget, throughput, share of the matmul rate, memory, encoding speed.
 
-    PYTHONPATH=src python benchmarks/training.py            # full run, about 20 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/training.py            # full run, about 22 minutes on 2 cores
     PYTHONPATH=src python benchmarks/training.py --quick    # smoke check, about 2 minutes
     PYTHONPATH=src python benchmarks/training.py --keras-python /tmp/tf/bin/python  # + Keras, same machine
     PYTHONPATH=src python benchmarks/training.py --seeds 3  # the default recipe's cases with seeds 0, 1, 2
@@ -8,6 +8,10 @@
 One 300 s run says little about a recipe on its own: with everything else fixed (the default recipe
 with weight decay 0.2, 2,236 steps), the seed (the initial weights, dropout masks and batch offsets)
 moved a Nietzsche result from 1.797 to 1.846 bits/char. ``--seeds`` repeats the default recipe's cases and reports each run and their mean.
+
+The default recipe's cases are scored twice: by the exact stateful pass (the goals' measure) and with
+dynamic evaluation (``Model.evaluate(dynamic=True)``: the model keeps learning as it reads the
+validation text), reported beside it, never instead.
 
 Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
 VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to

@@ -8,10 +8,10 @@ arguments share names and help texts. Errors are one line: ``charloom: <what>: <
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import dataclasses
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence, TextIO
