@@ -89,14 +89,17 @@ def test_what_it_cannot_do_is_refused_in_one_line(model, tiny_run, tmp_path):
 def test_cli_dynamic_flags(tiny_run):
     code, out, _ = cli("evaluate", str(tiny_run), "--json")
     static = json.loads(out)
-    code, out, err = cli("evaluate", str(tiny_run), "--json", "--dynamic", "--dynamic-lr", "1e-4", "--dynamic-segment", "10")
+    code, out, err = cli("evaluate", str(tiny_run), "--json", "--dynamic", "--dynamic-lr", "1e-4", "--dynamic-segment", "10",
+                         "--dynamic-stats-segments", "8")
     data = json.loads(out)
     assert code == 0 and data["split"] == "validation" and data["tokens"] == static["tokens"]
-    assert data["dynamic"] == dataclasses.asdict(charloom.DynamicEval(lr=1e-4, segment=10))
+    assert data["dynamic"] == dataclasses.asdict(charloom.DynamicEval(lr=1e-4, segment=10, stats_segments=8))
     assert data["bits_per_char"] != static["bits_per_char"]
     code, out, _ = cli("evaluate", str(tiny_run), "--dynamic")
     assert code == 0 and out.startswith("validation (dynamic evaluation): ") and "bits per char" in out
     code, out, err = cli("evaluate", str(tiny_run), "--dynamic", "--dynamic-decay", "2")
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("charloom: --dynamic-decay: must be in [0, 1]")
+    code, out, err = cli("evaluate", str(tiny_run), "--dynamic", "--dynamic-stats-segments", "0")
+    assert code == 2 and err.startswith("charloom: --dynamic-stats-segments: must be >= 1, got 0")
     code, out, err = cli("evaluate", str(tiny_run), "--dynamic", "--fast")
     assert code == 2 and err.count("\n") == 1 and "drop --fast" in err

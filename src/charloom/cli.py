@@ -158,6 +158,8 @@ def build_parser() -> Parser:
                    help=f"dynamic pull back toward the trained weights per segment (default: {DynamicEval.decay:g})")
     e.add_argument("--dynamic-segment", type=int, default=DynamicEval.segment, metavar="N",
                    help=f"tokens scored between dynamic updates (default: {DynamicEval.segment})")
+    e.add_argument("--dynamic-stats-segments", type=int, default=DynamicEval.stats_segments, metavar="N",
+                   help=f"training batches whose gradient RMS scales the dynamic steps (default: {DynamicEval.stats_segments})")
     s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a web page",
                        description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
                                    "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
@@ -391,7 +393,8 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     if args.file and not Path(args.file).is_file():
         raise CharloomError(args.file, "no such file", "check the path")
     model = api.load(args.run_dir, which=args.checkpoint)
-    dynamic = DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment) if args.dynamic else False
+    dynamic = (DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment,
+                           stats_segments=args.dynamic_stats_segments) if args.dynamic else False)
     result = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
     data = {"split": "validation" if text is None else args.file, **result.as_dict()}
     if dynamic:
