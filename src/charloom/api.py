@@ -178,7 +178,8 @@ class Model:
             chars = len(scored_text) - len(self.tokenizer.decode(encoded[:1]))
         window = self.train_config.generation_window
         if settings is not None:
-            train_ids, split, _ = self._run_data_for("dynamic evaluation")
+            # The validation split's run data is the training split's too; a text needs it read here.
+            train_ids, split = (ids, start) if text is None else self._training_split()
             from tqdm.auto import tqdm
 
             off = None if progress is None else not progress  # tqdm's disable=None: a bar only on a terminal
@@ -209,12 +210,13 @@ class Model:
                                 f"windows of {self.train_config.generation_window} tokens (the book recipe)",
                                 "evaluate it without --dynamic")
 
-    def _run_data_for(self, purpose: str) -> tuple[np.ndarray, int, int]:
-        # The run's data, with an error that says what needed it.
+    def _training_split(self) -> tuple[np.ndarray, int]:
+        # The run's ids and where validation starts, with an error that says what needed them.
         try:
-            return self.run_data()
+            ids, split, _ = self.run_data()
         except CharloomError as exc:
-            raise CharloomError(exc.what, f"{exc.why} ({purpose} reads the run's training split)", exc.fix) from None
+            raise CharloomError(exc.what, f"{exc.why} (dynamic evaluation reads the run's training split)", exc.fix) from None
+        return ids, split
 
 
 def available_cores() -> int:

@@ -144,17 +144,13 @@ def _segment_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, state:
     return _nll(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).sum(), state
 
 
-def _trainable(model: LanguageModel) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.dtype.is_floating_point]
-
-
 def gradient_rms(model: LanguageModel, ids: np.ndarray, end: int, settings: DynamicEval,
                  tick: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Per weight, the RMS of the gradient of the mean loss of ``settings.segment``-token segments over
     ``ids[:end]`` (the training split), read as STATS_STREAMS contiguous streams with state carried,
     for at most ``settings.stats_segments`` batches. Dropout off; the weights are not changed.
     ``tick(1)`` after each batch (a progress bar's update)."""
-    params = _trainable(model)
+    params = list(model.parameters())
     rows = (end - 1) // STATS_STREAMS
     if rows < 2:
         raise ValueError(f"the training split is too short for gradient statistics ({end} tokens)")
@@ -191,7 +187,7 @@ def dynamic_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, rm
     n = end - start
     if n <= 0:
         return 0.0, 0
-    params = _trainable(model)
+    params = list(model.parameters())
     model.eval()
     # Everything inside: tensors made under a caller's inference_mode could not join autograd.
     with _grad_on(params):
