@@ -7,8 +7,10 @@ Prints one JSON object. Models have random weights (speed does not depend on wha
 - ``book``: the book's LSTM(128) with one-hot input over 57 characters (lowercased Nietzsche);
   one stream with carried state, 64 streams in one batch, and the book's windowed generation
   (60-char window) both as staggered runs (ours) and literally re-read every step (reference);
-- ``default``: the model the default recipe builds for Nietzsche (1 x LSTM(512), embedding 64);
-  one stream and 64 streams.
+- ``default``: the network the default recipe builds for Nietzsche (1 x LSTM(512), embedding 64);
+  one stream and 64 streams; and the same with the recipe's continuous cache (``default_cache``),
+  which steps in torch and reads every cached hidden state once per character, so its speed
+  falls as the text grows (reported for two lengths).
 
 Limits, measured on this machine: ``weight_read``: how many times per second the machine can
 read the model's weights (summing a float32 buffer of that size), i.e. the one-stream speed if
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from charloom.api import Model  # noqa: E402
-from charloom.config import ModelConfig  # noqa: E402
+from charloom.config import CACHE_SIZE, ModelConfig  # noqa: E402
 from charloom.generate import generate_ids  # noqa: E402
 from charloom.models import build_model  # noqa: E402
 from charloom.config import SampleConfig  # noqa: E402
@@ -169,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         "weight_read_limit_chars_per_s": round(reads), "one_stream_share_of_weight_read": round(d_1 / reads, 3),
         "matmul_gflops": round(gflops, 1), "batched_gflops": round(achieved, 1),
         "batched_share_of_matmul": round(achieved / gflops, 3), "target_share": 0.5,
+    }
+    cached = make_model(ModelConfig(model="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1, cache_size=CACHE_SIZE))
+    results["default_lstm512_cache"] = {
+        "cache_size": CACHE_SIZE, "one_stream_400_chars_per_s": round(chars_per_s(cached, 400, 1, repeats)),
+        f"one_stream_{n // 2}_chars_per_s": round(chars_per_s(cached, n // 2, 1, repeats)),
+        "64_streams_chars_per_s": round(max(chars_per_s(cached, n // 8, 64, repeats, t) for t in sorted({1, args.threads}))),
     }
     print(json.dumps(results, indent=1))
 

@@ -9,9 +9,11 @@ One 300 s run says little about a recipe on its own: with everything else fixed 
 with weight decay 0.2, 2,236 steps), the seed (the initial weights, dropout masks and batch offsets)
 moved a Nietzsche result from 1.797 to 1.846 bits/char. ``--seeds`` repeats the default recipe's cases and reports each run and their mean.
 
-The default recipe's cases are scored twice: by the exact stateful pass (the goals' measure) and with
-dynamic evaluation (``Model.evaluate(dynamic=True)``: the model keeps learning as it reads the
-validation text), reported beside it, never instead.
+The default recipe's cases are scored three ways: by the exact stateful pass of the model as trained,
+continuous cache included (the goals' measure), by the same pass of the network alone
+(``Model.without_cache()``: what the cache adds), and with dynamic evaluation
+(``Model.evaluate(dynamic=True)``: the model keeps learning as it reads the validation text),
+reported beside it, never instead.
 
 Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
 VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to
@@ -126,6 +128,12 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     t1 = time.perf_counter()
     result = model.evaluate(exact=True)
     eval_s = time.perf_counter() - t1
+    alone: dict[str, Any] = {}
+    if model.net.without_cache() is not model.net:
+        t2 = time.perf_counter()
+        plain = model.without_cache().evaluate(exact=True)
+        alone = {"val_loss_nats_no_cache": round(plain.loss, 4), "val_bpc_no_cache": round(plain.bits_per_char, 4),
+                 "no_cache_eval_s": round(time.perf_counter() - t2, 1)}
     dynamic: dict[str, Any] = {}
     if not model.train_config.generation_window:  # the book's fixed windows carry no state to adapt
         t2 = time.perf_counter()
@@ -146,7 +154,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
         "stop_reason": model.stop_reason,
         "val_loss_nats": round(result.loss, 4), "val_bpc": round(result.bits_per_char, 4),
         "eval": "windowed (the book's 60-char view)" if tcfg.generation_window else "exact stateful pass",
-        "eval_s": round(eval_s, 1), **dynamic, "supervised_chars_per_s": round(chars_per_s),
+        "eval_s": round(eval_s, 1), **alone, **dynamic, "supervised_chars_per_s": round(chars_per_s),
         "train_gflops_per_s": round(achieved, 2), "matmul_gflops_per_s": round(gflops, 1),
         "share_of_matmul_rate": round(achieved / gflops, 3), "peak_rss_mb": round(_rss_mb(), 1),
     }
@@ -224,11 +232,14 @@ def _unit(corpus: str) -> str:
     return "bpc" if corpus == "nietzsche" else "nats"
 
 
-def _headline(row: dict[str, Any], dynamic: bool = False) -> tuple[float | None, str]:
-    """A finished case's headline figure and its unit (see _unit); ``dynamic``: under dynamic
-    evaluation (None where the case has none)."""
+VARIANTS = ("no_cache", "dynamic")  # the other scores of a case, beside its headline (see the module's doc)
+
+
+def _headline(row: dict[str, Any], variant: str = "") -> tuple[float | None, str]:
+    """A finished case's headline figure and its unit (see _unit); ``variant`` one of VARIANTS: that
+    score instead (None where the case has none)."""
     unit = _unit(row["corpus"])
-    key = ("val_bpc" if unit == "bpc" else "val_loss_nats") + ("_dynamic" if dynamic else "")
+    key = ("val_bpc" if unit == "bpc" else "val_loss_nats") + (f"_{variant}" if variant else "")
     return row.get(key), unit
 
 
@@ -248,9 +259,10 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                    "seeds": [r["seed"] for r in done], "values": values, "failed": len(group) - len(done)}
         if values:
             summary.update(mean=round(sum(values) / len(values), 4), min=min(values), max=max(values))
-        adapted = [_headline(r, dynamic=True)[0] for r in done]
-        if values and None not in adapted:
-            summary.update(dynamic_values=adapted, dynamic_mean=round(sum(adapted) / len(adapted), 4))
+        for variant in VARIANTS:
+            others = [_headline(r, variant)[0] for r in done]
+            if values and None not in others:
+                summary.update({f"{variant}_values": others, f"{variant}_mean": round(sum(others) / len(others), 4)})
         out.append(summary)
     return out
 
@@ -258,36 +270,38 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(report: dict[str, Any]) -> str:
     """A short table of the headline numbers."""
     lines = [f"Training benchmark, {report['date']}, commit {report['commit']}, {report['machine']}", "",
-             "| case | model | val | val, dynamic eval | supervised chars/s | share of matmul rate | peak RSS |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | model | val | val, network without cache | val, dynamic eval | supervised chars/s | "
+             "share of matmul rate | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in report["training"]:
         if "error" in row:
-            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | | |")
+            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | | | |")
             continue
         value, unit = _headline(row)
-        adapted = _headline(row, dynamic=True)[0]
-        adapted_text = f"{adapted:.3f} {unit}" if adapted is not None else ""
+        others = [_headline(row, variant)[0] for variant in VARIANTS]
+        other_text = " | ".join(f"{v:.3f} {unit}" if v is not None else "" for v in others)
         seed = f", seed {row['seed']}" if row.get("seed", 0) else ""
         lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {value:.3f} {unit} | "
-                     f"{adapted_text} | {row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
+                     f"{other_text} | {row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} | {row['peak_rss_mb']:.0f} MB |")
     for summary in report.get("seed_summary", []):
         spread = (f"mean {summary['mean']:.3f} {summary['unit']} (min {summary['min']:.3f}, max {summary['max']:.3f})"
                   if summary["values"] else "no run finished")
-        adapted_mean = f"mean {summary['dynamic_mean']:.3f} {summary['unit']}" if "dynamic_mean" in summary else ""
+        other_means = " | ".join(f"mean {summary[f'{v}_mean']:.3f} {summary['unit']}" if f"{v}_mean" in summary else ""
+                                 for v in VARIANTS)
         if summary["seeds"]:
             failed = f" ({summary['failed']} more failed)" if summary["failed"] else ""
             seeds = f"seeds {', '.join(map(str, summary['seeds']))}{failed}"
         else:  # a failed run's seed is not recorded: count them
             seeds = f"{summary['failed']} seeds"
-        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, {seeds} | | {spread} | {adapted_mean} | | | |")
+        lines.append(f"| {summary['corpus']}, {summary['recipe']} recipe, {seeds} | | {spread} | {other_means} | | | |")
     keras = report.get("keras_book_measured")
     if keras and "error" in keras:
-        lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | | |")
+        lines.append(f"| Keras book recipe, this machine | error: {keras['error']} | | | | | | |")
     elif keras:
         lines.append(f"| Keras {keras['keras']} + TF {keras['tensorflow']} book recipe, this machine, "
-                     f"{keras['budget_s']:.0f} s | lstm 1x128 | {keras['val_bpc']:.3f} bpc | | "
+                     f"{keras['budget_s']:.0f} s | lstm 1x128 | {keras['val_bpc']:.3f} bpc | | | "
                      f"{keras['supervised_chars_per_s']:,} | | {keras['peak_rss_mb']:,.0f} MB |")
-    lines.append(f"| Keras 3 book recipe (issue's reference machine) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | | "
+    lines.append(f"| Keras 3 book recipe (issue's reference machine) | lstm 1x128 | {KERAS_BOOK['val_bpc']} bpc | | | "
                  f"{KERAS_BOOK['supervised_chars_per_s']:,} | | {KERAS_BOOK['peak_rss_mb']:,} MB |")
     lines += ["", "| encode | MB | MB/s | peak RSS | growth over imports |", "|---|---|---|---|---|"]
     for row in report["encoding"]:

@@ -56,7 +56,7 @@ def test_keras_run_is_tabulated_beside_the_reference() -> None:
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": [], "encoding": [], "keras_book_measured": keras}
     table = training.markdown(report)
-    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | | 1,277 |" in table
+    assert "| Keras 3.15.1 + TF 2.21.0 book recipe, this machine, 300 s | lstm 1x128 | 2.333 bpc | | | 1,277 |" in table
     assert "| Keras 3 book recipe (issue's reference machine) |" in table
 
 
@@ -64,6 +64,7 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     def row(corpus: str, seed: int, bpc: float, nats: float) -> dict:
         return {"corpus": corpus, "recipe": "default", "seed": seed, "budget_s": 300.0, "model": "lstm 1x512",
                 "val_bpc": bpc, "val_loss_nats": nats, "val_bpc_dynamic": round(bpc - 0.04, 4), "val_loss_nats_dynamic": round(nats - 0.1, 4),
+                "val_bpc_no_cache": round(bpc + 0.03, 4), "val_loss_nats_no_cache": round(nats + 0.05, 4),
                 "supervised_chars_per_s": 15000, "share_of_matmul_rate": 0.7, "peak_rss_mb": 480.0}
 
     failed = {"kind": "train", "corpus": "tinyshakespeare", "recipe": "default", "error": ["killed"]}
@@ -74,23 +75,24 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     summary = training.seed_summary(rows)
     assert summary == [
         {"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [0, 1], "values": [1.80, 1.84],
-         "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84},
+         "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84, "no_cache_values": [1.83, 1.87], "no_cache_mean": 1.85},
         {"corpus": "tinyshakespeare", "recipe": "default", "unit": "nats", "seeds": [0], "values": [1.43],
-         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43, "dynamic_values": [1.33], "dynamic_mean": 1.33}]
+         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43, "no_cache_values": [1.48], "no_cache_mean": 1.48,
+         "dynamic_values": [1.33], "dynamic_mean": 1.33}]
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": rows, "encoding": [], "seed_summary": summary}
     table = training.markdown(report)
-    assert "| nietzsche, default recipe, 300 s | lstm 1x512 | 1.800 bpc | 1.760 bpc | 15,000 |" in table
-    assert "| nietzsche, default recipe, seed 1, 300 s | lstm 1x512 | 1.840 bpc |  | 15,000 |" in table
-    assert "| nietzsche, book recipe, 300 s | lstm 1x512 | 2.200 bpc |  |" in table
-    assert "| nietzsche, default recipe, seeds 0, 1 | | mean 1.820 bpc (min 1.800, max 1.840) |  |" in table
+    assert "| nietzsche, default recipe, 300 s | lstm 1x512 | 1.800 bpc | 1.830 bpc | 1.760 bpc | 15,000 |" in table
+    assert "| nietzsche, default recipe, seed 1, 300 s | lstm 1x512 | 1.840 bpc | 1.870 bpc |  | 15,000 |" in table
+    assert "| nietzsche, book recipe, 300 s | lstm 1x512 | 2.200 bpc | 2.230 bpc |  |" in table
+    assert "| nietzsche, default recipe, seeds 0, 1 | | mean 1.820 bpc (min 1.800, max 1.840) | mean 1.850 bpc |  |" in table
     assert ("| tinyshakespeare, default recipe, seeds 0 (1 more failed) | | mean 1.430 nats (min 1.430, max 1.430) "
-            "| mean 1.330 nats |") in table
+            "| mean 1.480 nats | mean 1.330 nats |") in table
     all_failed = training.seed_summary([{**failed, "corpus": "nietzsche"}] * 3)
     assert all_failed == [{"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [], "values": [],
                            "failed": 3}]
     table = training.markdown({**report, "training": [], "seed_summary": all_failed})
-    assert "| nietzsche, default recipe, 3 seeds | | no run finished |  | | | |" in table
+    assert "| nietzsche, default recipe, 3 seeds | | no run finished |  |  | | | |" in table
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "training.py"), "--seeds", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--seeds must be at least 1, got 0" in done.stderr
@@ -108,7 +110,7 @@ def test_repeated_file(tmp_path: Path) -> None:
 
 
 def test_preset_scales_with_corpus_and_budget() -> None:
-    from charloom.config import CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
+    from charloom.config import CACHE_SIZE, CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
 
     def size(n: int, t: float) -> int:
         m = preset_for(n, t)["model"]
@@ -120,8 +122,9 @@ def test_preset_scales_with_corpus_and_budget() -> None:
         assert sizes == sorted(sizes), "a longer budget never gets a smaller model"
         assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
     # Nietzsche-size corpora: the small network for a minute, the large one with more dropout for five.
-    assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}
-    assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3}
+    # Recurrent models get the continuous cache.
+    assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1, "cache_size": CACHE_SIZE}
+    assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3, "cache_size": CACHE_SIZE}
     assert preset_for(540_000, 0)["model"]["hidden"] == 512
     # The conv and transformer presets keep the compute-optimal rule (measured: a transformer sized by
     # the small-corpus rule did far worse).

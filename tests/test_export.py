@@ -102,7 +102,8 @@ def test_numpy_sampler_pipeline_matches_charlooms_processors():
 def test_sampler_runs_without_torch_or_charloom_and_matches_generate(tiny_run, tmp_path):
     """The exported folder on its own: torch and charloom are made unimportable in the subprocess."""
     out = tmp_path / "np"
-    done = run_cli("export", str(tiny_run), "--format", "numpy", "--out", str(out))
+    # The run's default-recipe model has a continuous cache, which an export cannot hold: its network alone.
+    done = run_cli("export", str(tiny_run), "--format", "numpy", "--out", str(out), "--no-cache")
     assert done.returncode == 0, done.stderr
     assert f"{out / 'model.npz'}" in done.stdout and "largest difference" in done.stdout
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['charloom'] = None; "
@@ -112,7 +113,7 @@ def test_sampler_runs_without_torch_or_charloom_and_matches_generate(tiny_run, t
     alone = subprocess.run([sys.executable, "-c", code, "charloom_sampler.py", "model.npz", *args],
                            capture_output=True, text=True, timeout=60, cwd=out, env=env)
     assert alone.returncode == 0, alone.stderr
-    reference = run_cli("generate", str(tiny_run), "--seed", "3", *args)
+    reference = run_cli("generate", str(tiny_run), "--seed", "3", "--no-cache", *args)
     assert alone.stdout == reference.stdout and len(alone.stdout) == len("the quick ") + 120 + 1
     bad = subprocess.run([sys.executable, "charloom_sampler.py", "model.npz", "--prompt", "\u00e9"],
                          capture_output=True, text=True, timeout=60, cwd=out, env=env)
@@ -120,7 +121,7 @@ def test_sampler_runs_without_torch_or_charloom_and_matches_generate(tiny_run, t
 
 
 def test_cli_onnx_export_of_a_run(tiny_run, tmp_path):
-    done = run_cli("export", str(tiny_run), "--out", str(tmp_path / "x"))
+    done = run_cli("export", str(tiny_run), "--out", str(tmp_path / "x"), "--no-cache")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "x" / "model.onnx").is_file() and "checked against PyTorch" in done.stdout
 
@@ -151,7 +152,7 @@ def test_bad_format_and_missing_packages_are_one_line_errors(tiny_run, tmp_path,
 
     assert main(["export", str(tiny_run), "--format", "tflite"]) == 2
     monkeypatch.setitem(sys.modules, "onnx", None)
-    assert main(["export", str(tiny_run), "--out", str(tmp_path / "o")]) == 2
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "o"), "--no-cache"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "charloom[export]" in err[1]
     assert not (tmp_path / "o" / "model.onnx").exists()

@@ -68,6 +68,17 @@ class Model:
         return (f"<charloom.Model {m.model} {m.layers}x{m.hidden}, {self.net.num_parameters():,} parameters, "
                 f"{self.tokenizer.vocab_size} tokens{f', from {self.path}' if self.path else ''}>")
 
+    def without_cache(self) -> "Model":
+        """The same model without its continuous cache (``charloom.models.cache``): weights shared,
+        predictions from the network alone. ``self`` when it has no cache."""
+        net = self.net.without_cache()
+        if net is self.net:
+            return self
+        config = {**self.config, "model": {**self.config.get("model", {}), "cache_size": 0}}
+        twin = Model(net, self.tokenizer, config, self.path)
+        twin.history, twin.stop_reason = self.history, self.stop_reason
+        return twin
+
     # -- prompts --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, unknown: str = "error") -> list[int]:
         """Prompt ids; unknown symbols raise (listing them and the alphabet), are skipped, or replaced."""
@@ -251,8 +262,9 @@ def idle_cores(sample_s: float = 0.2) -> int:
     return max(1, min(cores, int(idle + 0.5)))
 
 
-def load(path: str | os.PathLike, which: str = "best") -> Model:
-    """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU."""
+def load(path: str | os.PathLike, which: str = "best", *, cache: bool = True) -> Model:
+    """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU.
+    ``cache=False``: without the model's continuous cache, if it has one (see :meth:`Model.without_cache`)."""
     ckpt = resolve(path, which)
     config, tok_data = read_config(ckpt)
     try:
@@ -263,7 +275,8 @@ def load(path: str | os.PathLike, which: str = "best") -> Model:
         raise CheckpointError(str(ckpt / "config.json"), f"cannot build the model ({exc})", "use another checkpoint") from None
     load_weights(ckpt, net)
     net.eval()
-    return Model(net, tokenizer, config, ckpt)
+    model = Model(net, tokenizer, config, ckpt)
+    return model if cache else model.without_cache()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,15 +589,16 @@ def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model
 
 
 def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathLike | None = None,
-           which: str = "best") -> Any:
+           which: str = "best", cache: bool = True) -> Any:
     """Export a run's (or checkpoint's) model as ONNX or NumPy into ``out`` (default RUN_DIR/export).
+    A model with a continuous cache is refused unless ``cache=False`` (the network alone is exported).
 
     Returns a :class:`charloom.export.ExportResult` (files written, largest difference from PyTorch).
     """
     from .checkpoint import CONFIG_FILE
     from .export import export_model
 
-    model = load(path, which=which)
+    model = load(path, which=which, cache=cache)
     if out is None:
         is_run = not (Path(path) / CONFIG_FILE).is_file()
         out = Path(path) / "export" if is_run else Path("charloom-export")

@@ -128,6 +128,7 @@ def build_parser() -> Parser:
                         "with a space (<unk> for a word model) (default: error)")
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    g.add_argument("--no-cache", action="store_true", help="use the network without its continuous cache, if the model has one (default: with it)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample at this string (not printed; repeat for more; \\n is a newline) (default: none)")
     g.add_argument("--max-time", type=_duration, default=0.0, metavar="DURATION", help="stop generating after this long, e.g. 2s (default: 0 = no limit)")
@@ -149,6 +150,7 @@ def build_parser() -> Parser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--fast", action="store_true", help="score 16 pieces side by side (each warmed up on the text before it) instead of one exact pass")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    e.add_argument("--no-cache", action="store_true", help="score the network without its continuous cache, if the model has one, to see what the cache adds (default: with it)")
     e.add_argument("--dynamic", action="store_true",
                    help="dynamic evaluation (Krause et al. 2018): after scoring each segment, take a gradient step on it, "
                         "so the model adapts to the text as it reads it (needs the run's training data; the model is not changed)")
@@ -177,6 +179,7 @@ def build_parser() -> Parser:
     s.add_argument("--time-limit", type=_duration, default=60.0, metavar="DURATION",
                    help="a generation running longer ends with finish_reason 'time' (default: 60s)")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    s.add_argument("--no-cache", action="store_true", help="use the network without its continuous cache, if the model has one (default: with it)")
     _add_insight_parsers(sub)
     x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",
                        description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.")
@@ -185,6 +188,7 @@ def build_parser() -> Parser:
                    help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
     x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
     x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
+    x.add_argument("--no-cache", action="store_true", help="export the network without its continuous cache, which an export cannot hold (needed for a model with one)")
     return parser
 
 
@@ -303,7 +307,7 @@ def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
         api.sample_config(t, **sampling)
     if args.logprobs is not None and args.format != "jsonl":
         raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
-    model = api.load(args.run_dir, which=args.checkpoint)
+    model = api.load(args.run_dir, which=args.checkpoint, cache=not args.no_cache)
     api.check_options(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
@@ -392,7 +396,7 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     text = decode_file(Path(args.file), args.encoding, args.errors) if args.file else None
     if args.file and not Path(args.file).is_file():
         raise CharloomError(args.file, "no such file", "check the path")
-    model = api.load(args.run_dir, which=args.checkpoint)
+    model = api.load(args.run_dir, which=args.checkpoint, cache=not args.no_cache)
     dynamic = (DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment,
                            stats_segments=args.dynamic_stats_segments) if args.dynamic else False)
     result = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
@@ -416,7 +420,7 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     settings = server.ServeSettings(host=args.host, port=args.port, api_key=args.api_key, cors=tuple(args.cors),
                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
                                     max_prompt_chars=args.max_prompt_chars, time_limit=args.time_limit)
-    server.serve(args.run_dirs, settings, which=args.checkpoint, stdout=stdout)
+    server.serve(args.run_dirs, settings, which=args.checkpoint, cache=not args.no_cache, stdout=stdout)
     return 0
 
 
@@ -485,7 +489,7 @@ def _cmd_neurons(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
 def _cmd_export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import api
 
-    result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint)
+    result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint, cache=not args.no_cache)
     for path in result.files:
         stdout.write(f"{path}\n")
     stdout.write(f"checked against PyTorch on {result.checked_batches} random batches of tokens and states: "

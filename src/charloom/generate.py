@@ -29,7 +29,7 @@ import torch
 
 from .models import LanguageModel
 from .models.base import tree_map
-from .models.stepper import NumpyStepper, make_stepper
+from .models.stepper import CachedStepper, NumpyStepper, make_stepper
 from .native import NativeStepper
 from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
 
@@ -107,7 +107,9 @@ class _Carried:
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
         self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
-        if not (allow_numpy and self.stepper is not None and self.first.device.type == "cpu"):
+        # The native and NumPy loops know no continuous cache: a model with one steps in torch.
+        if (not allow_numpy or self.stepper is None or isinstance(self.stepper, CachedStepper)
+                or self.first.device.type != "cpu"):
             return
         if _native_fits(self.stepper, rows):
             self.numpy = NativeStepper.create(self.stepper, rows)

@@ -635,16 +635,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best",
+def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best", cache: bool = True,
           stdout: TextIO | None = None) -> None:
-    """Load every run and serve them until interrupted; prints the address first."""
+    """Load every run and serve them until interrupted; prints the address first. ``cache=False``
+    serves the networks without their continuous caches (see :meth:`charloom.Model.without_cache`)."""
     import uvicorn
 
     settings.validate()
     if not run_dirs:
         raise CharloomError("serve", "no model to serve", "give at least one run directory")
     names = model_names(run_dirs)
-    models = {name: load(path, which=which) for name, path in zip(names, run_dirs)}
+    models = {name: load(path, which=which, cache=cache) for name, path in zip(names, run_dirs)}
     app = create_app(models, settings)
     sock = listen(settings.host, settings.port)
     host, port = sock.getsockname()[:2]

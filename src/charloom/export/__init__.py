@@ -173,6 +173,10 @@ def export_model(net: LanguageModel, tokenizer: dict[str, Any], config: dict[str
     """Write ``net`` (with its tokenizer and run config) as ``model.onnx`` or ``model.npz`` + sampler in ``out_dir``."""
     if fmt not in FORMATS:
         raise CharloomError("--format", f"unknown format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if getattr(net, "cache", None) is not None:
+        raise CharloomError(f"export --format {fmt}", "this model mixes a continuous cache of the text it has read into "
+                            "every prediction, which a one-step graph with fixed state cannot hold",
+                            "export the network alone with --no-cache (Python: cache=False)")
     spec = _spec(net, fmt)
     if fmt == "numpy" and tokenizer.get("kind") != "char":
         raise CharloomError("export --format numpy", f"the NumPy sampler reads character models, this one uses "

@@ -15,6 +15,8 @@ and ``check_config`` (settings it cannot work with, e.g. a window longer than it
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -73,6 +75,8 @@ class LanguageModel(nn.Module):
     state_batch_dim: ClassVar[int] = 0
     # Whether the state after one training batch may be fed to the next (contiguous streams).
     carries_state: ClassVar[bool] = True
+    # Whether the architecture can mix a continuous cache into its predictions (models/cache.py).
+    supports_cache: ClassVar[bool] = False
 
     @classmethod
     def preset(cls, n_train_chars: int, max_time: float = 0.0) -> dict[str, dict[str, Any]]:
@@ -84,6 +88,9 @@ class LanguageModel(nn.Module):
         """Raise ConfigError for settings this architecture cannot use."""
         if model.tie_weights and model.input == "onehot":
             raise ConfigError("tie_weights", "--tie-weights needs an embedding to share; use --input embedding")
+        if model.cache_size and not cls.supports_cache:
+            raise ConfigError("cache_size", f"a {model.model} has no recurrent hidden state for the continuous cache to "
+                                            "match; use --cache-size 0 or a recurrent --model (lstm, gru, mogrifier)")
         if train is not None and not cls.carries_state and train.batching == "stream":
             raise ConfigError("batching", f"a {model.model} cannot carry its state across batches; use --batching windows")
 
@@ -121,6 +128,16 @@ class LanguageModel(nn.Module):
     def export_spec(self) -> ExportSpec:
         """How to export this model (see :mod:`charloom.export`); architectures that cannot, raise."""
         raise NotImplementedError(f"export is not supported for this architecture ({self.config.arch})")
+
+    def without_cache(self) -> "LanguageModel":
+        """This network without its continuous cache (``models/cache.py``): a shallow copy sharing every
+        weight, or ``self`` when it has none. For export, and to measure what the cache adds."""
+        if getattr(self, "cache", None) is None:
+            return self
+        twin = copy.copy(self)  # its own attribute dict; parameters and layers are shared
+        twin.cache = None
+        twin.config = dataclasses.replace(self.config, cache_size=0)
+        return twin
 
     def num_parameters(self) -> int:
         """Trainable parameters (a tied matrix counted once)."""

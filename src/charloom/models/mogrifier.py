@@ -84,6 +84,8 @@ class MogrifierLM(RecurrentLM):
             self.mog.append(rounds)
 
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+        state, cache = self.split_state(state)
+        prev_h = self.last_hidden(state)
         if (self.native_threads and self.training and native_lstm.usable(self.rnn, idx)
                 and len(self.mog[0]) <= native_lstm.MOG_MAX_ROUNDS):
             table = torch.eye(self.vocab_size) if self.embed is None else self.embed.weight  # (V, E)
@@ -91,10 +93,7 @@ class MogrifierLM(RecurrentLM):
                                                     self.native_threads)  # (B, T, H)
         else:
             out, state, _ = self._run(self._inputs(idx), state)
-        out = self.drop(out[:, -1:] if last_only else out)
-        if self.proj is not None:
-            out = self.proj(out)  # (B, T, E)
-        return self.head(out), state  # (B, T, V)
+        return self._readout(out, idx, prev_h, state, cache, last_only)
 
     def _run(self, x: torch.Tensor, state: State, keep_cells: bool = False
              ) -> tuple[torch.Tensor, State, torch.Tensor | None]:

@@ -3,7 +3,9 @@
     idx (B, T) -> embed/one-hot (B, T, E) -> LSTM/GRU x layers (B, T, H) -> dropout -> Linear (B, T, V)
 
 With ``tie_weights`` the output Linear shares the embedding matrix (after a projection H -> E when
-the hidden size differs from the embedding size).
+the hidden size differs from the embedding size). With ``cache_size`` the predictions outside
+training mix in a continuous cache over the positions already read (``models/cache.py``); the state
+is then ``{"rnn": (h, c) or h, "cache": (keys, ids, positions)}``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..native import lstm as native_lstm
 from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
+from .cache import Cache
 
 
 class RecurrentLM(LanguageModel):
@@ -24,7 +27,8 @@ class RecurrentLM(LanguageModel):
     # Threads for training steps on the native LSTM kernel (charloom.native.lstm); 0 = off. The
     # trainer sets it for one-layer LSTMs on a CPU (see supports_native_training).
     native_threads = 0
-    state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H)
+    state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H); the cache's tensors follow suit
+    supports_cache = True
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__(config, vocab_size)
@@ -39,6 +43,8 @@ class RecurrentLM(LanguageModel):
         self.proj, self.head = output_layers(config.hidden, vocab_size, self.embed if config.tie_weights else None)
         if config.init == "keras":
             self._keras_init()
+        self.cache = (Cache(config.cache_size, config.cache_theta, config.cache_lambda, config.cache_ramp)
+                      if config.cache_size and config.cache_lambda else None)
 
     def _keras_init(self) -> None:
         # Keras defaults: glorot-uniform input kernels, orthogonal recurrent kernels, zero bias with
@@ -65,15 +71,38 @@ class RecurrentLM(LanguageModel):
         return self.cell is nn.LSTM and self.config.layers == 1 and native_lstm.library() is not None
 
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+        state, cache = self.split_state(state)
+        prev_h = self.last_hidden(state)
         if self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
             table = None if self.embed is None else self.embed.weight  # (V, E)
             out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads, table)  # (B, T, H)
         else:
             out, state = self.rnn(self._inputs(idx), state)  # (B, T, H)
-        out = self.drop(out[:, -1:] if last_only else out)
-        if self.proj is not None:
-            out = self.proj(out)  # (B, T, E)
-        return self.head(out), state  # (B, T, V), T = 1 with last_only
+        return self._readout(out, idx, prev_h, state, cache, last_only)
+
+    def split_state(self, state: State) -> tuple[State, object]:
+        """(the recurrent layers' state, the cache's or None), from any state this model returned."""
+        if isinstance(state, dict):
+            return state["rnn"], state["cache"]
+        return state, None
+
+    @staticmethod
+    def last_hidden(state: State) -> torch.Tensor | None:
+        """The last layer's h (B, H) in a recurrent state (None before any token)."""
+        if state is None:
+            return None
+        return (state[0] if isinstance(state, tuple) else state)[-1]
+
+    def _readout(self, out: torch.Tensor, idx: torch.Tensor, prev_h: torch.Tensor | None, state: State,
+                 cache: object, last_only: bool) -> tuple[torch.Tensor, State]:
+        """Logits from the last layer's output ``out`` (B, T, H), with the cache mixed in outside training."""
+        if self.cache is None or self.training:
+            out = self.drop(out[:, -1:] if last_only else out)
+            return self.head(out if self.proj is None else self.proj(out)), state  # (B, T, V), T = 1 with last_only
+        # The cache reads every position's hidden state, so last_only saves nothing here.
+        logits = self.head(out if self.proj is None else self.proj(out))  # (B, T, V); dropout is off outside training
+        logp, cache = self.cache.mix(logits, out, idx, prev_h, cache)  # type: ignore[arg-type]
+        return (logp[:, -1:] if last_only else logp), {"rnn": state, "cache": cache}
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         if self.embed is None:

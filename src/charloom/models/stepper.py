@@ -12,6 +12,9 @@ tensor ops:
   state before the step; its layer 0 reads embedding rows (``embed``), since the gated input has
   no table.
 
+A model with a continuous cache (``models/cache.py``) gets a :class:`CachedStepper`: the same step,
+then the cache's entry for the token just read and its mixture.
+
 Only architectures in this package get a stepper (``make_stepper`` returns None otherwise), and the
 generation loop falls back to ``model.forward``. ``tests/test_generate_fast.py`` checks every
 stepper against ``forward``.
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..native.lstm import gate_order
 from .base import LanguageModel
+from .cache import Cache
 from .mogrifier import MogrifierLM, mog_rounds, transposed_rounds
 from .rnn import RecurrentLM
 
@@ -214,10 +218,83 @@ class NumpyStepper:
         return x
 
 
-def make_stepper(model: LanguageModel) -> RecurrentStepper | None:
+class CachedStepper:
+    """A :class:`RecurrentStepper` whose model mixes a continuous cache into its predictions.
+
+    ``state`` is the recurrent stepper's list followed by the cache as a ring with the batch first:
+    keys (B, C, H), next ids (B, C) and positions (B, C), -1 in both for an empty slot. It holds
+    the newest entries only (C <= the cache size), so every entry in it is in the window. Every row
+    reads its tokens in step with the others, so row 0 says which slot is free or oldest. C grows
+    by doubling up to the cache size, then the oldest entry gives way. Not for the native or NumPy
+    loops (torch only). A step reads every key once: with C entries of H floats, that memory
+    traffic (4 C H bytes), not arithmetic, sets the speed of long generations.
+    """
+
+    def __init__(self, inner: RecurrentStepper, cache: Cache) -> None:
+        self.inner, self.cache = inner, cache
+        self.last = len(inner.layers) - 1  # where the last layer's h sits in the recurrent list
+
+    def from_state(self, state: Any, rows: int) -> list[torch.Tensor]:
+        """Our state from the model's after a prefill (generation reads its prompt through ``forward``)."""
+        rnn, cache = self.inner.model.split_state(state)
+        ours = self.inner.from_state(rnn, rows)
+        blocks = cache or ()
+        if not blocks:
+            return ours + [ours[0].new_zeros(rows, 0, self.inner.hidden), *(torch.zeros(rows, 0, dtype=torch.long),) * 2]
+        keys, ids, pos = (torch.cat([blk[k] for blk in blocks]).transpose(0, 1) for k in range(3))  # (B, N, ...)
+        newest = pos[0].argsort()[-self.cache.size:]  # the model keeps whole blocks, a few beyond the window
+        return ours + [keys[:, newest].contiguous(), ids[:, newest].contiguous(), pos[:, newest].contiguous()]
+
+    def step(self, ids: torch.Tensor, state: list[torch.Tensor], only: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row by token ``ids`` (B,), updating ``state`` in place; returns log-probabilities (B, V)."""
+        if only is not None:
+            raise ValueError("a model with a continuous cache carries its state; it has no windowed runs")
+        n = len(state) - 3
+        keys, cids, pos = state[n:]
+        size = pos.shape[1]
+        if size < self.cache.size and (size == 0 or int(pos[0].min()) >= 0):  # no free slot yet: grow by doubling
+            grow = min(self.cache.size, max(64, 2 * size)) - size
+            keys = torch.cat([keys, keys.new_zeros(keys.shape[0], grow, keys.shape[2])], dim=1)
+            cids = torch.cat([cids, cids.new_full((cids.shape[0], grow), -1)], dim=1)
+            pos = torch.cat([pos, pos.new_full((pos.shape[0], grow), -1)], dim=1)
+            state[n:] = [keys, cids, pos]
+        slot = int(pos[0].argmin())  # a free slot, or else the oldest entry, which gives way
+        # The entry this token completes: the hidden state before it, and the token itself.
+        keys[:, slot] = state[self.last]
+        cids[:, slot] = ids
+        pos[:, slot] = pos[0].max() + 1
+        rnn = state[:n]
+        logits = self.inner.step(ids, rnn)  # (B, V); updates rnn in place
+        state[:n] = rnn
+        return self._mix(logits, rnn[self.last], keys, cids)
+
+    def _mix(self, logits: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, cids: torch.Tensor) -> torch.Tensor:
+        """``Cache.mix_scores`` for one query per row, every entry in the window: fewer, smaller ops."""
+        cache = self.cache
+        # Slots fill from the front and only the last ones are empty: read just the filled ones.
+        filled = int((cids[0] >= 0).nonzero().max()) + 1 if bool((cids[0] >= 0).any()) else 0
+        keys, cids = keys[:, :filled], cids[:, :filled]
+        free = cids < 0  # (B, C): the entry before the first token (no hidden state), if still here
+        entries = int(filled - free[0].sum())  # the same in every row
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+        if entries == 0:
+            return logp
+        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2).mul_(cache.theta)  # (B, C)
+        weights = scores.masked_fill_(free, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        p_cache = torch.zeros_like(logp).scatter_add_(1, cids.clamp_min(0), weights)  # (B, V)
+        lam = cache.lam * entries / (entries + cache.ramp) if cache.ramp else cache.lam
+        return logp.exp().mul_(1.0 - lam).add_(p_cache, alpha=lam).clamp_min_(torch.finfo(logp.dtype).tiny).log_()
+
+    def select(self, state: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """Rows ``index`` of every state tensor (every tensor has the batch first)."""
+        return RecurrentStepper.select(state, index)
+
+
+def make_stepper(model: LanguageModel) -> RecurrentStepper | CachedStepper | None:
     """A fast stepper for ``model``, or None when its architecture has none (use ``forward``)."""
     # Only the exact architectures written here: a subclass with its own forward gets none.
     if (isinstance(model, RecurrentLM) and type(model).forward in (RecurrentLM.forward, MogrifierLM.forward)
             and model.cell in (nn.LSTM, nn.GRU) and not model.training):
-        return RecurrentStepper(model)
+        stepper = RecurrentStepper(model)
+        return stepper if model.cache is None else CachedStepper(stepper, model.cache)
     return None
