@@ -196,7 +196,9 @@ class Model:
             off = None if progress is None else not progress  # tqdm's disable=None: a bar only on a terminal
             with tqdm(total=settings.stats_segments, desc="gradient statistics", unit="batch", disable=off, leave=False) as bar:
                 try:
-                    rms = gradient_rms(self.net, train_ids, split, settings, tick=bar.update)
+                    # The network alone: the statistics only scale the steps, and a continuous cache over
+                    # 64 streams would hold ~130 MB of hidden states for them.
+                    rms = gradient_rms(self.net.without_cache(), train_ids, split, settings, tick=bar.update)
                 except ValueError as exc:
                     raise CharloomError("dynamic evaluation", str(exc), "train on a longer corpus, or evaluate without it") from None
             with tqdm(total=len(ids) - start, desc="dynamic evaluation", unit="tok", disable=off, leave=False) as bar:

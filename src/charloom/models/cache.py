@@ -12,7 +12,7 @@ over the last ``size`` entries, and the model's prediction becomes
 
 where n is the number of entries the cache draws on. The ramp is ours: a cache of a few hundred
 entries is a poor guess, and a fixed share of it made predictions worse than the network's alone
-until about 2,000 characters had been read (measured with the default recipe's models; see
+with a history of less than 2,000 to 3,000 characters (measured with the default recipe's models; see
 charloom.config.CACHE_RAMP).
 
 Nothing is learned from the text being read: the entries are the model's own states, so the cache
@@ -38,7 +38,7 @@ import torch
 Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys (n, B, H), next ids (n, B; -1: no entry), positions (n, B)
 CacheState = tuple[Block, ...]
 
-QUERY_BLOCK = 128  # queries scored at once: a (B, 128, N) score block stays small with N in the tens of thousands
+QUERY_BLOCK = 64  # queries scored at once: (B, 64, N) score blocks, a few MB each with N in the tens of thousands
 MIN_BLOCK = 512  # a last block shorter than this takes the next call's entries (short calls make few blocks)
 
 
@@ -76,14 +76,13 @@ class Cache:
         pos = torch.cat([blk[2] for blk in blocks]).t()
         logp = torch.log_softmax(logits.float(), dim=-1)
         mixed = torch.empty_like(logp)
-        # Keys as (B, H, n): a transposed view for one row; several rows are laid out once per call.
-        keys = [blk[0].float().permute(1, 2, 0) for blk in blocks]
-        if b > 1:
-            keys = [k.contiguous() for k in keys]
         for s in range(0, t, QUERY_BLOCK):
             e = min(t, s + QUERY_BLOCK)
             query = out[:, s:e].float()  # (B, q, H)
-            scores = torch.cat([torch.bmm(query, k) for k in keys], dim=2)  # (B, q, N)
+            # Row by row, each row's keys (n, H) a strided view: a batched product over the (n, B, H)
+            # blocks would first copy every key (hundreds of MB for 64 rows of long histories).
+            scores = torch.stack([torch.cat([query[r] @ blk[0][:, r].float().t() for blk in blocks], dim=1)
+                                  for r in range(b)])  # (B, q, N)
             mixed[:, s:e] = self.mix_scores(logp[:, s:e], scores, ids, pos, new_pos[s:e].t())
         # Blocks whose every entry is older than the newest `size` can never be used again.
         total = sum(len(blk[0]) for blk in blocks)

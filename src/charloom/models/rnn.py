@@ -5,7 +5,7 @@
 With ``tie_weights`` the output Linear shares the embedding matrix (after a projection H -> E when
 the hidden size differs from the embedding size). With ``cache_size`` the predictions outside
 training mix in a continuous cache over the positions already read (``models/cache.py``); the state
-is then ``{"rnn": (h, c) or h, "cache": (keys, ids, positions)}``.
+is then ``{"rnn": (h, c) or h, "cache": blocks of (keys, ids, positions)}``.
 """
 
 from __future__ import annotations
