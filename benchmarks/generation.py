@@ -8,9 +8,9 @@ Prints one JSON object. Models have random weights (speed does not depend on wha
   one stream with carried state, 64 streams in one batch, and the book's windowed generation
   (60-char window) both as staggered runs (ours) and literally re-read every step (reference);
 - ``default``: the network the default recipe builds for Nietzsche (1 x LSTM(512), embedding 64);
-  one stream and 64 streams; and the same with the recipe's continuous cache (``default_cache``),
-  which steps in torch and reads every cached hidden state once per character, so its speed
-  falls as the text grows (reported for two lengths).
+  one stream and 64 streams; and the same with the recipe's continuous cache
+  (``default_lstm512_cache``), which steps in torch and reads every cached hidden state once per
+  character, so its speed falls as the text grows (reported for two lengths).
 
 Limits, measured on this machine: ``weight_read``: how many times per second the machine can
 read the model's weights (summing a float32 buffer of that size), i.e. the one-stream speed if
