@@ -74,6 +74,9 @@ class Cache:
             blocks.append((new_keys, new_ids, new_pos))
         ids = torch.cat([blk[1] for blk in blocks]).t()  # (B, N): every entry's next id and position
         pos = torch.cat([blk[2] for blk in blocks]).t()
+        # Entries' positions sorted, non-entries last: counting the entries a query draws on is then
+        # two binary searches (summing its usable mask cost as much as the scores' product).
+        ranked = pos.masked_fill(ids < 0, torch.iinfo(pos.dtype).max).sort(dim=1).values  # (B, N)
         logp = torch.log_softmax(logits.float(), dim=-1)
         mixed = torch.empty_like(logp)
         for s in range(0, t, QUERY_BLOCK):
@@ -81,20 +84,21 @@ class Cache:
             query = out[:, s:e].float()  # (B, q, H)
             # Row by row, each row's keys (n, H) a strided view: a batched product over the (n, B, H)
             # blocks would first copy every key (hundreds of MB for 64 rows of long histories).
-            scores = torch.stack([torch.cat([query[r] @ blk[0][:, r].float().t() for blk in blocks], dim=1)
-                                  for r in range(b)])  # (B, q, N)
-            mixed[:, s:e] = self.mix_scores(logp[:, s:e], scores, ids, pos, new_pos[s:e].t())
+            rows = [torch.cat([query[r] @ blk[0][:, r].float().t() for blk in blocks], dim=1) for r in range(b)]
+            scores = rows[0].unsqueeze(0) if b == 1 else torch.stack(rows)  # (B, q, N)
+            mixed[:, s:e] = self._mix_scores(logp[:, s:e], scores, ids, pos, ranked, new_pos[s:e].t().contiguous())
         # Blocks whose every entry is older than the newest `size` can never be used again.
         total = sum(len(blk[0]) for blk in blocks)
         while total - len(blocks[0][0]) >= self.size:
             total -= len(blocks.pop(0)[0])
         return mixed.to(logits.dtype), tuple(blocks)
 
-    def mix_scores(self, logp: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
-                   at: torch.Tensor) -> torch.Tensor:
+    def _mix_scores(self, logp: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
+                    ranked: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Mixed log-probs (B, q, V) of queries at positions ``at`` (B, q) from the model's ``logp``
-        (B, q, V) and their dot products ``scores`` (B, q, N) with entries of next ids and positions (B, N).
-        ``scores`` is overwritten (a fresh tensor from the caller: the copies cost as much as the products)."""
+        (B, q, V) and their dot products ``scores`` (B, q, N) with entries of next ids and positions (B, N)
+        (``ranked``: the entries' positions sorted). ``scores`` is overwritten (the caller's fresh tensor:
+        copies of it cost as much as the products)."""
         scores = scores.mul_(self.theta)
         # An entry is usable by the query at position a when its next token was read (pos <= a), it
         # is an entry (id >= 0), and it is among the last `size` entries made by then.
@@ -102,16 +106,15 @@ class Cache:
         usable = (p <= a) & (p > a - self.size) & (ids >= 0).unsqueeze(1)
         # A finite fill, not -inf: a query with no usable entry gets uniform weights (then dropped
         # below) instead of NaN, which would reach the gradients of dynamic evaluation.
-        scores = scores.masked_fill_(~usable, torch.finfo(scores.dtype).min)
-        # (B, q, 1): the entries each query draws on, counted on sorted positions (summing `usable`
-        # cost as much as the scores' matmul). An empty slot or a non-entry never counts.
-        ranked = pos.masked_fill(ids < 0, torch.iinfo(pos.dtype).max).sort(dim=1).values  # (B, N)
-        at = at.contiguous()
+        weights = torch.softmax(scores.masked_fill_(~usable, torch.finfo(scores.dtype).min), dim=-1)  # (B, q, N)
         n = (torch.searchsorted(ranked, at, right=True) - torch.searchsorted(ranked, at - self.size, right=True)).unsqueeze(2)
-        lam = self.lam * n / (n + self.ramp) if self.ramp else self.lam
-        weights = torch.softmax(scores, dim=-1)  # (B, q, N)
         index = ids.clamp_min(0).unsqueeze(1).expand_as(weights)  # (B, q, N): the vocabulary slot of each entry
         p_cache = logp.new_zeros(logp.shape).scatter_add(2, index, weights)  # (B, q, V)
+        return torch.where(n > 0, self.combine(logp, p_cache, n), logp)
+
+    def combine(self, logp: torch.Tensor, p_cache: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+        """log((1 - lambda_n) p + lambda_n p_cache) for the model's log-probabilities ``logp`` and a cache
+        distribution over the same vocabulary drawn from ``n`` entries (a count, or counts that broadcast)."""
+        lam = self.lam * n / (n + self.ramp) if self.ramp else self.lam
         p = (1.0 - lam) * logp.exp() + lam * p_cache
-        mixed = p.clamp_min(torch.finfo(p.dtype).tiny).log()
-        return torch.where(n > 0, mixed, logp)
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()

@@ -240,7 +240,8 @@ class CachedStepper:
         ours = self.inner.from_state(rnn, rows)
         blocks = cache or ()
         if not blocks:
-            return ours + [ours[0].new_zeros(rows, 0, self.inner.hidden), *(torch.zeros(rows, 0, dtype=torch.long),) * 2]
+            return ours + [ours[0].new_zeros(rows, 0, self.inner.hidden), torch.zeros(rows, 0, dtype=torch.long),
+                           torch.zeros(rows, 0, dtype=torch.long)]
         keys, ids, pos = (torch.cat([blk[k] for blk in blocks]).transpose(0, 1) for k in range(3))  # (B, N, ...)
         newest = pos[0].argsort()[-self.cache.size:]  # the model keeps whole blocks, a few beyond the window
         return ours + [keys[:, newest].contiguous(), ids[:, newest].contiguous(), pos[:, newest].contiguous()]
@@ -269,21 +270,21 @@ class CachedStepper:
         return self._mix(logits, rnn[self.last], keys, cids)
 
     def _mix(self, logits: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, cids: torch.Tensor) -> torch.Tensor:
-        """``Cache.mix_scores`` for one query per row, every entry in the window: fewer, smaller ops."""
-        cache = self.cache
+        """The cache's mixture for one query per row, every entry in the ring in the window: fewer,
+        smaller ops than ``Cache.mix``, the same ``Cache.combine``."""
         # Slots fill from the front and only the last ones are empty: read just the filled ones.
-        filled = int((cids[0] >= 0).nonzero().max()) + 1 if bool((cids[0] >= 0).any()) else 0
+        valid = (cids[0] >= 0).nonzero()
+        filled = int(valid[-1]) + 1 if len(valid) else 0
         keys, cids = keys[:, :filled], cids[:, :filled]
         free = cids < 0  # (B, C): the entry before the first token (no hidden state), if still here
-        entries = int(filled - free[0].sum())  # the same in every row
+        entries = len(valid)  # the same in every row
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         if entries == 0:
             return logp
-        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2).mul_(cache.theta)  # (B, C)
+        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2).mul_(self.cache.theta)  # (B, C)
         weights = scores.masked_fill_(free, torch.finfo(scores.dtype).min).softmax(dim=-1)
         p_cache = torch.zeros_like(logp).scatter_add_(1, cids.clamp_min(0), weights)  # (B, V)
-        lam = cache.lam * entries / (entries + cache.ramp) if cache.ramp else cache.lam
-        return logp.exp().mul_(1.0 - lam).add_(p_cache, alpha=lam).clamp_min_(torch.finfo(logp.dtype).tiny).log_()
+        return self.cache.combine(logp, p_cache, entries)
 
     def select(self, state: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``index`` of every state tensor (every tensor has the batch first)."""
