@@ -145,16 +145,21 @@ def test_devices_resolve_or_name_the_fix():
             distributed.resolve_device("cuda")
     with pytest.raises(CharloomError, match="unknown device"):
         distributed.resolve_device("tpu")
-    assert distributed.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    # A CPU keeps auto (the trainer measures whether bf16 recurrences pay, see test_lstm_bf16.py).
+    assert distributed.resolve_precision("auto", torch.device("cpu")) == "auto"
+    assert distributed.resolve_precision("bf16", torch.device("cpu")) == "bf16"
     assert distributed.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
-    with pytest.raises(CharloomError, match="CUDA only"):
-        distributed.resolve_precision("bf16", torch.device("cpu"))
+    assert distributed.resolve_precision("auto", torch.device("mps")) == "fp32"
+    with pytest.raises(CharloomError, match="CUDA and CPUs only"):
+        distributed.resolve_precision("bf16", torch.device("mps"))
+    with pytest.raises(CharloomError, match="unknown precision"):
+        distributed.resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_bad_device_flags_fail_before_anything_is_written(tmp_path, tiny_file, capsys):
     out = tmp_path / "run"
     assert main(["train", str(tiny_file), "--out", str(out), "--device", "tpu"]) == 2
-    assert main(["train", str(tiny_file), "--out", str(out), "--device", "cpu", "--precision", "bf16"]) == 2
+    assert main(["train", str(tiny_file), "--out", str(out), "--device", "cpu", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("charloom: --") for line in err)
     assert not out.exists()

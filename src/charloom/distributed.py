@@ -89,16 +89,20 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused off CUDA."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
-        # PyTorch's CPU (oneDNN) LSTM has no bf16 kernel, and MPS autocast is partial: refuse up front.
-        raise CharloomError("--precision", f"bf16 autocast runs on CUDA only, not on {device.type}",
-                            "use --precision auto or fp32 on this device")
-    if precision not in ("fp32", "bf16"):
+    """What ``precision`` means on ``device``. CUDA: ``auto`` = bf16 autocast. CPU: ``bf16`` = one-layer
+    LSTMs train with bf16 recurrent products (models/lstm_bf16.py), ``auto`` = the same where measured
+    faster on this CPU (decided per run by the trainer), everything else in fp32. Elsewhere fp32
+    (MPS autocast is partial: bf16 is refused there)."""
+    if precision not in ("auto", "fp32", "bf16"):
         raise CharloomError("--precision", f"unknown precision {precision!r}", "use auto, fp32 or bf16")
-    return precision
+    if device.type == "cuda":
+        return "bf16" if precision == "auto" else precision
+    if device.type == "cpu":
+        return precision
+    if precision == "bf16":
+        raise CharloomError("--precision", f"bf16 runs on CUDA and CPUs only, not on {device.type}",
+                            "use --precision auto or fp32 on this device")
+    return "fp32"
 
 
 def _weighted_allreduce(batcher, bucket):  # type: ignore[no-untyped-def]
@@ -122,7 +126,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
-    precision: str = "fp32"  # what autocast() does: fp32 (nothing) or bf16
+    precision: str = "fp32"  # fp32, bf16 (autocast on CUDA; bf16 recurrences on a CPU) or auto (CPU: see resolve_precision)
     owns_group: bool = False
 
     @classmethod
@@ -203,8 +207,9 @@ class Runtime:
         return tuple(t.to(self.device, non_blocking=True) for t in tensors)
 
     def autocast(self) -> ContextManager[Any]:
-        """bf16 autocast for the forward pass and loss when the precision is bf16, else nothing."""
-        if self.precision == "bf16" and self.device is not None:
+        """bf16 autocast for the forward pass and loss when the precision is bf16 on a GPU, else nothing
+        (a CPU's bf16 is the recurrent kernel's alone: see Trainer.fit)."""
+        if self.precision == "bf16" and self.device is not None and self.device.type != "cpu":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

@@ -83,6 +83,10 @@ class MogrifierLM(RecurrentLM):
                 rounds.append(nn.Parameter(torch.randn(shape) * (0.1 / shape[1] ** 0.5)))
             self.mog.append(rounds)
 
+    def supports_bf16_training(self) -> bool:
+        """No: the rounds run on the native kernel in float32 (models/lstm_bf16.py knows no rounds)."""
+        return False
+
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
         state, cache = self.split_state(state)
         prev_h = self.last_hidden(state)

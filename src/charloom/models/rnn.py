@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..native import lstm as native_lstm
+from . import lstm_bf16
 from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
 from .cache import Cache
 
@@ -27,6 +28,9 @@ class RecurrentLM(LanguageModel):
     # Threads for training steps on the native LSTM kernel (charloom.native.lstm); 0 = off. The
     # trainer sets it for one-layer LSTMs on a CPU (see supports_native_training).
     native_threads = 0
+    # Whether training steps run the recurrence with bf16 products (models/lstm_bf16.py) instead; the
+    # trainer sets it where that is faster on this CPU, or asked for (see Trainer.fit).
+    bf16_recurrence = False
     state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H); the cache's tensors follow suit
     supports_cache = True
 
@@ -70,11 +74,18 @@ class RecurrentLM(LanguageModel):
         and the default recipe's on corpora under 5M chars), with the kernel built."""
         return self.cell is nn.LSTM and self.config.layers == 1 and native_lstm.library() is not None
 
+    def supports_bf16_training(self) -> bool:
+        """Whether training steps can run the recurrence with bf16 products (models/lstm_bf16.py): a
+        one-layer LSTM."""
+        return self.cell is nn.LSTM and self.config.layers == 1
+
     def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
         state, cache = self.split_state(state)
         prev_h = self.last_hidden(state)
-        if self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
-            table = None if self.embed is None else self.embed.weight  # (V, E)
+        table = None if self.embed is None else self.embed.weight  # (V, E)
+        if self.bf16_recurrence and self.training and lstm_bf16.usable(self.rnn, idx):
+            out, state = lstm_bf16.bf16_lstm(self.rnn, idx, state, table)  # (B, T, H)
+        elif self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
             out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads, table)  # (B, T, H)
         else:
             out, state = self.rnn(self._inputs(idx), state)  # (B, T, H)

@@ -1,0 +1,106 @@
+"""Training one-layer LSTMs with bf16 recurrent products (charloom.models.lstm_bf16): outputs and
+gradients close to nn.LSTM's in float32, and the trainer's choice of kernel by precision."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import charloom
+from charloom.models import lstm_bf16
+from charloom.models.lstm_bf16 import bf16_lstm, gate_rows
+
+
+@pytest.mark.parametrize("batch,steps,vocab,hidden,embedding", [
+    (5, 7, 11, 16, 0), (32, 20, 57, 128, 0), (4, 9, 9, 48, 6), (1, 3, 6, 8, 3)])
+def test_outputs_and_every_gradient_are_close_to_nn_lstm(batch, steps, vocab, hidden, embedding):
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(embedding or vocab, hidden, batch_first=True)
+    table = torch.randn(vocab, embedding, requires_grad=True) if embedding else None
+    ids = torch.randint(0, vocab, (batch, steps))
+    h0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
+    c0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
+    inputs = [*rnn.parameters(), h0, c0] + ([table] if embedding else [])
+
+    def loss_and_grads(result):
+        out, (h, c) = result
+        # Every output feeds the loss, with different weights, so every gradient path is exercised.
+        loss = (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
+        return [out, h, c], torch.autograd.grad(loss, inputs)
+
+    x = table[ids] if embedding else F.one_hot(ids, vocab).float()
+    want, want_grads = loss_and_grads(rnn(x, (h0, c0)))
+    got, got_grads = loss_and_grads(bf16_lstm(rnn, ids, (h0, c0), table))
+    # bf16 keeps 8 bits of mantissa in the products' inputs: values agree to ~1e-3, gradients to ~1%.
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_no_state_means_zeros_and_bad_ids_are_refused():
+    torch.manual_seed(1)
+    rnn = torch.nn.LSTM(7, 8, batch_first=True)
+    ids = torch.randint(0, 7, (3, 5))
+    zeros = torch.zeros(1, 3, 8)
+    torch.testing.assert_close(bf16_lstm(rnn, ids)[0], bf16_lstm(rnn, ids, (zeros, zeros))[0])
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        bf16_lstm(rnn, torch.tensor([[0, 7]]))
+
+
+def test_gate_rows_put_the_cell_gate_last_and_undo_themselves():
+    rows = gate_rows(3)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 6, 7, 8]
+    assert torch.equal(rows[torch.argsort(rows)], torch.arange(12))
+
+
+@pytest.fixture()
+def corpus(tmp_path, tiny_text):
+    path = tmp_path / "tiny.txt"
+    path.write_text(tiny_text, encoding="utf-8")
+    return path
+
+
+SETTINGS = dict(layers=1, hidden=24, embedding_dim=8, seq_len=16, batch_size=8, max_steps=6, sample_temperatures=(),
+                eval_every=3, threads=2, epochs=1, seed=2)
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = lstm_bf16._Recurrence.apply
+    monkeypatch.setattr(lstm_bf16._Recurrence, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("precision,probe,used", [("bf16", False, True), ("fp32", True, False),
+                                                  ("auto", True, True), ("auto", False, False)])
+def test_the_trainer_uses_the_kernel_as_precision_and_the_probe_say(corpus, tmp_path, monkeypatch, precision,
+                                                                       probe, used):
+    calls = _count_calls(monkeypatch)
+    asked = []
+    monkeypatch.setattr(lstm_bf16, "faster_than_float32", lambda *shape: asked.append(shape) or probe)
+    model = charloom.train(corpus, out=tmp_path / "run", precision=precision, **SETTINGS)
+    assert len(calls) == (6 if used else 0)  # every training step, never an evaluation
+    assert bool(asked) == (precision == "auto")  # the probe decides only under auto
+    assert model.net.bf16_recurrence is False  # switched off once fit returns
+    assert model.history[-1]["val_loss"] < model.history[0]["val_loss"] + 0.5  # it trains, finitely
+
+
+def test_a_bf16_run_trains_like_a_float32_one(corpus, tmp_path):
+    runs = {p: charloom.train(corpus, out=tmp_path / p, precision=p, **{**SETTINGS, "max_steps": 12})
+            for p in ("bf16", "fp32")}
+    # The same seed and batches: the losses differ only by bf16 rounding carried through 12 updates.
+    assert runs["bf16"].history[-1]["val_loss"] == pytest.approx(runs["fp32"].history[-1]["val_loss"], abs=0.02)
+
+
+def test_the_mogrifier_never_takes_the_kernel(corpus, tmp_path, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    charloom.train(corpus, out=tmp_path / "mog", model="mogrifier", precision="bf16", **SETTINGS)
+    assert not calls
+
+
+def test_the_probe_answers_for_a_shape_and_remembers_it():
+    lstm_bf16.faster_than_float32.cache_clear()
+    answer = lstm_bf16.faster_than_float32(4, 8, 16, 11, 1, False)
+    assert isinstance(answer, bool)
+    assert lstm_bf16.faster_than_float32(4, 8, 16, 11, 1, False) is answer
+    assert lstm_bf16.faster_than_float32.cache_info().hits == 1
