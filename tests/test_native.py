@@ -186,6 +186,9 @@ def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
     body = source[source.index("static inline float fast_tanh"):source.index("static inline float fast_sigmoid")]
     numbers = [float(n) for n in re.findall(r"([0-9.]+(?:e-?[0-9]+)?)f", body) if n != "9.0"]  # less the clamps
     assert len(numbers) == 10
-    np.testing.assert_allclose(numbers[4::-1], p, rtol=1e-9)  # Horner: highest degree first
-    np.testing.assert_allclose(numbers[:4:-1], q, rtol=1e-9)
-    assert fit_tanh.float32_error(p, q) < 5e-7
+    kernel_p, kernel_q = np.array(numbers[4::-1]), np.array(numbers[:4:-1])  # Horner: highest degree first
+    # Sixty reweighted least-squares rounds amplify the last bits of the LAPACK build: the refit agreed
+    # to 1e-9 where it was written (AMD EPYC) and to 8e-5 on an Intel Xeon (2026-11-30), with the same error.
+    np.testing.assert_allclose(kernel_p, p, rtol=1e-3)
+    np.testing.assert_allclose(kernel_q, q, rtol=1e-3)
+    assert fit_tanh.float32_error(kernel_p, kernel_q) < 5e-7 and fit_tanh.float32_error(p, q) < 5e-7
