@@ -17,6 +17,7 @@ from charloom.config import ModelConfig, TrainConfig, preset_for
 from charloom.errors import CharloomError
 from charloom.export import export_model
 from charloom.generate import beam_search, generate_ids
+from charloom.metrics import stateful_nats
 from charloom.models import build_model
 from charloom.models.base import model_class
 from charloom.models.stepper import CachedStepper, make_stepper
@@ -185,6 +186,13 @@ def test_a_trained_run_keeps_its_cache_and_the_cli_can_leave_it_out(tmp_path):
     assert charloom.load(tmp_path / "run", cache=False).net.cache is None
     with_cache = loaded.evaluate().bits_per_char
     assert math.isclose(with_cache, model.evaluate().bits_per_char, rel_tol=1e-6)
+    # The validation lines during training score the network alone (the cache would cost 4x, every
+    # epoch, inside the time budget): the last one is the 16-stream score of model.without_cache().
+    ids, split, _ = model.run_data()
+    alone, n = stateful_nats(model.net.without_cache(), ids, split, len(ids), streams=16,
+                             burn_in=2 * model.train_config.seq_len)
+    cached, _ = stateful_nats(model.net, ids, split, len(ids), streams=16, burn_in=2 * model.train_config.seq_len)
+    assert model.history[-1]["val_loss"] == pytest.approx(alone / n, rel=1e-6) and cached != alone
     run = str(tmp_path / "run")
     both = run_cli("evaluate", run, "--json"), run_cli("evaluate", run, "--json", "--no-cache")
     assert [r.returncode for r in both] == [0, 0]

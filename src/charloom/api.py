@@ -382,7 +382,7 @@ class _RunListener(Listener):
     def save(self, trainer: Trainer, best: bool) -> Path:
         p = trainer.progress
         self.config.update({"step": p.step, "epoch": p.epoch, "val_loss": p.history[-1]["val_loss"] if p.history else None,
-                            "stop_reason": p.stop_reason})
+                            "stop_reason": p.stop_reason, "recurrent_kernel": trainer.recurrent_kernel})
         tok = self.model.tokenizer.to_dict()
         path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best,
                              keep_last=trainer.cfg.keep_last)
