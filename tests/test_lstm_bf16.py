@@ -3,33 +3,17 @@ gradients close to nn.LSTM's in float32, and the trainer's choice of kernel by p
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import charloom
 from charloom.models import lstm_bf16
 from charloom.models.lstm_bf16 import bf16_lstm, gate_rows
+from tests.test_native_training import against_nn_lstm
 
 
 @pytest.mark.parametrize("batch,steps,vocab,hidden,embedding", [
     (5, 7, 11, 16, 0), (32, 20, 57, 128, 0), (4, 9, 9, 48, 6), (1, 3, 6, 8, 3)])
 def test_outputs_and_every_gradient_are_close_to_nn_lstm(batch, steps, vocab, hidden, embedding):
-    torch.manual_seed(0)
-    rnn = torch.nn.LSTM(embedding or vocab, hidden, batch_first=True)
-    table = torch.randn(vocab, embedding, requires_grad=True) if embedding else None
-    ids = torch.randint(0, vocab, (batch, steps))
-    h0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
-    c0 = (torch.randn(1, batch, hidden) * 0.5).requires_grad_()
-    inputs = [*rnn.parameters(), h0, c0] + ([table] if embedding else [])
-
-    def loss_and_grads(result):
-        out, (h, c) = result
-        # Every output feeds the loss, with different weights, so every gradient path is exercised.
-        loss = (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
-        return [out, h, c], torch.autograd.grad(loss, inputs)
-
-    x = table[ids] if embedding else F.one_hot(ids, vocab).float()
-    want, want_grads = loss_and_grads(rnn(x, (h0, c0)))
-    got, got_grads = loss_and_grads(bf16_lstm(rnn, ids, (h0, c0), table))
+    got, want, got_grads, want_grads = against_nn_lstm(bf16_lstm, batch, steps, vocab, hidden, embedding)
     # bf16 keeps 8 bits of mantissa in the products' inputs: values agree to ~1e-3, gradients to ~1%.
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=5e-3, rtol=0)

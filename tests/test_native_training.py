@@ -21,6 +21,17 @@ from tests.test_native import kernel  # noqa: F401  (the fixture: skips without 
     (5, 7, 11, 16, 1, 0), (37, 9, 13, 24, 2, 0), (20, 5, 300, 8, 3, 0), (64, 30, 57, 128, 2, 0), (16, 8, 7, 16, 2, 0),
     (3, 1, 5, 8, 1, 0), (9, 6, 10, 40, 3, 0), (4, 5, 9, 100, 2, 6), (32, 13, 57, 64, 8, 16), (1, 4, 6, 20, 2, 3)])
 def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads, embedding):  # noqa: F811
+    got, want, got_grads, want_grads = against_nn_lstm(
+        lambda rnn, ids, state, table: onehot_lstm(rnn, ids, state, threads, table), batch, steps, vocab, hidden, embedding)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+
+
+def against_nn_lstm(run, batch: int, steps: int, vocab: int, hidden: int, embedding: int):
+    """``run(rnn, ids, (h0, c0), table)`` against ``nn.LSTM`` over one-hot ids (``embedding`` 0) or an
+    embedding table of that width: (outputs, nn.LSTM's, gradients of every input, nn.LSTM's)."""
     torch.manual_seed(0)
     rnn = torch.nn.LSTM(embedding or vocab, hidden, batch_first=True)
     table = torch.randn(vocab, embedding, requires_grad=True) if embedding else None
@@ -36,11 +47,8 @@ def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, h
 
     x = table[ids] if embedding else F.one_hot(ids, vocab).float()
     want, want_grads = loss_and_grads(*_flat(rnn(x, (h0, c0))))
-    got, got_grads = loss_and_grads(*_flat(onehot_lstm(rnn, ids, (h0, c0), threads, table)))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+    got, got_grads = loss_and_grads(*_flat(run(rnn, ids, (h0, c0), table)))
+    return got, want, got_grads, want_grads
 
 
 @pytest.mark.parametrize("hidden", [1, 16, 40, 512])
