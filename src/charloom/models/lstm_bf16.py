@@ -4,11 +4,12 @@ A step of the default recipe's LSTM (B=32, T=64, H=512) is 128 sequential produc
 state with the (512, 2048) recurrent matrix. On a CPU with AMX (Intel Sapphire Rapids and later) or
 another native bf16 unit, torch's bf16 product of that shape took 149 us against 408 us in float32
 (2026-11-30, this repository's 2-core machine), and this module's forward + backward of the layer
-73-82 ms against 135-160 ms for the float32 native kernel (``charloom.native.lstm``).
+72 ms against 135-160 ms for the float32 native kernel (``charloom.native.lstm``).
 
-Only the products' inputs are bf16: the gates are accumulated, activated and carried (c_t, h_t) in
-float32, the weights and their gradients stay float32 (the optimizer's copy is untouched), and the
-weight gradient is one bf16 product over all steps with float32 output. Against ``nn.LSTM`` in float32
+Only the products are bf16 (their inputs and results; oneDNN sums inside them in float32): the
+gates are summed with the input part, activated and carried (c_t, h_t) in float32, the weights and
+their gradients stay float32 (the optimizer's copy is untouched), and the recurrent weight's gradient
+is one bf16 product over all steps. Against ``nn.LSTM`` in float32
 the outputs differ by < 1e-3 and the weight gradients by ~0.2% (relative norm), well under the noise
 of a minibatch (``tests/test_lstm_bf16.py``). Evaluation and generation run in float32 as always.
 
