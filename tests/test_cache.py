@@ -4,6 +4,7 @@ with it (chunked forward, the generation stepper, beams), and the ways around it
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -179,7 +180,10 @@ def test_without_cache_shares_the_weights_and_export_needs_it(tmp_path):
 def test_a_trained_run_keeps_its_cache_and_the_cli_can_leave_it_out(tmp_path):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(TINY_TEXT, encoding="utf-8")
-    model = charloom.train(corpus, out=tmp_path / "run", **{**TINY_SETTINGS, "cache_size": 300, "cache_lambda": 0.25})
+    log = io.StringIO()
+    model = charloom.train(corpus, out=tmp_path / "run", verbose=True, stream=log,
+                           **{**TINY_SETTINGS, "cache_size": 300, "cache_lambda": 0.25})
+    assert "| val (network without cache) " in log.getvalue()  # the lines say what they score
     loaded = charloom.load(tmp_path / "run")
     assert json.loads((loaded.path / "config.json").read_text())["model"]["cache_size"] == 300
     assert loaded.net.cache is not None and loaded.net.cache.lam == 0.25

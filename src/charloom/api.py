@@ -375,7 +375,9 @@ class _RunListener(Listener):
 
     def on_eval(self, trainer: Trainer, row: dict[str, float], improved: bool) -> None:
         self.run.append_metrics(row)
-        self.say(f"step {row['step']} | train {row['train_loss']:.3f} | val {row['val_loss']:.3f} nats "
+        # A model with a continuous cache is validated without it during training (see Trainer.evaluate).
+        val = "val (network without cache)" if getattr(trainer.model, "cache", None) is not None else "val"
+        self.say(f"step {row['step']} | train {row['train_loss']:.3f} | {val} {row['val_loss']:.3f} nats "
                  f"({row['val_bpc']:.3f} bpc) | {row['chars_per_s'] / 1000:.0f}k chars/s{' | best' if improved else ''}")
         self.save(trainer, best=improved)
 
