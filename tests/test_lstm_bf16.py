@@ -1,12 +1,14 @@
 """Training one-layer LSTMs with bf16 recurrent products (charloom.models.lstm_bf16): outputs and
 gradients close to nn.LSTM's in float32, and the trainer's choice of kernel by precision."""
 
+import math
+
 import pytest
 import torch
 
 import charloom
 from charloom.models import lstm_bf16
-from charloom.models.lstm_bf16 import bf16_lstm, gate_rows
+from charloom.models.lstm_bf16 import bf16_lstm
 from tests.test_native_training import against_nn_lstm
 
 
@@ -29,12 +31,6 @@ def test_no_state_means_zeros_and_bad_ids_are_refused():
     torch.testing.assert_close(bf16_lstm(rnn, ids)[0], bf16_lstm(rnn, ids, (zeros, zeros))[0])
     with pytest.raises(ValueError, match=r"\[0, 7\)"):
         bf16_lstm(rnn, torch.tensor([[0, 7]]))
-
-
-def test_gate_rows_put_the_cell_gate_last_and_undo_themselves():
-    rows = gate_rows(3)
-    assert rows.tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11, 6, 7, 8]
-    assert torch.equal(rows[torch.argsort(rows)], torch.arange(12))
 
 
 @pytest.fixture()
@@ -66,7 +62,8 @@ def test_the_trainer_uses_the_kernel_as_precision_and_the_probe_say(corpus, tmp_
     assert len(calls) == (6 if used else 0)  # every training step, never an evaluation
     assert bool(asked) == (precision == "auto")  # the probe decides only under auto
     assert model.net.bf16_recurrence is False  # switched off once fit returns
-    assert model.history[-1]["val_loss"] < model.history[0]["val_loss"] + 0.5  # it trains, finitely
+    # It learns: below the uniform guess log(V) and lower after 6 steps than after 3.
+    assert model.history[-1]["val_loss"] < model.history[0]["val_loss"] < math.log(model.net.vocab_size)
 
 
 def test_a_bf16_run_trains_like_a_float32_one(corpus, tmp_path):

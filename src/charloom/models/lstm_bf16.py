@@ -27,14 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import lstm as native_lstm
+
 BF16 = torch.bfloat16
-
-
-def gate_rows(hidden: int) -> torch.Tensor:
-    """Indices taking torch's LSTM gate rows (i, f, g, o) to this kernel's (i, f, o, g): one sigmoid
-    covers the first 3H pre-activations, one tanh the last H."""
-    h = hidden
-    return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
 
 
 def usable(rnn: nn.Module, ids: torch.Tensor) -> bool:
@@ -49,7 +44,8 @@ def usable(rnn: nn.Module, ids: torch.Tensor) -> bool:
 class _Recurrence(torch.autograd.Function):
     """(ids (B, T), table (V, 4H) the input part of every token's gates with the biases folded in,
     w_hh (4H, H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT). ``table`` and ``w_hh`` come in torch's gate
-    order and their gradients go back in it; inside, the gates are in :func:`gate_rows`' order."""
+    order and their gradients go back in it; inside, the gates are in the order (i, f, o, g) of
+    :func:`charloom.native.lstm.gate_order`: one sigmoid covers the first 3H pre-activations, one tanh the last H."""
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, table: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
@@ -57,7 +53,7 @@ class _Recurrence(torch.autograd.Function):
         b, t = ids.shape
         h = w_hh.shape[1]
         g4 = 4 * h
-        rows = gate_rows(h)
+        rows = native_lstm.gate_order(h)
         w = w_hh.detach().index_select(0, rows).t().to(BF16)  # (H, 4H), a transposed view: mm reads it as is
         steps = ids.t().reshape(-1)  # (T * B,) time-major
         # acts (T, B, 4H) starts as each position's input part and ends as its activated gates (kept
@@ -84,7 +80,7 @@ class _Recurrence(torch.autograd.Function):
         steps, w_hh, acts, cs, hs_bf = ctx.saved_tensors
         t, b, g4 = acts.shape
         h = g4 // 4
-        rows = gate_rows(h)
+        rows = native_lstm.gate_order(h)
         w = w_hh.detach().index_select(0, rows).to(BF16)  # (4H, H)
         dout = acts.new_zeros(t, b, h) if dout is None else dout.transpose(0, 1)  # (T, B, H)
         dh = acts.new_zeros(b, h) if dh_last is None else dh_last.clone()
@@ -114,7 +110,7 @@ class _Recurrence(torch.autograd.Function):
             dc.mul_(f[s])
             dpre_bf[s] = d
             dh = torch.mm(dpre_bf[s], w).float()  # (B, H)
-        back = torch.argsort(rows)
+        back = rows  # native_lstm.gate_order swaps two blocks: it is its own inverse
         # The recurrent weight's gradient, one product over all steps: sum_t dpre_t^T h_{t-1}.
         d_w = torch.mm(dpre_bf.view(t * b, g4).t(), hs_bf[:-1].reshape(t * b, h)).float().index_select(0, back)
         d_table = dpre.new_zeros(ctx.vocab, g4).index_add_(0, steps, dpre.view(t * b, g4)).index_select(1, back)
@@ -158,8 +154,6 @@ def faster_than_float32(batch: int, seq_len: int, hidden: int, inputs: int, thre
     20% faster with bf16 products than in float32 on this CPU: the native kernel with ``threads``
     (``native``), else ``nn.LSTM``. Measured once per shape and process (about a second at 1x512):
     without a native bf16 unit, bf16 products are emulated and slower."""
-    from ..native import lstm as native_lstm
-
     torch.manual_seed(0)
     rnn = nn.LSTM(inputs, hidden, batch_first=True)
     ids = torch.randint(0, inputs, (batch, seq_len))
