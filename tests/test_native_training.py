@@ -16,10 +16,13 @@ from tests.test_native import kernel  # noqa: F401  (the fixture: skips without 
 # Steps around the kernel's chunks of LSTM_CHUNK = 4 steps (a part chunk left, whole chunks, one step);
 # rows around its tiles of 6; hidden sizes around its blocks of 16 units and their split over threads
 # (8: one block, so one thread; 40: blocks of 16, 16 and 8 over 3 threads; 100: 50 units a thread
-# would split a block, so 48 and 52); an embedding before the layer, or one-hot input.
+# would split a block, so 48 and 52; 144: more than LSTM_ROWS_MAX_H, so units even with many rows);
+# the split by rows (H <= 128 with 16+ rows: 37 rows as 18 + 19, 20 rows over 3 threads as 2 members,
+# 50 as 16 + 17 + 17, 32 over 4 members); an embedding before the layer, or one-hot input.
 @pytest.mark.parametrize("batch,steps,vocab,hidden,threads,embedding", [
     (5, 7, 11, 16, 1, 0), (37, 9, 13, 24, 2, 0), (20, 5, 300, 8, 3, 0), (64, 30, 57, 128, 2, 0), (16, 8, 7, 16, 2, 0),
-    (3, 1, 5, 8, 1, 0), (9, 6, 10, 40, 3, 0), (4, 5, 9, 100, 2, 6), (32, 13, 57, 64, 8, 16), (1, 4, 6, 20, 2, 3)])
+    (3, 1, 5, 8, 1, 0), (9, 6, 10, 40, 3, 0), (4, 5, 9, 100, 2, 6), (32, 13, 57, 64, 8, 16), (1, 4, 6, 20, 2, 3),
+    (50, 7, 13, 32, 3, 0), (40, 6, 11, 144, 2, 0)])
 def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, hidden, threads, embedding):  # noqa: F811
     got, want, got_grads, want_grads = against_nn_lstm(
         lambda rnn, ids, state, table: onehot_lstm(rnn, ids, state, threads, table), batch, steps, vocab, hidden, embedding)

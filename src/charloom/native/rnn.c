@@ -53,6 +53,12 @@ typedef struct {
 typedef float v8 __attribute__((vector_size(32))); /* GCC/Clang vector extension: one AVX register */
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef float v16 __attribute__((vector_size(64))); /* one AVX-512 register (the type of __m512) */
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+#endif
 
 /* y[rows, j : j + 8C] += x[rows, :] @ w[:, j : j + 8C] for R consecutive rows; x (rows, k) has element
  * (r, p) at x[r * xr + p * xc] (xc = 1 for rows in memory, xr = 1 for a transposed x), w (k, n) and
@@ -175,11 +181,72 @@ static void pack_panels_t(int k, int n, const float *src, size_t lds, float *wp)
             wp[c] = src[(j + c) * lds + p];
 }
 
+#if defined(__AVX512F__)
+/* With 512-bit registers a panel's row is one register: a tile of R rows x C whole panels (C <= 4, so
+ * 6 x 4 = 24 accumulators, plus 4 for w, of the 32 registers) reads each panel row once for R
+ * multiply-adds. Panel c of the tile starts ps floats after panel c - 1 (ps = 16 k in
+ * pack_panels' layout). With 256-bit vectors (column_block) the book's 128 x 128 x 512 step
+ * product used half of each multiply-add unit's width. */
+static inline __attribute__((always_inline)) void panel_tile(const int R, const int C, int k, const float *restrict x,
+                                                             size_t xr, size_t xc, const float *restrict wp, size_t ps,
+                                                             float *restrict y, size_t ldy) {
+    v16 acc[6][4];
+    for (int a = 0; a < R; a++)
+        for (int c = 0; c < C; c++)
+            acc[a][c] = load16(y + a * ldy + 16 * c);
+    for (int p = 0; p < k; p++, x += xc, wp += 16) {
+        v16 b[4];
+        for (int c = 0; c < C; c++)
+            b[c] = load16(wp + c * ps);
+        for (int a = 0; a < R; a++) {
+            const float xa = x[a * xr];
+            for (int c = 0; c < C; c++)
+                acc[a][c] += xa * b[c];
+        }
+    }
+    for (int a = 0; a < R; a++)
+        for (int c = 0; c < C; c++)
+            store16(y + a * ldy + 16 * c, acc[a][c]);
+}
+
+/* C panels' columns for every row: 6-row tiles, then one for the rows left over (as column_block). */
+static inline __attribute__((always_inline)) void panel_block(const int C, int rows, int k, const float *x, size_t xr,
+                                                              size_t xc, const float *wp, float *y, size_t ldy) {
+    const size_t ps = (size_t)16 * k;
+    int r = 0;
+    for (; r + 6 <= rows; r += 6)
+        panel_tile(6, C, k, x + r * xr, xr, xc, wp, ps, y + r * ldy, ldy);
+    x += r * xr;
+    y += r * ldy;
+    switch (rows - r) {
+    case 5: panel_tile(5, C, k, x, xr, xc, wp, ps, y, ldy); break;
+    case 4: panel_tile(4, C, k, x, xr, xc, wp, ps, y, ldy); break;
+    case 3: panel_tile(3, C, k, x, xr, xc, wp, ps, y, ldy); break;
+    case 2: panel_tile(2, C, k, x, xr, xc, wp, ps, y, ldy); break;
+    case 1: panel_tile(1, C, k, x, xr, xc, wp, ps, y, ldy); break;
+    default: break;
+    }
+}
+#endif
+
 /* y[r, :] += x[r, :] @ w for r < rows, with w (k, n) in pack_panels' layout wp; x and y as in
  * matmul_strided. */
 static void matmul_panels(int rows, int k, int n, const float *x, size_t xr, size_t xc, const float *wp,
                           float *y, size_t ldy) {
     int j = 0;
+#if defined(__AVX512F__)
+    for (; j + 64 <= n; j += 64, wp += (size_t)64 * k)
+        panel_block(4, rows, k, x, xr, xc, wp, y + j, ldy);
+    const int left = (n - j) / 16;
+    if (left == 3)
+        panel_block(3, rows, k, x, xr, xc, wp, y + j, ldy);
+    else if (left == 2)
+        panel_block(2, rows, k, x, xr, xc, wp, y + j, ldy);
+    else if (left == 1)
+        panel_block(1, rows, k, x, xr, xc, wp, y + j, ldy);
+    j += 16 * left;
+    wp += (size_t)16 * left * k;
+#endif
     for (; j + 16 <= n; j += 16, wp += (size_t)16 * k)
         column_block(2, rows, k, x, xr, xc, wp, 16, y + j, ldy);
     if (j < n)
@@ -257,6 +324,48 @@ static inline void lstm_cell(float *restrict g, const float *c_in, float *c, flo
         c[j] = g[H + j] * c_in[j] + g[j] * g[3 * H + j];
     for (int j = 0; j < H; j++)
         h[j] = g[2 * H + j] * fast_tanh(c[j]);
+}
+
+#if defined(__AVX512F__)
+/* fast_tanh of 16 floats. The quotient is a reciprocal estimate (relative error < 2^-14) refined by
+ * one Newton step (~2^-28, below float32 rounding): a 512-bit division issues once per ~16 cycles,
+ * and with five per hidden unit the training kernel's cells took as long as its products. */
+static inline v16 tanh16(v16 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-9.0f)), _mm512_set1_ps(9.0f));
+    const v16 s = x * x;
+    v16 p = s * 1.3353275707395085e-08f + 2.0607927902633813e-05f;
+    p = p * s + 0.003495513532472286f;
+    p = p * s + 0.13380964467163212f;
+    p = p * s + 0.9999999806158856f;
+    v16 q = s * 7.775947151802964e-07f + 0.0003285514697542978f;
+    q = q * s + 0.02587670098076655f;
+    q = q * s + 0.4671428067061719f;
+    q = q * s + 1.0f;
+    v16 r = _mm512_rcp14_ps(q);
+    r = r * (2.0f - q * r);
+    return x * p * r;
+}
+
+static inline v16 sigmoid16(v16 x) { return 0.5f + 0.5f * tanh16(0.5f * x); }
+#endif
+
+/* lstm_cell for the training kernels' blocks of n <= LSTM_BLOCK units (gates (i, f, o, g), n each):
+ * a whole block of 16 in one 512-bit register per gate where the CPU has them. */
+static inline void block_cell(float *restrict g, const float *c_in, float *c, float *restrict h, int n) {
+#if defined(__AVX512F__)
+    if (n == 16) {
+        const v16 i = sigmoid16(load16(g)), f = sigmoid16(load16(g + 16)), o = sigmoid16(load16(g + 32));
+        const v16 gg = tanh16(load16(g + 48)), cn = f * load16(c_in) + i * gg;
+        store16(g, i);
+        store16(g + 16, f);
+        store16(g + 32, o);
+        store16(g + 48, gg);
+        store16(c, cn);
+        store16(h, o * tanh16(cn));
+        return;
+    }
+#endif
+    lstm_cell(g, c_in, c, h, n);
 }
 
 /* Advance `rows` rows by ids[r]; leaves the last layer's output (rows, H) in *out_h. `state` points
@@ -462,17 +571,19 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
  *
  * Gate columns come in blocks of LSTM_BLOCK hidden units, each block's gates in the order (i, f, o, g)
  * (the caller reorders torch's rows: kernel_order in native/lstm.py): block b holds columns
- * [4 LSTM_BLOCK b, 4 LSTM_BLOCK (b + 1)), and only the last block may be narrower. The threads split
- * the hidden units, whole blocks each: a thread computes its units' gates for every row, so it reads
- * only its share of the recurrent weights at every step (split by rows, every thread read all of
- * them, and at H = 512 the 4 MB per step per thread made two threads barely faster than one), and
- * its share of every weight gradient is its own (no partial sums to add up). Steps meet at a barrier,
- * since step t + 1 needs all of h_t.
+ * [4 LSTM_BLOCK b, 4 LSTM_BLOCK (b + 1)), and only the last block may be narrower. For a large H the
+ * threads split the hidden units, whole blocks each: a thread computes its units' gates for every row,
+ * so it reads only its share of the recurrent weights at every step (split by rows, every thread read
+ * all of them, and at H = 512 the 4 MB per step per thread made two threads barely faster than one),
+ * and its share of every weight gradient is its own (no partial sums to add up). Steps meet at a
+ * barrier, since step t + 1 needs all of h_t. For a small H they split the rows (see lstm_by_rows).
  * out, acts, cs and dout are time-major, (T, B, .): a step's rows lie together, so its products read
  * and write whole blocks, not rows a sequence's length apart (with (B, T, .) rows, the default
  * recipe's 4H-wide gates were 512 KB apart: a product into them ran ~20% slower). */
 
 #define LSTM_BLOCK 16 /* hidden units per block of gate columns: a panel of pack_panels */
+#define LSTM_ROWS_MAX_H 128 /* the largest hidden size whose training splits rows among threads (lstm_by_rows) */
+#define LSTM_ROWS_MAX_V 1024 /* ... and the largest vocabulary (each thread keeps a (V, 4H) gradient) */
 
 /* A barrier for the threads of one call: spins, then yields (a step is ~0.1-1 ms, and on a loaded
  * machine a thread may wait for one that lost its core). */
@@ -506,6 +617,8 @@ typedef struct {
     float *work;                 /* backward: B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats */
     int size, go;                /* threads in the team; set (go = 1) once they are all started */
     Barrier barrier;
+    int by_rows;                 /* LSTM: the members split the rows, not the hidden units (see lstm_by_rows) */
+    float *part;                 /* backward by rows: members 1.. size-1's gradients, (V + H + 1) * 4H floats each */
 } LstmJob;
 
 typedef struct {
@@ -532,13 +645,33 @@ static LstmJob *member_start(void *arg, int *m, int *u0, int *u1) {
     return job;
 }
 
-/* Run fn for a team of up to `threads` threads (the caller's and new ones, no more than there are
- * blocks of units): the team's size is fixed once its threads have started, so a thread that cannot
- * be created only makes the team smaller. */
+/* The most members a team for job can have with `threads` threads: no more than there are blocks of
+ * units, or (by rows) than there are rows for MIN_ROWS_PER_THREAD each. */
+static int team_limit(const LstmJob *job, int threads) {
+    const int parts = job->by_rows ? job->B / MIN_ROWS_PER_THREAD : (job->H + LSTM_BLOCK - 1) / LSTM_BLOCK;
+    const int want = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    return want < parts ? want : (parts > 0 ? parts : 1);
+}
+
+/* Whether an LSTM training call splits its rows among the threads rather than its hidden units.
+ * By units (the default), each thread reads only its share of W_hh at every step, but the steps meet
+ * at barriers and each thread reads the other threads' halves of h_t (forward) and of the gate
+ * gradients (backward) from their cores' caches. By rows, each thread runs its own sequences through
+ * every step alone, with a whole copy of W_hh (4H * H floats), and adds its weight gradients at the
+ * end. That pays while the copy fits well inside a core's cache and the gradients are small: on 2
+ * cores of a Xeon (2 MB L2 each) the book's step (128 x 60 steps of a 1x128 LSTM, W_hh 256 KB) ran
+ * forward and backward in 17-23 ms by rows, 24-31 ms by units; at H = 256 by rows was ahead by less
+ * and not always, at H = 512 behind. LSTM_ROWS_MAX_H keeps the copy at 256 KB, within any recent
+ * core's L2. */
+static int lstm_by_rows(int B, int H, int V, int threads) {
+    return threads > 1 && H <= LSTM_ROWS_MAX_H && V <= LSTM_ROWS_MAX_V && B / MIN_ROWS_PER_THREAD > 1;
+}
+
+/* Run fn for a team of up to team_limit members (the caller's thread and new ones): the team's size
+ * is fixed once its threads have started, so a thread that cannot be created only makes the team
+ * smaller. */
 static void run_team(void *(*fn)(void *), LstmJob *job, int threads) {
-    const int blocks = (job->H + LSTM_BLOCK - 1) / LSTM_BLOCK;
-    int want = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    want = want < blocks ? want : (blocks > 0 ? blocks : 1);
+    const int want = team_limit(job, threads);
     pthread_t tid[MAX_THREADS];
     LstmMember members[MAX_THREADS];
     int n = 1;
@@ -557,35 +690,52 @@ static void run_team(void *(*fn)(void *), LstmJob *job, int threads) {
         pthread_join(tid[k], NULL);
 }
 
+/* member_start for the LSTM kernel: also the member's rows [r0, r1), all of them unless by rows (then
+ * all the units are the member's). */
+static LstmJob *lstm_member_start(void *arg, int *m, int *r0, int *r1, int *u0, int *u1) {
+    LstmJob *job = member_start(arg, m, u0, u1);
+    *r0 = 0;
+    *r1 = job->B;
+    if (job->by_rows) {
+        *u0 = 0;
+        *u1 = job->H;
+        *r0 = job->B * *m / job->size;
+        *r1 = job->B * (*m + 1) / job->size;
+    }
+    return job;
+}
+
 static void *lstm_forward_member(void *arg) {
-    int m, u0, u1, sense = 0;
-    LstmJob *p = member_start(arg, &m, &u0, &u1);
+    int m, r0, r1, u0, u1, sense = 0;
+    LstmJob *p = lstm_member_start(arg, &m, &r0, &r1, &u0, &u1);
     const int B = p->B, T = p->T, H = p->H, G = 4 * H, nu = u1 - u0;
-    /* This member's gate columns [4 u0, 4 u1) of w_hh^T, packed. */
-    float *w = p->packed + (size_t)H * 4 * u0;
+    /* This member's gate columns [4 u0, 4 u1) of w_hh^T, packed (by rows: a whole copy each). */
+    float *w = p->packed + (size_t)H * 4 * (p->by_rows ? (size_t)m * H : (size_t)u0);
     pack_panels_t(H, 4 * nu, p->w + 4 * (size_t)u0 * H, (size_t)H, w);
     /* The gates are built in acts, where the backward pass reads them, and h_{t-1} and c_{t-1} are read
      * from out and cs, where step t - 1 wrote them: no copies. */
     for (int t = 0; t < T; t++) {
         const size_t at = (size_t)t * B; /* the step's first row */
         float *g = p->acts + at * G;     /* (B, 4H) */
-        for (int r = 0; r < B; r++) {
+        for (int r = r0; r < r1; r++) {
             const float *col = p->w_ih_t + (size_t)p->ids[(size_t)r * T + t] * G;
             float *gr = g + (size_t)r * G;
             for (int j = 4 * u0; j < 4 * u1; j++)
                 gr[j] = col[j] + p->bias[j];
         }
         const float *hprev = t ? p->out + (at - B) * H : p->h, *cprev = t ? p->cs + (at - B) * H : p->c; /* (B, H) */
-        matmul_panels(B, H, 4 * nu, hprev, (size_t)H, 1, w, g + 4 * (size_t)u0, (size_t)G);
-        for (int r = 0; r < B; r++)
+        matmul_panels(r1 - r0, H, 4 * nu, hprev + (size_t)r0 * H, (size_t)H, 1, w, g + (size_t)r0 * G + 4 * (size_t)u0,
+                      (size_t)G);
+        for (int r = r0; r < r1; r++)
             for (int u = u0; u < u1; u += LSTM_BLOCK) {
                 const size_t row = (at + r) * H + u;
-                lstm_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->cs + row, p->out + row,
+                block_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->cs + row, p->out + row,
                           u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
             }
-        barrier_wait(&p->barrier, &sense); /* step t + 1 reads all of h_t */
+        if (!p->by_rows) /* by rows, step t + 1 reads only this member's rows of h_t */
+            barrier_wait(&p->barrier, &sense); /* step t + 1 reads all of h_t */
     }
-    for (int r = 0; T > 0 && r < B; r++) { /* the last state; every member has read h and c (step 0) */
+    for (int r = r0; T > 0 && r < r1; r++) { /* the last state; every member has read h and c (step 0) */
         const size_t last = ((size_t)(T - 1) * B + r) * H + u0;
         memcpy(p->h + (size_t)r * H + u0, p->out + last, sizeof(float) * nu);
         memcpy(p->c + (size_t)r * H + u0, p->cs + last, sizeof(float) * nu);
@@ -612,50 +762,75 @@ static inline void lstm_cell_backward(const float *restrict a, const float *rest
     }
 }
 
+/* lstm_cell_backward for a block of n <= LSTM_BLOCK units, as block_cell. */
+static inline void block_cell_backward(const float *restrict a, const float *restrict c, const float *restrict c_prev,
+                                       const float *restrict dh, const float *restrict dout, float *restrict dc,
+                                       float *restrict d, int n) {
+#if defined(__AVX512F__)
+    if (n == 16) {
+        const v16 i = load16(a), f = load16(a + 16), o = load16(a + 32), g = load16(a + 48);
+        const v16 tc = tanh16(load16(c)), dht = load16(dh) + load16(dout);
+        const v16 dct = load16(dc) + dht * o * (1.0f - tc * tc);
+        store16(d, dct * g * i * (1.0f - i));
+        store16(d + 16, dct * load16(c_prev) * f * (1.0f - f));
+        store16(d + 32, dht * tc * o * (1.0f - o));
+        store16(d + 48, dct * i * (1.0f - g * g));
+        store16(dc, dct * f);
+        return;
+    }
+#endif
+    lstm_cell_backward(a, c, c_prev, dh, dout, dc, d, n);
+}
+
 /* The weight gradient dW_hh^T += h_{t-1}^T dg_t is taken over LSTM_CHUNK steps at once: one product
  * with LSTM_CHUNK * B inner terms reads and writes the member's columns of dW_hh^T a quarter as often
  * as one per step. Its left factor h^T is read transposed from the chunk's h_{t-1} rows, each with a 1
  * after it, so the same product adds the bias gradient (g_b follows g_hh). */
 static void *lstm_backward_member(void *arg) {
-    int m, u0, u1, sense = 0;
-    LstmJob *p = member_start(arg, &m, &u0, &u1);
-    const int B = p->B, T = p->T, H = p->H, V = p->V, G = 4 * H, nu = u1 - u0, c0 = 4 * u0, nc = 4 * nu;
+    int m, r0, r1, u0, u1, sense = 0;
+    LstmJob *p = lstm_member_start(arg, &m, &r0, &r1, &u0, &u1);
+    const int B = p->B, T = p->T, H = p->H, V = p->V, G = 4 * H, nu = u1 - u0, c0 = 4 * u0, nc = 4 * nu, nr = r1 - r0;
     const size_t ld = (size_t)G + LSTM_PAD;   /* the row stride of dgs */
-    float *dgs = p->work;                     /* (LSTM_CHUNK * B, 4H): gate gradients before activation */
-    float *hp = dgs + (size_t)LSTM_CHUNK * B * ld; /* (LSTM_CHUNK * B, H + 1): h_{t-1}, each followed by a 1 */
-    float *g_ih = p->grads, *g_hh = p->grads + (size_t)V * G;
+    /* The member's rows of the shared scratch (all of it, unless by rows): */
+    float *dgs = p->work + (size_t)LSTM_CHUNK * r0 * ld; /* (LSTM_CHUNK * nr, 4H): gate gradients before activation */
+    float *hp = p->work + (size_t)LSTM_CHUNK * (B * ld + (size_t)r0 * (H + 1)); /* (LSTM_CHUNK * nr, H + 1): h_{t-1}, each followed by a 1 */
+    float *grads = p->by_rows && m ? p->part + (size_t)(m - 1) * (V + H + 1) * G : p->grads;
+    float *g_ih = grads, *g_hh = grads + (size_t)V * G;
     /* This member's units' columns of w_hh (4H, H), packed: dh_{t-1}[:, u0:u1] = dg @ w_hh[:, u0:u1]. */
-    float *w = p->packed + (size_t)G * u0;
+    float *w = p->packed + (size_t)G * (p->by_rows ? (size_t)m * H : (size_t)u0);
     pack_panels(G, nu, p->w + u0, (size_t)H, w);
-    float *dgp = p->packed + (size_t)G * H + (size_t)LSTM_CHUNK * B * c0; /* the chunk's dg, this member's columns, packed */
+    /* the chunk's dg, this member's rows and columns, packed */
+    float *dgp = p->packed + (size_t)G * H * (p->by_rows ? p->size : 1) + (size_t)LSTM_CHUNK * ((size_t)r0 * G + (size_t)B * c0);
     for (int i = 0; i < V + H + 1; i++) /* g_ih, g_hh and g_b lie in a row */
-        memset(p->grads + (size_t)i * G + c0, 0, sizeof(float) * nc);
+        memset(grads + (size_t)i * G + c0, 0, sizeof(float) * nc);
     int filled = 0; /* steps of the chunk done */
     for (int t = T - 1; t >= 0; t--) {
-        float *dg = dgs + (size_t)filled * B * ld;
-        for (int r = 0; r < B; r++) {
+        float *dg = dgs + (size_t)filled * nr * ld;
+        for (int r = r0; r < r1; r++) {
             const size_t at = (size_t)t * B + r;
             const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
             const float *cprev = t ? p->cs + (at - B) * H : p->c0 + (size_t)r * H;
             const float *hprev = t ? p->out + (at - B) * H : p->h0 + (size_t)r * H;
-            float *d = dg + r * ld, *dh = p->h + (size_t)r * H, *dc = p->c + (size_t)r * H;
+            float *d = dg + (size_t)(r - r0) * ld, *dh = p->h + (size_t)r * H, *dc = p->c + (size_t)r * H;
             for (int u = u0; u < u1; u += LSTM_BLOCK)
-                lstm_cell_backward(a + 4 * u, cr + u, cprev + u, dh + u, dout + u, dc + u, d + 4 * u,
+                block_cell_backward(a + 4 * u, cr + u, cprev + u, dh + u, dout + u, dc + u, d + 4 * u,
                                    u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
             float *gi = g_ih + (size_t)p->ids[(size_t)r * T + t] * G; /* the one-hot product's gradient: row id of dW_ih^T */
             for (int j = c0; j < c0 + nc; j++)
                 gi[j] += d[j];
-            memcpy(hp + ((size_t)filled * B + r) * (H + 1) + u0, hprev + u0, sizeof(float) * nu);
+            memcpy(hp + ((size_t)filled * nr + r - r0) * (H + 1) + u0, hprev + u0, sizeof(float) * nu);
         }
-        barrier_wait(&p->barrier, &sense); /* every unit's dg_t and h_{t-1} are in */
-        for (int r = 0; r < B; r++) /* this step's dh was read above */
+        if (!p->by_rows) /* by rows, a member reads only what it wrote */
+            barrier_wait(&p->barrier, &sense); /* every unit's dg_t and h_{t-1} are in */
+        for (int r = r0; r < r1; r++) /* this step's dh was read above */
             memset(p->h + (size_t)r * H + u0, 0, sizeof(float) * nu);
-        matmul_panels(B, G, nu, dg, ld, 1, w, p->h + u0, (size_t)H); /* dh_{t-1} = dg @ w_hh */
+        matmul_panels(nr, G, nu, dg, ld, 1, w, p->h + (size_t)r0 * H + u0, (size_t)H); /* dh_{t-1} = dg @ w_hh */
         if (++filled == LSTM_CHUNK || t == 0) {
-            pack_panels(filled * B, nc, dgs + c0, ld, dgp);
-            matmul_panels(H + 1, filled * B, nc, hp, 1, (size_t)H + 1, dgp, g_hh + c0, (size_t)G);
+            pack_panels(filled * nr, nc, dgs + c0, ld, dgp);
+            matmul_panels(H + 1, filled * nr, nc, hp, 1, (size_t)H + 1, dgp, g_hh + c0, (size_t)G);
             filled = 0;
-            barrier_wait(&p->barrier, &sense); /* all have read hp before the next chunk refills it */
+            if (!p->by_rows)
+                barrier_wait(&p->barrier, &sense); /* all have read hp before the next chunk refills it */
         }
     }
     return NULL;
@@ -667,8 +842,10 @@ static void *lstm_backward_member(void *arg) {
  * for the packed weights (nothing is written then). */
 int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
                           const float *w_hh, float *h, float *c, float *out, float *acts, float *cs, int threads) {
-    LstmJob job = {B, T, H, V, ids, w_ih_t, bias, w_hh, malloc(sizeof(float) * (size_t)H * 4 * H), h, c,
-                   out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0, {0, 0, 0}};
+    LstmJob job = {B, T, H, V, ids, w_ih_t, bias, w_hh, NULL, h, c, out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0,
+                   {0, 0, 0}, lstm_by_rows(B, H, V, threads), NULL};
+    const int copies = job.by_rows ? team_limit(&job, threads) : 1; /* of the packed w_hh^T */
+    job.packed = malloc(sizeof(float) * (size_t)H * 4 * H * copies);
     if (!job.packed)
         return 1;
     run_team(lstm_forward_member, &job, threads);
@@ -684,16 +861,27 @@ int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const 
 int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
                            const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
                            float *dh, float *dc, float *grads, float *work, int threads) {
-    LstmJob job = {B, T, H, V, ids, NULL, NULL, w_hh, malloc(sizeof(float) * ((size_t)H + LSTM_CHUNK * B) * 4 * H), dh, dc,
-                   (float *)out, (float *)acts, (float *)cs, h0, c0, dout, grads, work, 0, 0, {0, 0, 0}};
-    if (!job.packed)
+    LstmJob job = {B, T, H, V, ids, NULL, NULL, w_hh, NULL, dh, dc, (float *)out, (float *)acts, (float *)cs, h0, c0,
+                   dout, grads, work, 0, 0, {0, 0, 0}, lstm_by_rows(B, H, V, threads), NULL};
+    const int copies = job.by_rows ? team_limit(&job, threads) : 1; /* of the packed w_hh */
+    const size_t G = 4 * (size_t)H, per = ((size_t)V + H + 1) * G; /* floats of one member's gradients */
+    job.packed = malloc(sizeof(float) * ((size_t)H * copies + LSTM_CHUNK * (size_t)B) * G);
+    job.part = copies > 1 ? malloc(sizeof(float) * per * (copies - 1)) : NULL;
+    if (!job.packed || (copies > 1 && !job.part)) {
+        free(job.packed);
+        free(job.part);
         return 1;
+    }
     const size_t K = (size_t)LSTM_CHUNK * B;
     float *hp = work + K * (4 * (size_t)H + LSTM_PAD);
     for (size_t k = 0; k < K; k++)
         hp[k * (H + 1) + H] = 1.0f;
     run_team(lstm_backward_member, &job, threads);
+    for (int m = 1; job.by_rows && m < job.size; m++) /* the other members' gradients, in member order */
+        for (size_t i = 0; i < per; i++)
+            grads[i] += job.part[(size_t)(m - 1) * per + i];
     free(job.packed);
+    free(job.part);
     return 0;
 }
 
@@ -811,7 +999,7 @@ static void *mog_forward_member(void *arg) {
         for (int r = 0; r < B; r++)
             for (int u = u0; u < u1; u += LSTM_BLOCK) {
                 const size_t row = (at + r) * H + u;
-                lstm_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->team.cs + row, p->team.out + row,
+                block_cell(g + (size_t)r * G + 4 * u, cprev + (size_t)r * H + u, p->team.cs + row, p->team.out + row,
                           u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
             }
         barrier_wait(&p->team.barrier, &sense); /* step t + 1 reads all of h_t */
@@ -872,7 +1060,7 @@ static void *mog_backward_member(void *arg) {
             const float *a = p->team.acts + row * G, *cr = p->team.cs + row * H, *dout = p->team.dout + row * H;
             const float *cprev = t ? p->team.cs + (row - B) * H : p->team.c0 + (size_t)r * H;
             for (int u = u0; u < u1; u += LSTM_BLOCK)
-                lstm_cell_backward(a + 4 * u, cr + u, cprev + u, dh + (size_t)r * H + u, dout + u, dc + (size_t)r * H + u,
+                block_cell_backward(a + 4 * u, cr + u, cprev + u, dh + (size_t)r * H + u, dout + u, dc + (size_t)r * H + u,
                                    dg + r * ld + 4 * u, u1 - u < LSTM_BLOCK ? u1 - u : LSTM_BLOCK);
             float *z = p->hp + ((size_t)filled * B + r) * K; /* [h, x, 1] that fed the gates */
             memcpy(z + u0, hf + r * ldh + u0, sizeof(float) * nu);
