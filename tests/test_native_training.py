@@ -32,9 +32,15 @@ def test_outputs_and_every_gradient_match_nn_lstm(kernel, batch, steps, vocab, h
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
 
 
-def against_nn_lstm(run, batch: int, steps: int, vocab: int, hidden: int, embedding: int):
+def every_output(out, h, c):
+    """A loss that every output feeds, with different weights, so every gradient path is exercised."""
+    return (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
+
+
+def against_nn_lstm(run, batch: int, steps: int, vocab: int, hidden: int, embedding: int, loss_of=every_output):
     """``run(rnn, ids, (h0, c0), table)`` against ``nn.LSTM`` over one-hot ids (``embedding`` 0) or an
-    embedding table of that width: (outputs, nn.LSTM's, gradients of every input, nn.LSTM's)."""
+    embedding table of that width, under ``loss_of(out, h, c)``: (outputs, nn.LSTM's, gradients of
+    every input, nn.LSTM's)."""
     torch.manual_seed(0)
     rnn = torch.nn.LSTM(embedding or vocab, hidden, batch_first=True)
     table = torch.randn(vocab, embedding, requires_grad=True) if embedding else None
@@ -44,14 +50,29 @@ def against_nn_lstm(run, batch: int, steps: int, vocab: int, hidden: int, embedd
     inputs = [*rnn.parameters(), h0, c0] + ([table] if embedding else [])
 
     def loss_and_grads(out, h, c):
-        # Every output feeds the loss, with different weights, so every gradient path is exercised.
-        loss = (out ** 2).sum() + (h * 0.3).sum() + (c ** 2).sum() * 0.1
-        return [out, h, c], torch.autograd.grad(loss, inputs)
+        return [out, h, c], torch.autograd.grad(loss_of(out, h, c), inputs, allow_unused=True)
 
     x = table[ids] if embedding else F.one_hot(ids, vocab).float()
     want, want_grads = loss_and_grads(*_flat(rnn(x, (h0, c0))))
     got, got_grads = loss_and_grads(*_flat(run(rnn, ids, (h0, c0), table)))
     return got, want, got_grads, want_grads
+
+
+# The gradient of out as autograd hands it over, read by its strides: none at all (only the last
+# state used, as the book's objective now reads it), zero but for the last step, one value broadcast
+# (strides 0), and the transpose of a contiguous (T, B, H) tensor.
+@pytest.mark.parametrize("loss_of", [
+    lambda out, h, c: (h ** 2).sum() + c.sum() * 0.1,
+    lambda out, h, c: (out[:, -1] ** 2).sum(),
+    lambda out, h, c: out.sum() + (h * c).sum(),
+    lambda out, h, c: (out.transpose(0, 1).contiguous() ** 2).sum(),
+], ids=["state only", "last step", "broadcast", "time-major"])
+@pytest.mark.parametrize("hidden,threads", [(24, 2), (144, 2)])  # split by rows, and by units
+def test_every_form_of_the_output_gradient_gives_nn_lstm_gradients(kernel, loss_of, hidden, threads):  # noqa: F811
+    got, want, got_grads, want_grads = against_nn_lstm(
+        lambda rnn, ids, state, table: onehot_lstm(rnn, ids, state, threads, table), 20, 7, 11, hidden, 0, loss_of)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("hidden", [1, 16, 40, 512])

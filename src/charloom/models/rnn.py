@@ -108,7 +108,9 @@ class RecurrentLM(LanguageModel):
                  cache: object, last_only: bool) -> tuple[torch.Tensor, State]:
         """Logits from the last layer's output ``out`` (B, T, H), with the cache mixed in outside training."""
         if self.cache is None or self.training:
-            out = self.drop(out[:, -1:] if last_only else out)
+            if last_only:  # the last output is the last state's h: read there, out gets no gradient (B, T, H) of zeros
+                out = self.last_hidden(state).unsqueeze(1)  # type: ignore[union-attr]
+            out = self.drop(out)
             return self.head(out if self.proj is None else self.proj(out)), state  # (B, T, V), T = 1 with last_only
         # The cache reads every position's hidden state, so last_only saves nothing here.
         logits = self.head(out if self.proj is None else self.proj(out))  # (B, T, V); dropout is off outside training

@@ -27,7 +27,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("rnn.c")
 MAX_LAYERS = 8  # as in rnn.c
-ABI_VERSION = 11
+ABI_VERSION = 12
 MAX_THREADS = 8  # as in rnn.c
 DRAW_ROWS = 4  # as in rnn.c
 LSTM_CHUNK = 4  # as in rnn.c
@@ -116,7 +116,7 @@ def library() -> Any | None:
         lib.charloom_rnn_sample.restype = None
         lib.charloom_lstm_forward.argtypes = [i32] * 4 + [ptr] * 9 + [i32]
         lib.charloom_lstm_forward.restype = i32
-        lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 12 + [i32]
+        lib.charloom_lstm_backward.argtypes = [i32] * 4 + [ptr] * 8 + [ctypes.c_size_t] * 2 + [ptr] * 4 + [i32]
         lib.charloom_lstm_backward.restype = i32
         lib.charloom_mog_record_floats.argtypes = [i32] * 3
         lib.charloom_mog_record_floats.restype = ctypes.c_size_t

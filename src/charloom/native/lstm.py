@@ -96,6 +96,7 @@ class _OneHotLSTM(torch.autograd.Function):
             raise MemoryError("no memory for the LSTM kernel's packed weights")
         ctx.save_for_backward(ids, w_hh_rows, h0, c0, out, acts, cs)
         ctx.threads, ctx.vocab = threads, v
+        ctx.set_materialize_grads(False)  # an output nothing read arrives as None, not as zeros to read
         return out.transpose(0, 1), h, c  # (B, T, H), a view
 
     @staticmethod
@@ -104,15 +105,19 @@ class _OneHotLSTM(torch.autograd.Function):
         ids, w_hh_rows, h0, c0, out, acts, cs = ctx.saved_tensors
         t, b, hidden = out.shape
         g, v = 4 * hidden, ctx.vocab
-        dout = out.new_zeros(t, b, hidden) if dout is None else dout.transpose(0, 1).contiguous()  # (T, B, H)
+        # dout (B, T, H) as autograd gives it, read in place by its strides (each row's H contiguous); none
+        # when only the last state was used (the book's objective: see RNNModel._readout).
+        if dout is not None and dout.stride(2) != 1:
+            dout = dout.contiguous()
+        dout_at, dout_ts, dout_rs = (0, 0, 0) if dout is None else (_p(dout), dout.stride(1), dout.stride(0))
         dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
         dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
         grads = out.new_empty((v + hidden + 1) * g)  # dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H)
         work = out.new_empty(b * LSTM_CHUNK * (5 * hidden + 1 + LSTM_PAD))
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
         if library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),
-                                            _p(cs), _p(h0c), _p(c0c), _p(dout), _p(dh), _p(dc), _p(grads), _p(work),
-                                            ctx.threads):
+                                            _p(cs), _p(h0c), _p(c0c), dout_at, dout_ts, dout_rs, _p(dh), _p(dc),
+                                            _p(grads), _p(work), ctx.threads):
             raise MemoryError("no memory for the LSTM kernel's packed weights")
         _, back = kernel_order(hidden)  # back to torch's rows; transposed views, laid out as torch likes
         d_ih = grads[:v * g].view(v, g).index_select(1, back).t()

@@ -612,13 +612,14 @@ typedef struct {
     float *packed;               /* each thread's share of w in pack_panels' layout (H * 4H floats); backward: then the chunk's dg */
     float *h, *c;                /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
     float *out, *acts, *cs;      /* out (T, B, H) h_t; acts (T, B, 4H) gates after activation; cs (T, B, H) c_t */
-    const float *h0, *c0, *dout; /* backward: initial state (B, H) each, dout (T, B, H) */
+    const float *h0, *c0, *dout; /* backward: initial state (B, H) each; dout, the gradient of out (see dout_ts) */
     float *grads;                /* backward: dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H), in a row */
     float *work;                 /* backward: B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats */
     int size, go;                /* threads in the team; set (go = 1) once they are all started */
     Barrier barrier;
     int by_rows;                 /* LSTM: the members split the rows, not the hidden units (see lstm_by_rows) */
     float *part;                 /* backward by rows: members 1.. size-1's gradients, (V + H + 1) * 4H floats each */
+    size_t dout_ts, dout_rs;     /* LSTM backward: floats between dout's steps and between its rows (each row's H contiguous) */
 } LstmJob;
 
 typedef struct {
@@ -808,7 +809,7 @@ static void *lstm_backward_member(void *arg) {
         float *dg = dgs + (size_t)filled * nr * ld;
         for (int r = r0; r < r1; r++) {
             const size_t at = (size_t)t * B + r;
-            const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + at * H;
+            const float *a = p->acts + at * G, *cr = p->cs + at * H, *dout = p->dout + t * p->dout_ts + r * p->dout_rs;
             const float *cprev = t ? p->cs + (at - B) * H : p->c0 + (size_t)r * H;
             const float *hprev = t ? p->out + (at - B) * H : p->h0 + (size_t)r * H;
             float *d = dg + (size_t)(r - r0) * ld, *dh = p->h + (size_t)r * H, *dc = p->c + (size_t)r * H;
@@ -854,24 +855,31 @@ int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const 
 }
 
 /* Backward over T steps from the forward's out, acts and cs: dh, dc (B, H) hold the gradients of the
- * last state and receive those of the initial one; dout (T, B, H) is the gradient of out; grads
+ * last state and receive those of the initial one; dout is the gradient of out, row r of step t at
+ * dout + t * dout_ts + r * dout_rs (so (T, B, H) or (B, T, H) alike), or NULL where nothing read
+ * out (the book's objective reads only the last state: no (B, T, H) of zeros to write and read); grads
  * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order, columns in blocks; w_hh is
  * (4H, H), rows in blocks; work holds B * LSTM_CHUNK * (5H + 1 + LSTM_PAD) floats. Returns 0, or 1
  * when there is no memory for the packed weights (nothing is written then). */
 int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
                            const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
-                           float *dh, float *dc, float *grads, float *work, int threads) {
+                           size_t dout_ts, size_t dout_rs, float *dh, float *dc, float *grads, float *work, int threads) {
     LstmJob job = {B, T, H, V, ids, NULL, NULL, w_hh, NULL, dh, dc, (float *)out, (float *)acts, (float *)cs, h0, c0,
                    dout, grads, work, 0, 0, {0, 0, 0}, lstm_by_rows(B, H, V, threads), NULL};
     const int copies = job.by_rows ? team_limit(&job, threads) : 1; /* of the packed w_hh */
     const size_t G = 4 * (size_t)H, per = ((size_t)V + H + 1) * G; /* floats of one member's gradients */
     job.packed = malloc(sizeof(float) * ((size_t)H * copies + LSTM_CHUNK * (size_t)B) * G);
     job.part = copies > 1 ? malloc(sizeof(float) * per * (copies - 1)) : NULL;
-    if (!job.packed || (copies > 1 && !job.part)) {
+    float *zeros = dout ? NULL : calloc((size_t)H, sizeof(float)); /* every row's dout, when there is none */
+    if (!job.packed || (copies > 1 && !job.part) || (!dout && !zeros)) {
         free(job.packed);
         free(job.part);
+        free(zeros);
         return 1;
     }
+    job.dout = dout ? dout : zeros;
+    job.dout_ts = dout ? dout_ts : 0;
+    job.dout_rs = dout ? dout_rs : 0;
     const size_t K = (size_t)LSTM_CHUNK * B;
     float *hp = work + K * (4 * (size_t)H + LSTM_PAD);
     for (size_t k = 0; k < K; k++)
@@ -882,6 +890,7 @@ int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const
             grads[i] += job.part[(size_t)(m - 1) * per + i];
     free(job.packed);
     free(job.part);
+    free(zeros);
     return 0;
 }
 
@@ -1198,4 +1207,4 @@ int charloom_mog_backward(int B, int T, int H, int D, int V, int R, const int64_
     return mog_run(&job, mog_backward_member, threads);
 }
 
-int charloom_abi_version(void) { return 11; }
+int charloom_abi_version(void) { return 12; }
