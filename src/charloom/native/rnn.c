@@ -609,7 +609,7 @@ typedef struct {
     const int64_t *ids;          /* (B, T) */
     const float *w_ih_t, *bias;  /* (V, 4H), (4H) */
     const float *w;              /* w_hh (4H, H) */
-    float *packed;               /* each thread's share of w in pack_panels' layout (H * 4H floats); backward: then the chunk's dg */
+    float *packed;               /* each member's share of w in pack_panels' layout (H * 4H floats; by rows, a whole copy each); backward: then the chunk's dg */
     float *h, *c;                /* forward: state in, state out (B, H); backward: dh, dc in (dhT, dcT), out (dh0, dc0) */
     float *out, *acts, *cs;      /* out (T, B, H) h_t; acts (T, B, 4H) gates after activation; cs (T, B, H) c_t */
     const float *h0, *c0, *dout; /* backward: initial state (B, H) each; dout, the gradient of out (see dout_ts) */
