@@ -106,7 +106,7 @@ class _OneHotLSTM(torch.autograd.Function):
         t, b, hidden = out.shape
         g, v = 4 * hidden, ctx.vocab
         # dout (B, T, H) as autograd gives it, read in place by its strides (each row's H contiguous); none
-        # when only the last state was used (the book's objective: see RNNModel._readout).
+        # when only the last state was used (the book's objective: see RecurrentLM._readout in models/rnn.py).
         if dout is not None and dout.stride(2) != 1:
             dout = dout.contiguous()
         dout_at, dout_ts, dout_rs = (0, 0, 0) if dout is None else (_p(dout), dout.stride(1), dout.stride(0))
