@@ -58,7 +58,7 @@ class ModelConfig:
     positions: str = field(default="learned", metadata=_help("transformer: position encoding, learned or rotary"))
     rounds: int = field(default=4, metadata=_help("mogrifier: rounds of gating between input and state before each step"))
     kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)"))
-    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default recipe's presets: {CACHE_SIZE})"))
+    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default); generate/evaluate/serve --cache turns one on at load time with {CACHE_SIZE}"))
     cache_theta: float = field(default=CACHE_THETA, metadata=_help("continuous cache: how sharply the current hidden state picks the past positions it matches"))
     cache_lambda: float = field(default=CACHE_LAMBDA, metadata=_help("continuous cache: its share of the predicted distribution once it holds many entries, in [0, 1)"))
     cache_ramp: int = field(default=CACHE_RAMP, metadata=_help("continuous cache: entries at which it has half of --cache-lambda (the share grows as n / (n + ramp)); 0 = the whole share at once"))
@@ -443,8 +443,6 @@ def preset_for(n_chars: int, max_time: float = 0.0, recurrent: bool = True) -> d
         if recurrent and hidden in SMALL_CORPUS_WEIGHT_DECAY:
             train["weight_decay"] = SMALL_CORPUS_WEIGHT_DECAY[hidden]
     model: dict[str, Any] = {"layers": layers, "hidden": hidden, "dropout": dropout}
-    if recurrent:
-        model["cache_size"] = CACHE_SIZE
     return {"model": model, "train": train}
 
 
