@@ -85,9 +85,14 @@ def _compile(cc: str, out: Path) -> bool:
             os.unlink(tmp)
 
 
+def disabled() -> bool:
+    """Whether ``CHARLOOM_NATIVE=0`` (or false/no/off) turns the native kernel off."""
+    return os.environ.get("CHARLOOM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def library() -> Any | None:
     """The compiled kernel (a ctypes library), building it on first use; None when unavailable."""
-    if os.environ.get("CHARLOOM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if disabled():
         return None
     if "lib" in _loaded:
         return _loaded["lib"]
@@ -124,8 +129,22 @@ def library() -> Any | None:
         lib.charloom_mog_forward.restype = i32
         lib.charloom_mog_backward.argtypes = [i32] * 6 + [ptr] * 17 + [i32]
         lib.charloom_mog_backward.restype = i32
+        lib.charloom_vector_bits.restype = i32
     _loaded["lib"] = lib
     return lib
+
+
+def describe() -> str:
+    """Which kernel recurrent models run on in this process, for one line at start-up: ``native AVX-512``,
+    ``native AVX2``, or why there is none (then NumPy and torch run them)."""
+    if disabled():
+        return "torch/numpy (CHARLOOM_NATIVE=0)"
+    lib = library()
+    if lib is None:
+        return "torch/numpy (no C compiler found: set CC to build the native kernel)"
+    bits = lib.charloom_vector_bits()
+    isa = {512: "AVX-512", 256: "AVX2"}.get(bits, f"{bits}-bit vectors" if bits else "scalar")
+    return f"native {isa} ({platform.machine()})"
 
 
 def _ptr(a: np.ndarray) -> Any:

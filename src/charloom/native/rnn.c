@@ -1196,3 +1196,16 @@ int charloom_mog_backward(int B, int T, int H, int D, int V, int R, const int64_
 }
 
 int charloom_abi_version(void) { return 12; }
+
+/* The widest vector instructions this build was compiled for, in bits: what `charloom.native.describe` reports. */
+int charloom_vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__) || defined(__AVX__)
+    return 256;
+#elif defined(__SSE2__) || defined(__ARM_NEON)
+    return 128;
+#else
+    return 0;
+#endif
+}
