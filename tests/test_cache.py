@@ -158,7 +158,7 @@ def test_settings_are_checked_and_only_recurrent_models_take_a_cache():
     with pytest.raises(ValueError, match="--cache-size 0"):
         model_class("transformer").check_config(ModelConfig(model="transformer", cache_size=10), TrainConfig())
     assert build_model(ModelConfig(cache_size=10, cache_lambda=0.0), VOCAB).cache is None  # a share of 0 is off
-    assert "cache_size" in preset_for(600_000)["model"]  # the default recipe's recurrent models have one
+    assert "cache_size" not in preset_for(600_000)["model"]  # a test-time option: the default recipe has none
     assert "cache_size" not in model_class("transformer").preset(600_000)["model"]
 
 

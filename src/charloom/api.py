@@ -6,6 +6,7 @@ The CLI, the server, notebooks and benchmarks all go through here. Nothing print
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -19,7 +20,7 @@ import torch
 
 from . import __version__
 from .checkpoint import RunDir, load_training_state, load_weights, read_config, resolve
-from .config import (RECIPES, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, apply_overrides, from_dict,
+from .config import (CACHE_SIZE, RECIPES, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, apply_overrides, from_dict,
                      to_dict)
 from .corpus import resolve_sources, stream_text
 from .data import encode_to_disk, open_ids, scan_corpus, write_ids
@@ -264,21 +265,33 @@ def idle_cores(sample_s: float = 0.2) -> int:
     return max(1, min(cores, int(idle + 0.5)))
 
 
-def load(path: str | os.PathLike, which: str = "best", *, cache: bool = True) -> Model:
+def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = None) -> Model:
     """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU.
-    ``cache=False``: without the model's continuous cache, if it has one (see :meth:`Model.without_cache`)."""
+
+    ``cache`` is the continuous cache (``charloom.models.cache``), a test-time option: ``None`` keeps
+    what training recorded (on only for a run trained with ``--cache-size N``), ``True`` adds one (the
+    recorded settings, else ``CACHE_SIZE``), ``False`` predicts with the network alone."""
     ckpt = resolve(path, which)
     config, tok_data = read_config(ckpt)
     try:
         tokenizer = tokenizer_from_dict(tok_data)
         mcfg = from_dict(ModelConfig, config["model"]).validate()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(str(ckpt / "config.json"), f"cannot build the model ({exc})", "use another checkpoint") from None
+    if cache is True and not mcfg.cache_size:
+        if not model_class(mcfg.model).supports_cache:
+            raise CharloomError("--cache", f"a {mcfg.model} has no recurrent hidden state for the continuous cache to match",
+                                "use it without --cache")
+        mcfg = dataclasses.replace(mcfg, cache_size=CACHE_SIZE)
+        config = {**config, "model": {**config["model"], "cache_size": CACHE_SIZE}}
+    try:
         net = build_model(mcfg, tokenizer.vocab_size)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(str(ckpt / "config.json"), f"cannot build the model ({exc})", "use another checkpoint") from None
     load_weights(ckpt, net)
     net.eval()
     model = Model(net, tokenizer, config, ckpt)
-    return model if cache else model.without_cache()
+    return model.without_cache() if cache is False else model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,9 +606,9 @@ def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model
 
 
 def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathLike | None = None,
-           which: str = "best", cache: bool = True) -> Any:
+           which: str = "best", cache: bool | None = None) -> Any:
     """Export a run's (or checkpoint's) model as ONNX or NumPy into ``out`` (default RUN_DIR/export).
-    A model with a continuous cache is refused unless ``cache=False`` (the network alone is exported).
+    A model trained with a continuous cache is refused unless ``cache=False`` (the network alone is exported).
 
     Returns a :class:`charloom.export.ExportResult` (files written, largest difference from PyTorch).
     """
