@@ -1,11 +1,12 @@
-"""Reading text: named corpora, files, folders, normalisation, and each bad input."""
+"""Reading text: named corpora (bundled, cached, offline), files, folders, normalisation, and each bad input."""
 
 import hashlib
 import os
+import sys
 
 import pytest
 
-from charloom.corpus import NAMED_CORPORA, load_corpus
+from charloom.corpus import NAMED_CORPORA, bundled_sha256, cache_dir, load_corpus, named_corpus_path
 from charloom.errors import CharloomError
 from tests.conftest import SHARED_CORPORA
 
@@ -92,3 +93,122 @@ def test_unreadable_file(tmp_path):
     path.chmod(0)
     with pytest.raises(CharloomError, match="permission"):
         load_corpus(path)
+
+
+# --- the bundled corpora: offline, cached, verified -------------------------------------------------
+
+def _shared_sha256(filename: str) -> str:
+    """The checksum of the reference copy in the shared corpora folder, computed here, not read from charloom."""
+    return hashlib.sha256((SHARED_CORPORA / filename).read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def offline(tmp_path, monkeypatch):
+    """No CHARLOOM_DATA, an empty cache in tmp_path, and any attempt to reach the network recorded and refused."""
+    import socket
+    import urllib.request
+
+    attempts: list[str] = []
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            attempts.append(what)
+            raise OSError(f"test: network access ({what}) is not allowed")
+        return refused
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse("urlopen"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.delenv("CHARLOOM_DATA", raising=False)
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    assert attempts == [], f"tried the network: {attempts}"
+
+
+@pytest.mark.parametrize("name, filename", [
+    ("nietzsche", "nietzsche.txt"),
+    ("shakespeare", "tinyshakespeare.txt"),
+    ("tinyshakespeare", "tinyshakespeare.txt"),
+])
+def test_bundled_corpus_is_unpacked_into_the_cache_without_network(offline, name, filename):
+    path = named_corpus_path(name)
+    assert path == offline / filename
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == _shared_sha256(filename)
+    assert [p.name for p in offline.iterdir()] == [filename]  # no temporary file left behind
+    assert named_corpus_path(name) == path  # the second call finds the cached copy
+
+
+def test_sources_md_holds_the_checksums_of_the_reference_texts():
+    assert bundled_sha256() == {f: _shared_sha256(f) for f in ("nietzsche.txt", "tinyshakespeare.txt")}
+    assert {spec.sha256 for spec in NAMED_CORPORA.values()} == set(bundled_sha256().values())
+
+
+def test_shakespeare_is_a_name_for_tiny_shakespeare(offline):
+    corpus = load_corpus("shakespeare")
+    assert corpus.name == "tinyshakespeare"
+    assert len(corpus.text) == 1_115_394  # char-rnn's figure
+    assert not corpus.lowercase_default
+
+
+def test_damaged_cached_copy_is_rebuilt(offline):
+    path = named_corpus_path("nietzsche")
+    path.write_bytes(path.read_bytes()[:1000])  # as a full disk or a killed copy would leave it
+    assert named_corpus_path("nietzsche") == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == _shared_sha256("nietzsche.txt")
+
+
+def test_data_folder_copy_wins_over_the_bundled_one(offline, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tinyshakespeare.txt").write_bytes((SHARED_CORPORA / "tinyshakespeare.txt").read_bytes())
+    monkeypatch.setenv("CHARLOOM_DATA", str(data))
+    assert named_corpus_path("shakespeare") == data / "tinyshakespeare.txt"
+    assert not offline.exists()  # nothing was unpacked
+    # A data folder without the file falls back to the bundled copy.
+    assert named_corpus_path("nietzsche") == offline / "nietzsche.txt"
+
+
+def test_damaged_bundled_copy_is_refused_in_one_line(offline, tmp_path, monkeypatch):
+    import lzma
+
+    from charloom import corpus as corpus_module
+
+    good = (SHARED_CORPORA / "nietzsche.txt").read_bytes()
+    broken = {"truncated": lzma.compress(good)[:5000],  # a cut-off download of the wheel
+              "other text": lzma.compress(good[:-1] + b"?")}  # decompresses, but is not the book
+    for label, packed in broken.items():
+        fake = tmp_path / label / "nietzsche.txt.xz"
+        fake.parent.mkdir()
+        fake.write_bytes(packed)
+        monkeypatch.setattr(corpus_module, "_bundled", lambda filename, fake=fake: fake)
+        with pytest.raises(CharloomError, match="reinstall charloom") as info:
+            named_corpus_path("nietzsche")
+        assert "\n" not in info.value.message
+        assert not any(offline.iterdir()), f"{label}: left a file in the cache"
+
+
+def test_cache_folder_that_cannot_be_written_is_refused(offline, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CHARLOOM_CACHE", str(blocker / "cache"))
+    with pytest.raises(CharloomError, match="CHARLOOM_CACHE") as info:
+        named_corpus_path("nietzsche")
+    assert str(blocker / "cache") in info.value.message
+
+
+def test_unknown_name_is_refused_with_the_known_ones():
+    with pytest.raises(CharloomError, match="nietzsche, shakespeare, tinyshakespeare"):
+        named_corpus_path("moby-dick")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG_CACHE_HOME is the Linux convention")
+def test_cache_dir_follows_xdg_and_charloom_cache_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHARLOOM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "charloom"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "charloom"
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
