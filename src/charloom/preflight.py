@@ -15,9 +15,15 @@ address space of the mapped ids (up to 2 bytes per character).
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+resource: ModuleType | None
+try:
+    import resource
+except ImportError:  # Windows: no resource module and no address-space limit to read, so that check is skipped
+    resource = None
 
 from .errors import CharloomError
 
@@ -62,12 +68,17 @@ def _proc_kib(path: str, key: str) -> int | None:
 
 
 def available_memory() -> tuple[int, str]:
-    """Bytes this process may still allocate, and what limits it (RLIMIT_AS, cgroup or free RAM)."""
+    """Bytes this process may still allocate, and what limits it (RLIMIT_AS, cgroup or free RAM).
+
+    Each limit is read where the platform offers it; where none can be read (Windows, which has no
+    ``resource`` module nor ``/proc``) the answer is "no known limit" and nothing is refused.
+    """
     found: list[tuple[int, str]] = []
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        used = _proc_kib("/proc/self/status", "VmSize") or 0
-        found.append((soft - used, f"the address-space limit (ulimit -v) of {fmt_bytes(soft)}"))
+    if resource is not None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = _proc_kib("/proc/self/status", "VmSize") or 0
+            found.append((soft - used, f"the address-space limit (ulimit -v) of {fmt_bytes(soft)}"))
     limit, current = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
     if limit is not None and current is not None:
         found.append((limit - current, f"the cgroup memory limit of {fmt_bytes(limit)}"))
