@@ -15,7 +15,27 @@ from typing import Any
 
 
 def _help(text: str, **extra: Any) -> Any:
+    """Field metadata: ``help`` (the CLI's help text), ``group`` (a key of HELP_GROUPS), ``auto`` (the rule by
+    which the default recipe's size preset sets the field), ``shown`` (the default as help shows it), ``kind``."""
     return {"help": text, **extra}
+
+
+# The option groups of ``charloom train --help``, in the order shown: key -> (title, description).
+# Common options first; a newcomer can skip every group marked advanced.
+HELP_GROUPS: dict[str, tuple[str, str]] = {
+    "common": ("common options", ""),
+    "model": ("advanced: the model", ""),
+    "architecture": ("advanced: one architecture's settings", ""),
+    "cache": ("advanced: a continuous cache trained into the run (lstm, gru, mogrifier)", ""),
+    "data": ("advanced: data and batches", ""),
+    "optimizer": ("advanced: recipe and optimiser", ""),
+    "run": ("advanced: stopping, evaluation, samples and checkpoints", ""),
+    "hardware": ("advanced: hardware and reproducibility", ""),
+    "files": ("advanced: files and output", ""),
+}
+# What "auto" means in a field's help (see preset_for and each architecture's preset).
+AUTO_HELP = ("'auto' settings are chosen by the default recipe from the size of the training text (the corpus "
+             "less --val-fraction) and --max-time, by the rule shown; a value you give wins")
 
 
 class ConfigError(ValueError):
@@ -45,23 +65,23 @@ CACHE_RAMP = 4_000
 class ModelConfig:
     """What network to build. ``model`` picks a registered architecture (see ``charloom.models``)."""
 
-    model: str = field(default="lstm", metadata=_help("architecture: lstm, gru, mogrifier (an LSTM with input/state gating rounds), conv (causal dilated convnet) or transformer"))
-    layers: int = field(default=2, metadata=_help("number of layers (recurrent layers, conv blocks or transformer blocks)"))
-    hidden: int = field(default=512, metadata=_help("hidden units per layer (a transformer's model width)"))
-    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot; a transformer uses --hidden)"))
-    input: str = field(default="embedding", metadata=_help("token input: embedding or onehot (the book)"))
-    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output"))
-    init: str = field(default="torch", metadata=_help("weight initialisation: torch or keras (the book's Keras defaults)"))
-    tie_weights: bool = field(default=False, metadata=_help("share the input embedding with the output layer"))
-    heads: int = field(default=4, metadata=_help("transformer: attention heads"))
-    context: int = field(default=0, metadata=_help("transformer: tokens attended to, longer histories slide (0 = --seq-len)"))
-    positions: str = field(default="learned", metadata=_help("transformer: position encoding, learned or rotary"))
-    rounds: int = field(default=4, metadata=_help("mogrifier: rounds of gating between input and state before each step"))
-    kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)"))
-    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default); generate/evaluate/serve --cache turns one on at load time with {CACHE_SIZE}"))
-    cache_theta: float = field(default=CACHE_THETA, metadata=_help("continuous cache: how sharply the current hidden state picks the past positions it matches"))
-    cache_lambda: float = field(default=CACHE_LAMBDA, metadata=_help("continuous cache: its share of the predicted distribution once it holds many entries, in [0, 1)"))
-    cache_ramp: int = field(default=CACHE_RAMP, metadata=_help("continuous cache: entries at which it has half of --cache-lambda (the share grows as n / (n + ramp)); 0 = the whole share at once"))
+    model: str = field(default="lstm", metadata=_help("architecture: lstm, gru, mogrifier (an LSTM with input/state gating rounds), conv (causal dilated convnet) or transformer", group="common"))
+    layers: int = field(default=2, metadata=_help("number of layers (recurrent layers, conv blocks or transformer blocks)", group="model", auto="1x256 (layers x hidden) for a corpus under 200k chars, 1x512 up to 5M, 2x512 above; smaller for a short --max-time (1x512 needs 3.7m, 2x512 3.7h); conv 8 blocks a layer, transformer 2, mogrifier 1 layer"))
+    hidden: int = field(default=512, metadata=_help("hidden units per layer (a transformer's model width)", group="model", auto="256, 384 or 512 by the rule of --layers; conv 5/16 of it, transformer half (at least 128)"))
+    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot; a transformer uses --hidden)", group="model"))
+    input: str = field(default="embedding", metadata=_help("token input: embedding or onehot (the book)", group="model"))
+    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output", group="model", auto="0.2 under 200k chars; up to 5M 0.3 at 1x512, 0.25 at 1x384, 0.1 at 1x256 (conv and transformer 0.1); 0 above"))
+    init: str = field(default="torch", metadata=_help("weight initialisation: torch or keras (the book's Keras defaults)", group="model"))
+    tie_weights: bool = field(default=False, metadata=_help("share the input embedding with the output layer", group="model", auto="on for a transformer, else off"))
+    heads: int = field(default=4, metadata=_help("transformer: attention heads", group="architecture"))
+    context: int = field(default=0, metadata=_help("transformer: tokens attended to, longer histories slide (0 = --seq-len)", group="architecture"))
+    positions: str = field(default="learned", metadata=_help("transformer: position encoding, learned or rotary", group="architecture"))
+    rounds: int = field(default=4, metadata=_help("mogrifier: rounds of gating between input and state before each step", group="architecture"))
+    kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)", group="architecture"))
+    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default); generate/evaluate/serve --cache turns one on at load time with {CACHE_SIZE}", group="cache"))
+    cache_theta: float = field(default=CACHE_THETA, metadata=_help("continuous cache: how sharply the current hidden state picks the past positions it matches", group="cache"))
+    cache_lambda: float = field(default=CACHE_LAMBDA, metadata=_help("continuous cache: its share of the predicted distribution once it holds many entries, in [0, 1)", group="cache"))
+    cache_ramp: int = field(default=CACHE_RAMP, metadata=_help("continuous cache: entries at which it has half of --cache-lambda (the share grows as n / (n + ramp)); 0 = the whole share at once", group="cache"))
 
     @property
     def arch(self) -> str:
@@ -89,38 +109,38 @@ class ModelConfig:
 class TrainConfig:
     """How to train: data layout, optimiser, schedule, stopping, evaluation and samples."""
 
-    recipe: str = field(default="default", metadata=_help("default (ours) or book (Deep Learning with Python, section 8.1)"))
-    tokens: str = field(default="char", metadata=_help("what a token is: char, word (words, punctuation, whitespace) or bpe (byte-level BPE)"))
-    vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)"))
-    lowercase: bool | None = field(default=None, metadata=_help("lowercase the corpus (default: on for the nietzsche corpus and the book recipe)"))
-    val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation"))
-    objective: str = field(default="all", metadata=_help("all: every position is a target; last: only the char after each window (the book)"))
-    batching: str = field(default="stream", metadata=_help("stream: contiguous streams with state carried; windows: random windows"))
-    seq_len: int = field(default=128, metadata=_help("characters per training sequence (the window length)"))
-    window_step: int = field(default=3, metadata=_help("stride between windows for objective=last (the book takes one every 3 chars)"))
-    batch_size: int = field(default=64, metadata=_help("sequences per step"))
-    optimizer: str = field(default="adamw", metadata=_help("adamw or rmsprop"))
-    lr: float = field(default=3e-3, metadata=_help("peak learning rate"))
-    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
-    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps"))
-    schedule: str = field(default="cosine", metadata=_help("learning-rate schedule after warm-up: cosine or constant"))
-    min_lr_ratio: float = field(default=0.1, metadata=_help("cosine decays to lr * this"))
-    clip: float = field(default=1.0, metadata=_help("gradient-norm clip (0 = off)"))
-    ema: float = field(default=0.995, metadata=_help("weight averaging: evaluate, sample and save a moving average of the weights that keeps this share of itself each step (0 = off, as in the book recipe)"))
-    epochs: int = field(default=20, metadata=_help("passes over the training split"))
-    max_steps: int = field(default=0, metadata=_help("stop after this many optimiser steps (0 = no limit)"))
-    max_time: float = field(default=0.0, metadata=_help("stop after this much training time, e.g. 90s, 5m, 1h (0 = no limit)", kind="duration"))
-    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0 = once per epoch)"))
-    patience: int = field(default=5, metadata=_help("stop after this many evaluations without a better validation loss (0 = never)"))
-    sample_temperatures: tuple[float, ...] = field(default=(0.2, 0.5, 1.0, 1.2), metadata=_help("temperatures of the per-epoch samples (empty = none)"))
-    sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample"))
-    generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state"))
-    seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples"))
-    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)"))
-    device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"))
-    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA; on a CPU, bf16 recurrent products for one-layer LSTMs where measured faster; else fp32), fp32 or bf16"))
-    compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile"))
-    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best"))
+    recipe: str = field(default="default", metadata=_help("default (ours) or book (Deep Learning with Python, section 8.1)", group="optimizer"))
+    tokens: str = field(default="char", metadata=_help("what a token is: char, word (words, punctuation, whitespace) or bpe (byte-level BPE)", group="common"))
+    vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)", group="data"))
+    lowercase: bool | None = field(default=None, metadata=_help("lowercase the corpus", group="data", shown="on for the nietzsche corpus, else off"))
+    val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation", group="data"))
+    objective: str = field(default="all", metadata=_help("all: every position is a target; last: only the char after each window (the book)", group="data"))
+    batching: str = field(default="stream", metadata=_help("stream: contiguous streams with state carried; windows: random windows", group="data", auto="windows for a transformer, else stream"))
+    seq_len: int = field(default=128, metadata=_help("characters per training sequence (the window length)", group="data", auto="64 for a corpus under 5M chars, 128 above; a transformer 64"))
+    window_step: int = field(default=3, metadata=_help("stride between windows for objective=last (the book takes one every 3 chars)", group="data", auto="1 for a transformer, else 3"))
+    batch_size: int = field(default=64, metadata=_help("sequences per step", group="data", auto="32 for a corpus under 5M chars, 64 above; a transformer 16"))
+    optimizer: str = field(default="adamw", metadata=_help("adamw or rmsprop", group="optimizer"))
+    lr: float = field(default=3e-3, metadata=_help("peak learning rate", group="optimizer", auto="6e-3 for a corpus under 5M chars, 3e-3 above"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay", group="optimizer", auto="0.1 for a recurrent 1x512 on a corpus under 5M chars, else 0.01"))
+    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps", group="optimizer"))
+    schedule: str = field(default="cosine", metadata=_help("learning-rate schedule after warm-up: cosine or constant", group="optimizer"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("cosine decays to lr * this", group="optimizer"))
+    clip: float = field(default=1.0, metadata=_help("gradient-norm clip (0 = off)", group="optimizer"))
+    ema: float = field(default=0.995, metadata=_help("weight averaging: evaluate, sample and save a moving average of the weights that keeps this share of itself each step (0 = off, as in the book recipe)", group="optimizer"))
+    epochs: int = field(default=20, metadata=_help("passes over the training split", group="common", auto="30 for a corpus under 200k chars, 20 up to 5M, 3 above"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many optimiser steps (0 = no limit)", group="run"))
+    max_time: float = field(default=0.0, metadata=_help("stop after this much training time, e.g. 90s, 5m, 1h", kind="duration", group="common", shown="0 = no limit"))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0 = once per epoch)", group="run"))
+    patience: int = field(default=5, metadata=_help("stop after this many evaluations without a better validation loss (0 = never)", group="run"))
+    sample_temperatures: tuple[float, ...] = field(default=(0.2, 0.5, 1.0, 1.2), metadata=_help("temperatures of the per-epoch samples (empty = none)", group="run"))
+    sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample", group="run"))
+    generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state", group="run"))
+    seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples", group="hardware"))
+    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)", group="hardware"))
+    device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps", group="hardware"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA; on a CPU, bf16 recurrent products for one-layer LSTMs where measured faster; else fp32), fp32 or bf16", group="hardware"))
+    compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile", group="hardware"))
+    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best", group="run"))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
