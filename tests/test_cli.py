@@ -95,6 +95,36 @@ def test_bad_train_settings(in_tmp, tiny_file):
     assert not (in_tmp / "runs").exists()
 
 
+def test_train_names_the_kernel_once_on_stderr(in_tmp, tiny_file):
+    from charloom import native
+
+    code, out, err = cli("train", str(tiny_file), *TINY_FLAGS, "--out", "run")
+    assert code == 0 and err == f"charloom: recurrent models run on {native.describe()}\n", err
+    assert "recurrent models run on" not in out and "step 12" in out
+    code, out, err = cli("train", str(tiny_file), *TINY_FLAGS, "--out", "quiet", "--quiet")
+    assert code == 0 and err == "" and out == "quiet\n"
+
+
+def test_the_announcing_stream_lets_the_progress_bar_clear_itself():
+    from tqdm import tqdm
+
+    from charloom.cli import Announcing
+
+    def written(through_proxy):
+        buf, announced = io.StringIO(), []
+        bar = tqdm(total=10, file=buf, disable=False, leave=False, bar_format="{n}/{total}")
+        bar.update(3)
+        target = Announcing(buf, lambda: announced.append(1)) if through_proxy else buf
+        bar.write("step 3 | train 1.0", file=target)
+        bar.write("step 6 | train 0.9", file=target)
+        bar.close()
+        return buf.getvalue(), announced
+
+    via_proxy, announced = written(True)
+    assert announced == [1] and via_proxy.count("step ") == 2
+    assert via_proxy == written(False)[0]  # cleared and redrawn around each line exactly as without the proxy
+
+
 def test_damaged_checkpoint_exits_3(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "index.json").write_text("{broken")
@@ -112,15 +142,13 @@ def test_help_documents_every_option_with_its_default():
         for opt, action in actions.items():
             if opt in ("-h", "--help") or action.nargs == 0 and action.const is True:
                 continue  # flags without a value (--quiet, --json...) need no default
-            assert action.help and "default" in action.help, (command, opt)
+            # a setting the size preset decides shows its rule ("auto: ...") instead of a default
+            assert action.help and ("default" in action.help or "(auto: " in action.help), (command, opt)
     train_opts = {opt for a in sub.choices["train"]._actions for opt in a.option_strings}
     for f in fields(ModelConfig) + fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in train_opts, f.name
-    buf = io.StringIO()
-    import contextlib
-    with pytest.raises(SystemExit), contextlib.redirect_stdout(buf):
-        main(["train", "--help"])
-    assert "--max-time DURATION" in buf.getvalue()
+    code, out, err = cli("train", "--help")  # printed to main's stdout, exit 0
+    assert code == 0 and "--max-time DURATION" in out and not err
 
 
 def test_same_seed_same_text(tiny_run):

@@ -3,6 +3,9 @@
 import io
 import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -70,10 +73,9 @@ def test_a_console_that_cannot_print_a_character_does_not_crash(tiny_run):
     assert proc.stdout.startswith("caf\\xe9 ")
 
 
-def test_help_lists_every_sampling_option(capsys):
-    with pytest.raises(SystemExit):
-        cli("generate", "--help")
-    out = capsys.readouterr().out
+def test_help_lists_every_sampling_option():
+    code, out, _ = cli("generate", "--help")
+    assert code == 0
     for flag in ("--min-p", "--typical-p", "--repetition-penalty", "--frequency-penalty", "--presence-penalty",
                  "--penalty-last-n", "--no-repeat-ngram-size", "--ban", "--logit-bias", "--samplers",
                  "--temperature-schedule", "--stop", "--max-time", "--num-beams", "--format", "--logprobs", "--interactive"):
@@ -86,3 +88,64 @@ def test_more_options_run(tiny_run, argv):
     assert code == 0, err
     if "--ban" in argv:
         assert "e" not in out and "th" not in out
+
+
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_the_kernel_line_goes_to_a_terminal_s_stderr_once_before_the_text(tiny_run):
+    from charloom import native
+
+    kernel = f"charloom: recurrent models run on {native.describe()}\n"
+    for fmt in ("text", "jsonl"):
+        out, err = io.StringIO(), Terminal()
+        code = main(["generate", str(tiny_run), "--length", "10", "--seed", "1", "--format", fmt], out, err)
+        assert code == 0 and err.getvalue() == kernel, err.getvalue()
+        if fmt == "jsonl":
+            assert [len(json.loads(line)["text"]) for line in out.getvalue().splitlines()] == [10]
+    # a bad prompt still gets a one-line error: the line comes only once the text does
+    out, err = io.StringIO(), Terminal()
+    assert main(["generate", str(tiny_run), "--prompt", "zebra€"], out, err) == 2
+    assert err.getvalue().count("\n") == 1 and "never saw" in err.getvalue() and not out.getvalue()
+    # piped or captured, stderr stays empty
+    code, out, err = cli("generate", str(tiny_run), "--length", "10", "--seed", "1")
+    assert code == 0 and err == ""
+
+
+def _copy_run(src, dst, mtime, broken=False):
+    from charloom.checkpoint import INDEX_FILE, RunDir
+
+    shutil.copytree(src, dst)
+    index = RunDir(dst).checkpoints / INDEX_FILE
+    if broken:
+        index.write_text("{broken")  # picked by mistake, generate would exit 3
+    os.utime(index, (mtime, mtime))
+
+
+def test_without_a_run_dir_the_newest_run_under_runs_is_used(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _copy_run(tiny_run, tmp_path / "runs" / "zzz-older", 1_000_000, broken=True)  # last by name: the pick is by time
+    _copy_run(tiny_run, tmp_path / "runs" / "aaa-newer", 2_000_000)
+    (tmp_path / "runs" / "unfinished").mkdir()  # the newest directory, but no checkpoint yet
+    (tmp_path / "runs" / "notes.txt").write_text("not a run")
+    args = ["--prompt", "the ", "--length", "20", "--seed", "1"]
+    code, out, err = cli("generate", *args)
+    assert code == 0, err
+    assert err == f"charloom: using {Path('runs') / 'aaa-newer'} (the newest run)\n"
+    assert out == cli("generate", str(tiny_run), *args)[1]
+
+
+@pytest.mark.parametrize("runs", [None, [], ["unfinished"]])
+def test_without_any_run_a_one_line_error_says_to_train_first(tmp_path, monkeypatch, runs):
+    monkeypatch.chdir(tmp_path)
+    for name in runs if runs is not None else []:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    if runs == []:
+        (tmp_path / "runs").mkdir()
+    code, out, err = cli("generate", "--prompt", "the ")
+    assert code == 2 and not out and err.count("\n") == 1, err
+    assert err.startswith("charloom: RUN_DIR: ") and "no trained run under ./runs" in err and "charloom train" in err

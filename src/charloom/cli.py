@@ -1,223 +1,29 @@
-"""``charloom train | generate | evaluate | serve``: a thin client of :mod:`charloom.api`.
+"""``charloom train | generate | evaluate | serve | ...``: a thin client of :mod:`charloom.api`.
 
 ``main(argv, stdout, stderr)`` takes its streams as arguments so tests can call it in-process.
-Every option of ``train`` is generated from the config dataclasses, so flags and Python keyword
-arguments share names and help texts. Errors are one line: ``charloom: <what>: <why>; <fix>``.
+The options and their help are built in :mod:`charloom.cli_parser` (those of ``train`` from the config
+dataclasses, so flags and Python keyword arguments share names and help texts); this module runs the
+commands. Errors are one line: ``charloom: <what>: <why>; <fix>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
-from .config import RECIPES, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, parse_duration
+from .cli_parser import UsageError, build_parser
+from .config import DynamicEval, ModelConfig, SampleConfig, TrainConfig
 from .errors import CharloomError
 
-PRESET_FIELDS = {"layers", "hidden", "dropout", "epochs"}
-# Settings the transformer's preset changes (it trains on random windows with tied weights).
-ARCH_PRESET_FIELDS = {"tie_weights", "batching", "seq_len", "window_step"}
+__all__ = ["build_parser", "main"]
 
-
-class UsageError(Exception):
-    """argparse's complaint, shown as one line instead of usage + message."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}; see {self.prog} --help")
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _bias(text: str) -> tuple[str, float]:
-    token, sep, value = text.rpartition("=")
-    try:
-        if not sep or not token:
-            raise ValueError
-        return token, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TOKEN=BIAS, e.g. e=-2, got {text!r}") from None
-
-
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group(title)
-    book = {**RECIPES["book"]["model"], **RECIPES["book"]["train"]}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        shown = (",".join(str(x) for x in default) or "none") if isinstance(default, tuple) else (default if default != "" else "off")
-        if f.name == "lowercase":
-            shown = "on for nietzsche and the book recipe, else off"
-        notes = [f"default: {shown}"]
-        if f.name in book and book[f.name] != default:
-            notes.append(f"book recipe: {book[f.name]}")
-        if f.name in PRESET_FIELDS:
-            notes.append("sized to the corpus and architecture by default")
-        if f.name in ARCH_PRESET_FIELDS:
-            notes.append("the transformer sets its own by default")
-        help_text = f"{f.metadata['help']} ({'; '.join(notes)})"
-        kind = str(f.type)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
-        if f.metadata.get("kind") == "duration":
-            kwargs.update(type=_duration, metavar="DURATION")
-        elif f.metadata.get("kind") == "strings":
-            kwargs.update(action="append", metavar="TEXT")
-        elif f.metadata.get("kind") == "bias":
-            kwargs.update(action="append", type=_bias, metavar="TOKEN=BIAS")
-        elif kind.startswith("bool"):
-            kwargs.update(action=argparse.BooleanOptionalAction)
-        elif kind.startswith("tuple"):
-            kwargs.update(type=_float_list, metavar="T1,T2,...")
-        elif kind == "int":
-            kwargs.update(type=int, metavar="N")
-        elif kind == "float":
-            kwargs.update(type=float, metavar="X")
-        else:
-            kwargs.update(metavar="NAME")
-        group.add_argument(flag, **kwargs)
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="charloom", description="Train character-level language models on any text and generate from them.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    p = sub.add_parser("train", help="train a model (default: the book's Nietzsche corpus)",
-                       description="Train a language model. With no corpus, trains on Nietzsche (lowercased) as the book does.")
-    p.add_argument("corpus", nargs="*", help="text files, folders of .txt files, or a named corpus (nietzsche, tinyshakespeare); default: nietzsche")
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<corpus>-<date>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint (optimizer, schedule, step and data position restored; default: start a new run)")
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (same names as the options); options on the command line win (default: none)")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of the corpus files (default: utf-8)")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes (default: strict)")
-    p.add_argument("--quiet", action="store_true", help="print only errors and the run directory")
-    _add_config_options(p, ModelConfig, "model")
-    _add_config_options(p, TrainConfig, "training")
-
-    g = sub.add_parser("generate", help="generate text from a trained model (streams to stdout)",
-                       description="Generate text from a trained model, streaming it as it is drawn.")
-    g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
-    g.add_argument("--prompt", default="", help="text to continue (default: start of a new paragraph)")
-    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file, UTF-8 (default: none)")
-    g.add_argument("--temperature", type=_float_list, default=(1.0,), metavar="T[,T...]",
-                   help="softmax temperature; 0 = greedy, <1 conservative, >1 surprising; a list gives one labelled sample each (default: 1.0)")
-    g.add_argument("--length", type=int, default=400, metavar="N", help="characters (tokens) to generate (default: 400)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed; the same seed gives the same text (default: random)")
-    g.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per temperature, drawn in one batch (default: 1)")
-    g.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
-                   help="prompt characters (words, for a word model) the model never saw: error, skip them, or replace them "
-                        "with a space (<unk> for a word model) (default: error)")
-    g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
-    g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
-    g.add_argument("--no-cache", action="store_true", help="use the network without its continuous cache, if the model has one (default: with it)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample at this string (not printed; repeat for more; \\n is a newline) (default: none)")
-    g.add_argument("--max-time", type=_duration, default=0.0, metavar="DURATION", help="stop generating after this long, e.g. 2s (default: 0 = no limit)")
-    g.add_argument("--num-beams", type=int, default=1, metavar="K",
-                   help="beam search: print the K likeliest continuations with their log-probabilities (default: 1 = sample)")
-    g.add_argument("--format", choices=["text", "jsonl"], default="text", help="text, or one JSON object per sample (default: text)")
-    g.add_argument("--logprobs", type=int, default=None, metavar="K",
-                   help="with --format jsonl: each token's log-probability and the K likeliest tokens at each step (default: off)")
-    g.add_argument("--interactive", action="store_true",
-                   help="a loop: type a prompt, the continuation streams back; empty line continues, /temp T, /length N, /reset, /quit")
-    _add_config_options(g, SampleConfig, "sampling (applied in --samplers order)", skip=("temperature",))
-
-    e = sub.add_parser("evaluate", help="loss, bits per char and perplexity on the validation split or a text file",
-                       description="Score a model: loss (nats), bits per character and perplexity.")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a checkpoint directory")
-    e.add_argument("file", nargs="?", help="a text file to score (default: the run's validation split)")
-    e.add_argument("--encoding", default="utf-8", help="text encoding of FILE (default: utf-8)")
-    e.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"], help="undecodable bytes in FILE (default: strict)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--fast", action="store_true", help="score 16 pieces side by side (each warmed up on the text before it) instead of one exact pass")
-    e.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
-    e.add_argument("--no-cache", action="store_true", help="score the network without its continuous cache, if the model has one, to see what the cache adds (default: with it)")
-    e.add_argument("--dynamic", action="store_true",
-                   help="dynamic evaluation (Krause et al. 2018): after scoring each segment, take a gradient step on it, "
-                        "so the model adapts to the text as it reads it (needs the run's training data; the model is not changed)")
-    e.add_argument("--dynamic-lr", type=float, default=DynamicEval.lr, metavar="ETA",
-                   help=f"dynamic step size, in units of each weight's training-gradient RMS (default: {DynamicEval.lr:g})")
-    e.add_argument("--dynamic-decay", type=float, default=DynamicEval.decay, metavar="LAMBDA",
-                   help=f"dynamic pull back toward the trained weights per segment (default: {DynamicEval.decay:g})")
-    e.add_argument("--dynamic-segment", type=int, default=DynamicEval.segment, metavar="N",
-                   help=f"tokens scored between dynamic updates (default: {DynamicEval.segment})")
-    e.add_argument("--dynamic-stats-segments", type=int, default=DynamicEval.stats_segments, metavar="N",
-                   help=f"training batches whose gradient RMS scales the dynamic steps (default: {DynamicEval.stats_segments})")
-    s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a web page",
-                       description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
-                                   "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
-    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or checkpoint directories; each is a model named after its directory")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: 8000; 0 = any free port)")
-    s.add_argument("--api-key", default=os.environ.get("CHARLOOM_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $CHARLOOM_API_KEY, else none)")
-    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                   help="allow pages from this origin (e.g. http://localhost:3000) to call the API; repeatable (default: none)")
-    s.add_argument("--max-concurrency", type=int, default=4, metavar="N", help="generations running at once (default: 4)")
-    s.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests waiting for a free slot; beyond that 503 (default: 16)")
-    s.add_argument("--max-tokens", type=int, default=2000, metavar="N", help="largest max_tokens a request may ask for (default: 2000)")
-    s.add_argument("--max-prompt-chars", type=int, default=10_000, metavar="N", help="longest prompt accepted (default: 10000)")
-    s.add_argument("--time-limit", type=_duration, default=60.0, metavar="DURATION",
-                   help="a generation running longer ends with finish_reason 'time' (default: 60s)")
-    s.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
-    s.add_argument("--no-cache", action="store_true", help="use the network without its continuous cache, if the model has one (default: with it)")
-    _add_insight_parsers(sub)
-    x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",
-                       description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.")
-    x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
-    x.add_argument("--format", choices=["onnx", "numpy"], default="onnx",
-                   help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
-    x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
-    x.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
-    x.add_argument("--no-cache", action="store_true", help="export the network without its continuous cache, which an export cannot hold (needed for a model with one)")
-    return parser
-
-
-def _add_insight_parsers(sub: Any) -> None:
-    r = sub.add_parser("report", help="write an HTML report of a run: loss curves, baselines, samples, temperature sweep",
-                       description="Write one self-contained HTML page about a run (and its figures as PNG in RUN_DIR/figures).")
-    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
-    r.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
-    r.add_argument("--checkpoint", choices=["best", "last"], default="last", help="the model for the temperature sweep (default: last)")
-    r.add_argument("--temperatures", type=_float_list, default=None, metavar="T1,T2,...",
-                   help="temperatures of the sweep (default: 0.1,0.2,0.3,0.5,0.7,1.0,1.2,1.5,2.0)")
-    r.add_argument("--sweep-length", type=int, default=1000, metavar="N", help="tokens per sweep sample (default: 1000)")
-    r.add_argument("--num-samples", type=int, default=1, metavar="N", help="sweep samples per temperature (default: 1)")
-    r.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the sweep (default: 0)")
-    for name, what in (("score", "bits per char of a text, and an HTML page shading each character by its surprisal"),
-                       ("neurons", "an HTML page of the recurrent cells' activations over a text, ranked by the features they track")):
-        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a checkpoint directory")
-        p.add_argument("file", metavar="FILE", help="the text file to read")
-        p.add_argument("--out", metavar="FILE", help=f"where to write the page (default: RUN_DIR/{name}-<file name>.html)")
-        p.add_argument("--max-chars", type=int, default=20_000 if name == "score" else 5_000, metavar="N",
-                       help=f"characters shown on the page (default: {20_000 if name == 'score' else 5_000})"
-                       + ("; the score covers the whole file" if name == "score" else "; the text is cut there"))
-        p.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
-                       help="characters the model never saw: error, skip them, or replace them with a space (default: error)")
-        p.add_argument("--encoding", default="utf-8", help="text encoding of FILE (default: utf-8)")
-        p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of a run to use (default: best)")
-        if name == "score":
-            p.add_argument("--json", action="store_true", help="print one JSON object")
+RUNS = Path("runs")  # where train puts a run without --out (api.default_run_dir); generate's default
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -247,8 +53,11 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     names = {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
     settings = _read_config_file(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k in names})
+    # The kernel line comes with the run's first line of output: after every input was checked, so a bad
+    # input still gets a one-line error, and never under --quiet (nothing is written then).
+    stream = Announcing(stdout, lambda: _say_kernel(stderr))
     model = api.train(args.corpus or None, out=args.out, resume=args.resume, encoding=args.encoding, errors=args.errors,
-                      verbose=not args.quiet, progress=None, stream=stdout, **settings)
+                      verbose=not args.quiet, progress=None, stream=stream, **settings)  # type: ignore[arg-type]
     run_dir = model.path.parent.parent if model.path else args.out
     if not is_main_process():
         return 0  # under torchrun, rank 0 alone reports
@@ -263,13 +72,66 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
-class SafeWriter:
-    """Writes text to a stream whose encoding may not hold every character: those are escaped (\\xNN)."""
+def _say_kernel(stderr: TextIO) -> None:
+    """One line on stderr: which kernel runs recurrent models in this process (native.describe())."""
+    from . import native
 
-    def __init__(self, stream: TextIO) -> None:
+    print(f"charloom: recurrent models run on {native.describe()}", file=stderr, flush=True)
+
+
+def _newest_run(stderr: TextIO) -> str:
+    """The run under ./runs whose checkpoint index was written last, announced on stderr."""
+    from .checkpoint import INDEX_FILE, RunDir
+
+    indexes = [RunDir(p).checkpoints / INDEX_FILE for p in sorted(RUNS.iterdir())] if RUNS.is_dir() else []
+    done = [(index.stat().st_mtime, index.parent.parent) for index in indexes if index.is_file()]
+    if not done:
+        raise CharloomError("RUN_DIR", f"none given, and no trained run under ./{RUNS}",
+                            "train one first (charloom train), or give a run directory")
+    newest = max(done)[1]
+    print(f"charloom: using {newest} (the newest run)", file=stderr)
+    return str(newest)
+
+
+class Announcing:
+    """``stream`` itself, except that ``announce`` runs once before the first write. It compares equal to
+    ``stream``, so the progress bar (tqdm) clears itself around each line written through it, as it does
+    for the stream itself."""
+
+    def __init__(self, stream: TextIO, announce: Callable[[], None]) -> None:
+        self.stream, self.announce = stream, announce
+
+    def write(self, text: str) -> int:
+        if self.announce is not None:
+            announce, self.announce = self.announce, None
+            announce()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self.stream
+
+    def __hash__(self) -> int:
+        return hash(self.stream)
+
+
+class SafeWriter:
+    """Writes text to a stream whose encoding may not hold every character: those are escaped (\\xNN).
+    ``before_first`` runs once, before the first text is written."""
+
+    def __init__(self, stream: TextIO, before_first: Callable[[], None] | None = None) -> None:
         self.stream = stream
+        self.before_first = before_first
+
+    def flush(self) -> None:
+        self.stream.flush()
 
     def write(self, text: str) -> None:
+        if self.before_first is not None:
+            announce, self.before_first = self.before_first, None
+            announce()
         try:
             self.stream.write(text)
         except UnicodeEncodeError:
@@ -294,7 +156,8 @@ def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     from . import api
     from .corpus import decode_file
 
-    out = SafeWriter(stdout)
+    # On a terminal, the kernel line comes just before the text; piped or captured, stderr stays clean.
+    out = SafeWriter(stdout, before_first=(lambda: _say_kernel(stderr)) if _is_terminal(stderr) else None)
     prompt = args.prompt
     if args.prompt_file:
         prompt = decode_file(Path(args.prompt_file))
@@ -307,7 +170,8 @@ def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
         api.sample_config(t, **sampling)
     if args.logprobs is not None and args.format != "jsonl":
         raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
-    model = api.load(args.run_dir, which=args.checkpoint, cache=not args.no_cache)
+    run_dir = args.run_dir if args.run_dir is not None else _newest_run(stderr)
+    model = api.load(run_dir, which=args.checkpoint, cache=args.cache)
     api.check_options(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
@@ -396,7 +260,7 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     text = decode_file(Path(args.file), args.encoding, args.errors) if args.file else None
     if args.file and not Path(args.file).is_file():
         raise CharloomError(args.file, "no such file", "check the path")
-    model = api.load(args.run_dir, which=args.checkpoint, cache=not args.no_cache)
+    model = api.load(args.run_dir, which=args.checkpoint, cache=args.cache)
     dynamic = (DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment,
                            stats_segments=args.dynamic_stats_segments) if args.dynamic else False)
     result = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
@@ -420,7 +284,7 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     settings = server.ServeSettings(host=args.host, port=args.port, api_key=args.api_key, cors=tuple(args.cors),
                                     max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
                                     max_prompt_chars=args.max_prompt_chars, time_limit=args.time_limit)
-    server.serve(args.run_dirs, settings, which=args.checkpoint, cache=not args.no_cache, stdout=stdout)
+    server.serve(args.run_dirs, settings, which=args.checkpoint, cache=args.cache, stdout=stdout)
     return 0
 
 
@@ -489,7 +353,7 @@ def _cmd_neurons(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
 def _cmd_export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     from . import api
 
-    result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint, cache=not args.no_cache)
+    result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint, cache=False if args.no_cache else None)
     for path in result.files:
         stdout.write(f"{path}\n")
     stdout.write(f"checked against PyTorch on {result.checked_batches} random batches of tokens and states: "
@@ -497,8 +361,27 @@ def _cmd_export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     return 0
 
 
+def _cmd_completion(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    import shtab
+
+    from .cli_parser import add_completion_hints
+
+    parser = build_parser()
+    add_completion_hints(parser, shtab.FILE, shtab.DIRECTORY)
+    stdout.write(shtab.complete(parser, args.shell))
+    return 0
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve,
-            "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons, "export": _cmd_export}
+            "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons, "export": _cmd_export,
+            "completion": _cmd_completion}
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -514,7 +397,11 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
                 pass
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        try:
+            with contextlib.redirect_stdout(stdout):  # --help and --version print to this call's stdout
+                args = parser.parse_args(argv)
+        except SystemExit as exc:  # after --help or --version (errors raise UsageError)
+            return exc.code if isinstance(exc.code, int) else 0
         if not args.command:
             parser.print_help(stdout)
             return 2
