@@ -32,6 +32,7 @@ from .models import LanguageModel, build_model, model_class
 from .preflight import PREPARE_BYTES_PER_BYTE, STREAMING_BYTES_PER_BYTE, check_memory_for
 from .sampling import build_pipeline, process
 from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, fit_tokenizer, id_dtype, tokenizer_from_dict
+from .threads import CoreWatch, available_cores, idle_cores
 from .train import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
@@ -233,38 +234,6 @@ class Model:
         return ids, split
 
 
-def available_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity where the OS reports it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def idle_cores(sample_s: float = 0.2) -> int:
-    """Cores this process may use that are idle now (at least 1), from /proc/stat over ``sample_s``.
-
-    On a 2-core machine that other processes keep busy, two torch threads wait on each other at every
-    parallel region: a training step took 9 s with 2 threads and 0.36 s with 1 (LSTM 1x256, B=32, T=64,
-    2026-11-29). Where /proc/stat is missing, every available core counts as idle.
-    """
-    cores = available_cores()
-
-    def busy_idle() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
-
-    try:
-        total0, idle0 = busy_idle()
-        time.sleep(sample_s)
-        total1, idle1 = busy_idle()
-    except (OSError, ValueError, IndexError):
-        return cores
-    machine = os.cpu_count() or cores
-    idle = machine * (idle1 - idle0) / max(1, total1 - total0)  # idle cores of the whole machine
-    return max(1, min(cores, int(idle + 0.5)))
-
-
 def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = None) -> Model:
     """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU.
 
@@ -397,7 +366,8 @@ class _RunListener(Listener):
     def save(self, trainer: Trainer, best: bool) -> Path:
         p = trainer.progress
         self.config.update({"step": p.step, "epoch": p.epoch, "val_loss": p.history[-1]["val_loss"] if p.history else None,
-                            "stop_reason": p.stop_reason, "recurrent_kernel": trainer.recurrent_kernel})
+                            "stop_reason": p.stop_reason, "recurrent_kernel": trainer.recurrent_kernel,
+                            "threads": [list(change) for change in trainer.threads_used]})  # (step, threads) changes
         tok = self.model.tokenizer.to_dict()
         path = self.run.save(p.step, trainer.model, self.config, tok, trainer.state_dict(), best=best,
                              keep_last=trainer.cfg.keep_last)
@@ -468,9 +438,13 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
         run, model, tcfg, ids, split, val_chars = _prepare_new(corpus, out, encoding, errors, settings, verbose, stream, runtime)
         trainer_state = None
     torch.set_num_threads(tcfg.threads or runtime.default_threads(idle_cores()))
+    # Threads left to us follow the machine as the run goes (a busy moment at start must not halve it);
+    # ranks sharing a machine keep their share (each would count the others' work as load).
+    watch = None if tcfg.threads or runtime.local_world_size > 1 else CoreWatch(available_cores())
     listener = (_RunListener if runtime.is_main else _WorkerListener)(run, model, model.config, verbose, progress, stream, ids[:split])
     stop = stop or StopFlag()
-    trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime)
+    trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime,
+                      cores=watch)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
     runtime.decorrelate_rng(tcfg.seed + trainer.progress.step)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .data import Batcher, StreamBatcher, WindowBatcher
 from .distributed import Runtime, resolve_device
+from .threads import CoreWatch
 from .metrics import stateful_nats, windowed_nats
 from .models import LanguageModel, lstm_bf16
 
@@ -114,8 +115,9 @@ class Trainer:
 
     def __init__(self, model: LanguageModel, ids: np.ndarray, split: int, cfg: TrainConfig,
                  listener: Listener | None = None, stop: StopFlag | None = None,
-                 val_chars: int | None = None, runtime: Runtime | None = None) -> None:
+                 val_chars: int | None = None, runtime: Runtime | None = None, cores: CoreWatch | None = None) -> None:
         self.model, self.ids, self.split, self.cfg = model, ids, split, cfg
+        self.cores = cores  # None: the thread count stays as set; else it follows the cores others leave free
         self.listener = listener or Listener()
         self.stop = stop or StopFlag()
         self.val_chars = val_chars if val_chars is not None else len(ids) - split
@@ -127,6 +129,7 @@ class Trainer:
         self.progress = Progress()
         self.rnn_state: Any = None  # the recurrent state carried between stream batches, (layers, B, H)
         self._threads_between_steps: int | None = None  # set while steps run torch on one thread (see fit)
+        self.threads_used: list[tuple[int, int]] = []  # (step, threads) each time fit starts or changes them
         # What runs the recurrence in training steps, once fit has chosen: "bf16" (models/lstm_bf16.py),
         # "native" (charloom.native.lstm, float32) or "torch" (the model's own layers).
         self.recurrent_kernel = "torch"
@@ -281,6 +284,7 @@ class Trainer:
     def fit(self) -> Progress:
         """Train until epochs, steps, time, patience or a stop request end it."""
         threads = torch.get_num_threads()
+        self.threads_used.append((self.progress.step, threads))
         model = self.model
         param = next(model.parameters(), None)
         on_cpu = not self.cfg.compile and param is not None and param.device.type == "cpu"
@@ -305,8 +309,22 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            threads = self._threads_between_steps or threads  # as the run left them (see _follow_cores)
             model.native_threads, self._threads_between_steps = 0, None
             torch.set_num_threads(threads)
+
+    def _follow_cores(self) -> None:
+        """Take the thread count the core watch finds free now, where it changed."""
+        if self.cores is None or not self.cores.due():
+            return
+        threads = self.cores.free_cores()
+        if threads == self.threads_used[-1][1]:
+            return
+        if self._threads_between_steps:  # the native kernel's threads; torch stays on one between steps
+            self.model.native_threads = self._threads_between_steps = threads  # type: ignore[assignment]
+        else:
+            torch.set_num_threads(threads)
+        self.threads_used.append((self.progress.step, threads))
 
     def _bf16_recurrence(self, threads: int) -> bool:
         """Whether this CPU run's LSTM trains with bf16 recurrent products: asked for (precision bf16),
@@ -399,6 +417,7 @@ class Trainer:
             loss_ema = p.loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
             chars_per_s = supervised / dt if chars_per_s == 0 else 0.9 * chars_per_s + 0.1 * supervised / dt
             self.listener.on_step(self, loss_ema, chars_per_s)
+            self._follow_cores()
             epoch_ended = self.batcher.index >= self.batcher.steps_per_epoch
             eval_due = self._eval_due(p.step, epoch_ended)
             if eval_due or epoch_ended:
