@@ -281,8 +281,7 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
     step, state = read.numpy.step, read.state  # type: ignore[union-attr]
     hist = history.numpy()  # (rows, P + N), same memory as `history`
     logits = read.first.float().contiguous().numpy().copy()  # (rows, V) float32, a fresh contiguous copy
-    # A plain temperature (the common case) is applied outside torch; anything else goes through torch.
-    divisor = pipeline[0].numpy_divisor(len(hist)) if len(pipeline) == 1 and isinstance(pipeline[0], Temperature) else None
+    divisor = _plain_divisor(pipeline, len(hist))
     if divisor is not None and logprobs is None and isinstance(read.numpy, NativeStepper):
         yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, noise.take_numpy(lanes))
         return
@@ -303,6 +302,16 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
         yield Step(ids_t) if logprobs is None else _with_logprobs(ids_t, torch.from_numpy(logits), logprobs)
         if i + 1 < n:
             logits = step(ids, state)
+
+
+def _plain_divisor(pipeline: Sequence[Processor], rows: int) -> np.ndarray | None:
+    """(rows, 1) float32 temperatures when the pipeline is at most a plain temperature (the common case,
+    applied outside torch; T = 1 leaves the pipeline empty), else None: anything else goes through torch."""
+    if not pipeline:
+        return np.ones((rows, 1), dtype=np.float32)
+    if len(pipeline) == 1 and isinstance(pipeline[0], Temperature):
+        return pipeline[0].numpy_divisor(rows)
+    return None
 
 
 def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
