@@ -263,16 +263,24 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     model = api.load(args.run_dir, which=args.checkpoint, cache=args.cache)
     dynamic = (DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment,
                            stats_segments=args.dynamic_stats_segments) if args.dynamic else False)
-    result = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
-    data = {"split": "validation" if text is None else args.file, **result.as_dict()}
+    # The network alone first, as the field reports it; the test-time methods asked for come beside it.
+    result = model.without_cache().evaluate(text, exact=not args.fast)
+    data: dict[str, Any] = {"split": "validation" if text is None else args.file, **result.as_dict()}
+    lines = [("", result)]
+    if model.net.cache is not None:
+        cached = model.evaluate(text, exact=not args.fast)
+        data["with_cache"] = cached.as_dict()
+        lines.append((", with a continuous cache", cached))
     if dynamic:
-        data["dynamic"] = dataclasses.asdict(dynamic)
+        adapted = model.evaluate(text, exact=not args.fast, dynamic=dynamic)
+        data["dynamic_evaluation"] = {**adapted.as_dict(), "settings": dataclasses.asdict(dynamic)}
+        lines.append((", with dynamic evaluation" + (" and the cache" if model.net.cache is not None else ""), adapted))
     if args.json:
         stdout.write(json.dumps(data) + "\n")
-    else:
-        how = " (dynamic evaluation)" if dynamic else ""
-        stdout.write(f"{data['split']}{how}: {result.loss:.4f} nats per token | {result.bits_per_char:.4f} bits per char | "
-                     f"perplexity {result.perplexity:.3f} | {result.tokens:,} tokens\n")
+        return 0
+    for how, r in lines:
+        stdout.write(f"{data['split']}{how}: {r.loss:.4f} nats per token | {r.bits_per_char:.4f} bits per char | "
+                     f"perplexity {r.perplexity:.3f} | {r.tokens:,} tokens\n")
     return 0
 
 
