@@ -635,10 +635,10 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best", cache: bool = True,
+def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best", cache: bool | None = None,
           stdout: TextIO | None = None) -> None:
-    """Load every run and serve them until interrupted; prints the address first. ``cache=False``
-    serves the networks without their continuous caches (see :meth:`charloom.Model.without_cache`)."""
+    """Load every run and serve them until interrupted; prints the address first. ``cache`` as in
+    :func:`charloom.load`: None keeps what training recorded, True adds a continuous cache, False drops it."""
     import uvicorn
 
     settings.validate()
