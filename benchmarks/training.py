@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the default recipe's cases with seeds 0..N-1 and report their mean (default 1)")
     parser.add_argument("--keras-python", metavar="PYTHON",
                         help="also time the book's recipe in Keras here, with this Python (one with TensorFlow)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the trained runs in DIR (benchmarks/generation.py --runs DIR times them)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals": GOALS, "keras_book_reference": KERAS_BOOK, "training": [], "encoding": [],
     }
     with tempfile.TemporaryDirectory(prefix="charloom-bench-") as tmp:
-        folder = Path(tmp)
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         if not args.skip_training:
             cases = [(c, "default", seed) for c in ("nietzsche", "tinyshakespeare") for seed in range(args.seeds)]
             for corpus, recipe, seed in cases + [("nietzsche", "book", 0)]:
