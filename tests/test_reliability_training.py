@@ -21,7 +21,7 @@ from charloom import checkpoint
 from charloom.cli import main
 from charloom.data import Batcher
 from charloom.errors import CheckpointError
-from charloom.train import Listener, StopFlag
+from charloom.trainer import Listener, StopFlag
 from tests.conftest import TINY_SETTINGS
 
 # A run that crosses several epochs (per-epoch samples drawn), evaluates, and uses dropout.
@@ -141,7 +141,7 @@ def test_weight_averaging_is_what_runs_evaluate_sample_and_save():
     from charloom.api import resolve_configs
     from charloom.config import TrainConfig, from_dict, to_dict
     from charloom.models import build_model
-    from charloom.train import Trainer
+    from charloom.trainer import Trainer
 
     mcfg, tcfg = resolve_configs(dict(TINY_SETTINGS, ema=0.9, dropout=0.2, eval_every=5), 2000)
     net = build_model(mcfg, 20)

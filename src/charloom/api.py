@@ -27,13 +27,14 @@ from .data import encode_to_disk, open_ids, scan_corpus, write_ids
 from .distributed import Runtime
 from .errors import CharloomError, CheckpointError
 from .completion import GENERATE_KEYWORDS, SAMPLE_FIELDS, Completion, check_options, make_plan, run, run_beams, sample_config  # noqa: F401  (re-exported)
+from .light import encode_prompt
 from .metrics import EvalResult, dynamic_nats, gradient_rms, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .preflight import PREPARE_BYTES_PER_BYTE, STREAMING_BYTES_PER_BYTE, check_memory_for
 from .sampling import build_pipeline, process
 from .tokenizers import CharTokenizer, Tokenizer, UnknownSymbolsError, fit_tokenizer, id_dtype, tokenizer_from_dict
 from .threads import CoreWatch, available_cores, idle_cores
-from .train import Listener, StopFlag, Trainer, graceful_interrupt
+from .trainer import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -84,18 +85,7 @@ class Model:
     # -- prompts --------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, unknown: str = "error") -> list[int]:
         """Prompt ids; unknown symbols raise (listing them and the alphabet), are skipped, or replaced."""
-        if self.train_config.lowercase:
-            prompt = prompt.lower()
-        try:
-            ids = self.tokenizer.encode(prompt, unknown=unknown)
-        except UnknownSymbolsError as exc:
-            raise CharloomError("prompt", exc.describe(), "remove them or pass --unknown skip or --unknown replace") from None
-        except ValueError as exc:
-            raise CharloomError("--unknown", str(exc), "use error, skip or replace") from None
-        if not ids:
-            # An empty prompt starts a new paragraph: condition on a newline if the model knows one.
-            ids = self.tokenizer.encode("\n", unknown="replace")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, self.train_config.lowercase, unknown)
 
     # -- generation -----------------------------------------------------------------------------
     def stream(self, prompt: str = "", *, length: int = 400, temperature: float = 1.0, seed: int | None = None,

@@ -37,13 +37,16 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 
 from .errors import CharloomError, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a function needs it: reading a checkpoint's files (charloom.light) needs none.
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -74,6 +77,8 @@ def _fault(point: str) -> None:
 
 def _non_finite(tensors: Any, prefix: str = "") -> str:
     """The name of the first floating tensor in a nested dict/list/tuple holding NaN or infinity, or ''."""
+    import torch
+
     if isinstance(tensors, torch.Tensor):
         return prefix if tensors.is_floating_point() and not bool(torch.isfinite(tensors).all()) else ""
     items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors) if isinstance(tensors, (list, tuple)) else ()
@@ -190,6 +195,8 @@ class RunDir:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            from safetensors.torch import save_model
+
             save_model(model, str(tmp / MODEL_FILE))
             with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
                 json.dump(config, fh, indent=2, ensure_ascii=False)
@@ -198,6 +205,8 @@ class RunDir:
             if training_state is not None:
                 # Serialised in memory first: torch's zip writer reports a full disk as a bare RuntimeError.
                 buffer = io.BytesIO()
+                import torch
+
                 torch.save(training_state, buffer)
                 with open(tmp / STATE_FILE, "wb") as fh:
                     fh.write(buffer.getbuffer())
@@ -287,6 +296,9 @@ def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Fill ``model`` from the checkpoint's safetensors on the CPU; a shape or name mismatch raises."""
+    import torch
+    from safetensors.torch import load_model
+
     path = ckpt / MODEL_FILE
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
@@ -306,6 +318,8 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / STATE_FILE
     if not path.is_file():
         raise CheckpointError(str(path), "missing: this checkpoint cannot resume training", "resume from the run directory's last checkpoint")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...

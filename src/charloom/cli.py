@@ -152,8 +152,42 @@ def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(length=args.length, seed=args.seed, unknown=args.unknown, stop=stops, max_time=args.max_time, **options)
 
 
+def _plain_request(args: argparse.Namespace, options: dict[str, Any]) -> bool:
+    """Whether the request is the common one that charloom.light answers without torch: text out,
+    plain positive temperatures, nothing else asked of the sampler."""
+    sampling = {k: v for k, v in options.items() if k in {f.name for f in fields(SampleConfig)}}
+    plain = (args.format == "text" and not args.interactive and args.num_beams == 1 and args.logprobs is None
+             and args.cache is not True and not options["stop"] and not args.max_time and args.length >= 1
+             and 1 <= args.num_samples and args.temperature)
+    return bool(plain) and all(0 < t < float("inf") and SampleConfig(temperature=t, **sampling) == SampleConfig(temperature=t)
+                               for t in args.temperature)
+
+
+def _light_generate(args: argparse.Namespace, run_dir: str, prompt: str, out: SafeWriter) -> bool:
+    """Answer a plain request from charloom.light (no torch); False when the checkpoint needs the full path."""
+    from .light import encode_prompt, open_light, resolve_seed
+    from .threads import available_cores
+
+    model = open_light(run_dir, args.checkpoint)
+    if model is None:
+        return False
+    ids = encode_prompt(model.tokenizer, prompt, model.lowercase, args.unknown)
+    echo = "" if args.no_echo else (prompt.lower() if model.lowercase else prompt)
+    seed = resolve_seed(args.seed)
+    pieces = model.samples(ids, args.temperature, args.num_samples, args.length, seed, threads=available_cores())
+    if len(args.temperature) == 1 and args.num_samples == 1:
+        out.write(echo)
+        for row in pieces:
+            out.write(row[0])
+        out.write("\n")
+        return True
+    texts = ["".join(parts) for parts in zip(*pieces)]
+    for r, text in enumerate(texts):
+        out.write(f"--- temperature {float(args.temperature[r // args.num_samples])} | seed {seed + r % args.num_samples}\n{echo}{text}\n")
+    return True
+
+
 def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    from . import api
     from .corpus import decode_file
 
     # On a terminal, the kernel line comes just before the text; piped or captured, stderr stays clean.
@@ -162,6 +196,13 @@ def _cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     if args.prompt_file:
         prompt = decode_file(Path(args.prompt_file))
     options = _generate_options(args)
+    if _plain_request(args, options):
+        run_dir = args.run_dir if args.run_dir is not None else _newest_run(stderr)
+        if _light_generate(args, run_dir, prompt, out):
+            return 0
+        args.run_dir = run_dir  # found once: the full path below does not say it again
+    from . import api
+
     # Check every argument before loading the model, so bad input fails fast.
     if not args.temperature:
         raise CharloomError("--temperature", "no temperature given", "give one or more, e.g. 0.5 or 0.2,0.5,1.0")

@@ -18,7 +18,8 @@ import torch
 from .config import ConfigError, SampleConfig
 from .errors import CharloomError
 from .generate import Step, StopText, beam_search, generate_steps
-from .sampling import Noise, build_pipeline, resolve_seed
+from .light import resolve_seed
+from .sampling import Noise, build_pipeline
 from .tokenizers import Tokenizer, UnknownSymbolsError
 
 

@@ -22,7 +22,6 @@ batch gives each temperature exactly the text it would give alone.
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -441,8 +440,4 @@ class Noise:
 
         return take
 
-
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, or a fresh random one when None."""
-    return int(seed) if seed is not None else secrets.randbits(31)
 

@@ -163,8 +163,9 @@ class NativeStepper:
         self.slots = len(layers) * (2 if self.lstm else 1)
         gh = (4 if self.lstm else 3) * self.hidden
 
-        def arr(t: Any) -> np.ndarray:
-            return np.ascontiguousarray(t.detach().cpu().float().numpy(), dtype=np.float32)
+        def arr(t: Any) -> np.ndarray:  # a torch tensor, or a NumPy array (charloom.light)
+            values = t if isinstance(t, np.ndarray) else t.detach().cpu().float().numpy()
+            return np.ascontiguousarray(values, dtype=np.float32)
 
         # Keep every array alive as long as the struct points into it.
         self._keep = [{k: arr(v) for k, v in layer.items()} for layer in layers]
