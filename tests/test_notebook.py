@@ -53,6 +53,12 @@ def test_quickstart_notebook_runs_and_learns(tmp_path: Path, monkeypatch: pytest
         assert f"--- temperature {t}" in printed, f"no sample at temperature {t}"
     assert "stopped: reached max steps" in printed
 
+    # charloom.train in a notebook shows tqdm's widget bar and, when it ends, the loss curve (a PNG).
+    train_cell = next(c for c in nb.cells if c.cell_type == "code" and "charloom.train(" in c.source)
+    kinds = {k for out in train_cell.get("outputs", []) for k in out.get("data", {})}
+    assert "application/vnd.jupyter.widget-view+json" in kinds, kinds
+    assert "image/png" in kinds, kinds
+
     # The run directory the notebook wrote, read independently of the notebook's own printing.
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs

@@ -323,8 +323,7 @@ class _RunListener(Listener):
     def open_bar(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
 
-        # progress=None: a bar only on a terminal (tqdm's own rule); False: never.
-        disable = None if self.progress is None else not self.progress
+        disable = not self.progress
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.progress.step, unit="step",
                         disable=disable, dynamic_ncols=True, leave=False)
 
@@ -399,7 +398,7 @@ class _WorkerListener(_RunListener):
 
 def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *, out: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, encoding: str = "utf-8", errors: str = "strict",
-          verbose: bool = False, progress: bool | None = False, stream: TextIO | None = None,
+          verbose: bool = False, progress: bool | None = None, stream: TextIO | None = None,
           stop: StopFlag | None = None, **settings: Any) -> Model:
     """Train a model on ``corpus`` (a named corpus, file(s) or folder(s); default: nietzsche) and return it.
 
@@ -407,15 +406,23 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ``max_time=60``...). ``resume=RUN_DIR`` continues a run from its last checkpoint. The run
     directory (``out``, default ``runs/<corpus>-<time>``) is created only once every input is valid.
     Under ``torchrun`` every process calls this and they train as one job (see charloom.distributed).
+    ``progress``: a progress bar; None shows one in a Jupyter notebook, with the loss curve at the end.
     """
+    from .notebook import in_notebook, show_loss_curve
+
+    notebook = progress is None and in_notebook()
+    progress = True if notebook else bool(progress)
     if resume is not None:
         settings.setdefault("device", "auto")  # a resumed run may run on other hardware
     runtime = Runtime.start(settings.get("device", "auto"), settings.get("precision", "auto"))
     try:
-        return _train(runtime, corpus, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
-                      progress=progress, stream=stream, stop=stop, **settings)
+        model = _train(runtime, corpus, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
+                       progress=progress, stream=stream, stop=stop, **settings)
     finally:
         runtime.close()
+    if notebook:
+        show_loss_curve(model.history)
+    return model
 
 
 def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: str, errors: str, verbose: bool,

@@ -57,7 +57,7 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     # input still gets a one-line error, and never under --quiet (nothing is written then).
     stream = Announcing(stdout, lambda: _say_kernel(stderr))
     model = api.train(args.corpus or None, out=args.out, resume=args.resume, encoding=args.encoding, errors=args.errors,
-                      verbose=not args.quiet, progress=None, stream=stream, **settings)  # type: ignore[arg-type]
+                      verbose=not args.quiet, progress=_is_terminal(sys.stderr), stream=stream, **settings)  # type: ignore[arg-type]
     run_dir = model.path.parent.parent if model.path else args.out
     if not is_main_process():
         return 0  # under torchrun, rank 0 alone reports
