@@ -1,22 +1,38 @@
-"""Generation speed: characters per second through ``Model.generate``, and the machine's limits.
+"""Generation speed: the models the README's commands make, run as the README runs them, and the kernel's limits.
 
-    PYTHONPATH=src python benchmarks/generation.py [--quick] [--threads N]
+    PYTHONPATH=src python benchmarks/generation.py [--quick] [--threads N] [--runs DIR]
 
-Prints one JSON object. Models have random weights (speed does not depend on what they learned):
+Prints one JSON object.
+
+``user_path`` (the headline): models trained by the README's own commands, with default settings:
+
+- ``nietzsche_default``: ``charloom train --max-time 5m`` (the default recipe on the bundled Nietzsche);
+- ``lstm128_default``: ``charloom train --hidden 128 --layers 1 --max-time 1m`` (an LSTM(128), default recipe);
+- ``book``: ``charloom train --recipe book --max-time 1m`` (the book's recipe: 60-char windows).
+
+``--runs DIR`` takes them from DIR (``benchmarks/training.py --keep DIR`` leaves its Nietzsche runs
+there as ``nietzsche-default-0`` and ``nietzsche-book-0``); missing ones are trained first, with
+``--train-time`` seconds instead of the README's budgets if given. Each is timed as a user meets it:
+``charloom generate RUN --length 1`` as a whole process (time to the first character: start-up,
+loading, prompt), ``charloom generate RUN --length 200000`` (whole process, wall time and peak RSS),
+and in Python ``charloom.load(RUN).generate("the ", length=N)`` at the default temperature, one stream
+and 64 streams in one batch.
+
+The kernel cases have random weights (speed does not depend on what a model learned):
 
 - ``book``: the book's LSTM(128) with one-hot input over 57 characters (lowercased Nietzsche);
   one stream with carried state, 64 streams in one batch, and the book's windowed generation
   (60-char window) both as staggered runs (ours) and literally re-read every step (reference);
 - ``default``: the network the default recipe builds for Nietzsche (1 x LSTM(512), embedding 64);
-  one stream and 64 streams; and the same with the recipe's continuous cache
-  (``default_lstm512_cache``), which steps in torch and reads every cached hidden state once per
-  character, so its speed falls as the text grows (reported for two lengths).
+  one stream and 64 streams; and the same with a continuous cache (``default_lstm512_cache``, a
+  test-time option, off by default), which steps in torch and reads every cached hidden state once
+  per character, so its speed falls as the text grows (reported for two lengths).
 
 Limits, measured on this machine: ``weight_read``: how many times per second the machine can
 read the model's weights (summing a float32 buffer of that size), i.e. the one-stream speed if
 each character only had to read every weight once; ``matmul``: the float32 matrix-multiply rate
 (GFLOP/s) on a (64, H) x (H, 4H) product, the shape of a batched step. Shares compare our speed to
-them. The targets from issue 4 are reported next to each figure.
+them, and the goals are reported next to each figure.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +52,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
 from charloom.config import CACHE_SIZE, ModelConfig  # noqa: E402
 from charloom.generate import generate_ids  # noqa: E402
+from charloom import native  # noqa: E402
 from charloom.models import build_model  # noqa: E402
 from charloom.config import SampleConfig  # noqa: E402
 from charloom.sampling import Noise, build_pipeline  # noqa: E402
 from charloom.tokenizers import CharTokenizer  # noqa: E402
 
 ALPHABET = "\n !\"'(),-.0123456789:;=?[]_abcdefghijklmnopqrstuvwxyzäæéë"  # 57 symbols, as lowercased Nietzsche
-KERAS_BOOK_CHARS_PER_S = 22.0  # the book's loop in Keras 3 + TensorFlow on this machine (issue 4)
+KERAS_BOOK_CHARS_PER_S = 22.0  # the book's generation loop in Keras 3 + TensorFlow, as measured when this benchmark was written
 
 
 def make_model(arch_config: ModelConfig, window: int = 0) -> Model:
@@ -126,11 +145,90 @@ def commit() -> str:
         return ""
 
 
+# The README's commands, with default settings but for the time budget (seconds).
+USER_MODELS = {
+    "nietzsche_default": (["nietzsche"], 300, "nietzsche-default-0"),
+    "lstm128_default": (["nietzsche", "--hidden", "128", "--layers", "1"], 60, None),
+    "book": (["nietzsche", "--recipe", "book"], 60, "nietzsche-book-0"),
+}
+GOALS = {"one_stream_lstm128": 30000, "64_streams_lstm128": 500000, "share_of_weight_read_1x512": 0.5,
+         "cli_peak_rss_mb_1x512": 350, "first_char_s": 1.0}
+
+
+def _charloom(*argv: str) -> tuple[float, float | None, int]:
+    """Run ``charloom ARGV`` as a user does, output discarded; (wall seconds, peak RSS in MB, exit code).
+
+    The peak comes from GNU time where it is installed: a child's own ru_maxrss counts the pages it
+    shared with this (large) process between fork and exec."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    timer = ["/usr/bin/time", "-f", "%M"] if os.access("/usr/bin/time", os.X_OK) else []
+    t0 = time.perf_counter()
+    done = subprocess.run([*timer, sys.executable, "-m", "charloom", *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - t0
+    last = done.stderr.strip().splitlines()[-1:] if timer else []
+    peak = int(last[0]) / 1024 if last and last[0].isdigit() else None
+    return wall, peak, done.returncode
+
+
+def user_run(name: str, runs: Path, train_time: float | None) -> Path:
+    """The run directory of USER_MODELS[name], trained with the README's command if it is not there."""
+    argv, budget, kept = USER_MODELS[name]
+    for candidate in (runs / name, runs / kept if kept else None):
+        if candidate is not None and (candidate / "checkpoints").is_dir():
+            return candidate
+    out = runs / name
+    wall, _, code = _charloom("train", *argv, "--max-time", f"{train_time or budget:g}s", "--out", str(out))
+    if code != 0:
+        raise RuntimeError(f"charloom train {' '.join(argv)} failed (exit {code})")
+    return out
+
+
+def user_path(runs: Path, train_time: float | None, threads: int, quick: bool) -> dict[str, object]:
+    """Each README model as a user runs it: the CLI as a process, then the Python API."""
+    out: dict[str, object] = {}
+    length, api_n = (20000, 2000) if quick else (200000, 20000)
+    for name in USER_MODELS:
+        run = user_run(name, runs, train_time)
+        firsts = sorted(_charloom("generate", str(run), "--length", "1", "--seed", "1")[0] for _ in range(3))
+        wall, rss, code = _charloom("generate", str(run), "--length", str(length), "--seed", "1")
+        model = charloom.load(run)
+        torch.set_num_threads(1)
+        model.generate("the ", length=100, seed=0)  # warm-up: the kernel's tables, the first pages
+        t0 = time.perf_counter()
+        model.generate("the ", length=api_n, seed=1)
+        one = api_n / (time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        n64 = api_n // 8
+        t0 = time.perf_counter()
+        model.generate("the ", length=n64, num_samples=64, seed=1)
+        many = 64 * n64 / (time.perf_counter() - t0)
+        torch.set_num_threads(1)
+        m = model.net.config
+        row: dict[str, object] = {
+            "run": str(run), "model": f"{m.model} {m.layers}x{m.hidden}, {m.input}", "parameters": model.net.num_parameters(),
+            "generation_window": model.train_config.generation_window, "kernel": native.describe(),
+            "cli_first_char_s": round(firsts[1], 3), f"cli_{length}_chars_wall_s": round(wall, 2),
+            "cli_chars_per_s": round(length / wall), "cli_peak_rss_mb": rss and round(rss, 1), "cli_exit": code,
+            "api_one_stream_chars_per_s": round(one), "api_64_streams_chars_per_s": round(many),
+        }
+        if not model.train_config.generation_window:
+            reads = weight_read_per_s(model.net.num_parameters(), 3)
+            row.update(weight_read_limit_chars_per_s=round(reads), api_one_stream_share_of_weight_read=round(one / reads, 3))
+        out[name] = row
+    out["goals"] = GOALS
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer characters and repeats (a smoke run)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2,
                         help="threads for the batched runs, which are also run on 1 thread (default: all cores)")
+    parser.add_argument("--runs", metavar="DIR", help="run directories of the README's models (trained there when missing); "
+                        "default: a temporary folder, quick: 10 s budgets")
+    parser.add_argument("--train-time", type=float, help="seconds of training for missing models instead of the README's budgets")
+    parser.add_argument("--skip-user-path", action="store_true", help="only the random-weight kernel cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one stream is overhead-bound: extra threads only add synchronisation
     n, repeats = (1000, 2) if args.quick else (5000, 5)
@@ -172,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_gflops": round(gflops, 1), "batched_gflops": round(achieved, 1),
         "batched_share_of_matmul": round(achieved / gflops, 3), "target_share": 0.5,
     }
+    if not args.skip_user_path:
+        with tempfile.TemporaryDirectory(prefix="charloom-gen-") as tmp:
+            runs = Path(args.runs) if args.runs else Path(tmp)
+            results["user_path"] = user_path(runs, args.train_time or (10.0 if args.quick else None), args.threads, args.quick)
     cached = make_model(ModelConfig(model="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1, cache_size=CACHE_SIZE))
     results["default_lstm512_cache"] = {
         "cache_size": CACHE_SIZE, "one_stream_400_chars_per_s": round(chars_per_s(cached, 400, 1, repeats)),

@@ -26,6 +26,12 @@ def test_generation_benchmark_quick_run_prints_every_figure():
     for key in ("one_stream_chars_per_s", "64_streams_chars_per_s", "windowed_chars_per_s", "windowed_reread_chars_per_s"):
         assert book[key] > 0, key
     assert 0 < default["one_stream_share_of_weight_read"] and 0 < default["batched_share_of_matmul"]
+    user = report["user_path"]
+    assert set(user) == {"nietzsche_default", "lstm128_default", "book", "goals"}
+    for name in ("nietzsche_default", "lstm128_default", "book"):
+        row = user[name]
+        assert row["cli_exit"] == 0 and row["cli_first_char_s"] > 0 and row["api_one_stream_chars_per_s"] > 0, row
+    assert user["book"]["generation_window"] == 60 and user["lstm128_default"]["model"].startswith("lstm 1x128")
 
 
 @pytest.mark.slow
