@@ -1,0 +1,47 @@
+"""The kernel tests pass with each build a user's CPU may get: 512-bit (AVX-512), 256-bit (AVX2, most
+laptops and AMD desktops) and, as a floor, 128-bit vectors. The suite itself ran with this CPU's
+native build; here the other builds run the same tests in a subprocess with their own cache folder."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from charloom import native
+from tests.conftest import REPO
+
+KERNEL_TESTS = ["tests/test_native.py", "tests/test_native_training.py", "tests/test_light.py"]
+BUILDS = {256: "-mno-avx512f", 128: "-mno-avx512f -mno-avx2 -mno-avx -mno-fma"}
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def _env(flags: str, cache: Path) -> dict:
+    return {**os.environ, "CHARLOOM_NATIVE_FLAGS": flags, "CHARLOOM_CACHE": str(cache)}
+
+
+@pytest.mark.skipif(native.library() is None or not _cpu_has("avx2"), reason="needs the native kernel on an x86-64 CPU with AVX2")
+@pytest.mark.parametrize("bits", sorted(BUILDS, reverse=True))
+def test_each_narrower_build_reports_its_width(bits, tmp_path):
+    done = subprocess.run([sys.executable, "-c", "from charloom import native; print(native.describe())"],
+                          capture_output=True, text=True, env=_env(BUILDS[bits], tmp_path), timeout=300)
+    expected = "native AVX2" if bits == 256 else "native 128-bit vectors"
+    assert done.stdout.startswith(expected), done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(native.library() is None or not _cpu_has("avx2"), reason="needs the native kernel on an x86-64 CPU with AVX2")
+@pytest.mark.parametrize("bits", sorted(BUILDS, reverse=True))
+def test_the_kernel_tests_pass_with_a_narrower_build(bits, tmp_path):
+    if bits == 256 and not _cpu_has("avx512f"):
+        pytest.skip("this CPU has no AVX-512: its native build is the 256-bit one, which the suite ran")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                          capture_output=True, text=True, cwd=REPO, env=_env(BUILDS[bits], tmp_path), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
