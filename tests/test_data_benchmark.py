@@ -64,7 +64,7 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     def row(corpus: str, seed: int, bpc: float, nats: float) -> dict:
         return {"corpus": corpus, "recipe": "default", "seed": seed, "budget_s": 300.0, "model": "lstm 1x512",
                 "val_bpc": bpc, "val_loss_nats": nats, "val_bpc_dynamic": round(bpc - 0.04, 4), "val_loss_nats_dynamic": round(nats - 0.1, 4),
-                "val_bpc_no_cache": round(bpc + 0.03, 4), "val_loss_nats_no_cache": round(nats + 0.05, 4),
+                "val_bpc_cache": round(bpc + 0.03, 4), "val_loss_nats_cache": round(nats + 0.05, 4),
                 "supervised_chars_per_s": 15000, "share_of_matmul_rate": 0.7, "peak_rss_mb": 480.0}
 
     failed = {"kind": "train", "corpus": "tinyshakespeare", "recipe": "default", "error": ["killed"]}
@@ -75,9 +75,9 @@ def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     summary = training.seed_summary(rows)
     assert summary == [
         {"corpus": "nietzsche", "recipe": "default", "unit": "bpc", "seeds": [0, 1], "values": [1.80, 1.84],
-         "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84, "no_cache_values": [1.83, 1.87], "no_cache_mean": 1.85},
+         "failed": 0, "mean": 1.82, "min": 1.80, "max": 1.84, "cache_values": [1.83, 1.87], "cache_mean": 1.85},
         {"corpus": "tinyshakespeare", "recipe": "default", "unit": "nats", "seeds": [0], "values": [1.43],
-         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43, "no_cache_values": [1.48], "no_cache_mean": 1.48,
+         "failed": 1, "mean": 1.43, "min": 1.43, "max": 1.43, "cache_values": [1.48], "cache_mean": 1.48,
          "dynamic_values": [1.33], "dynamic_mean": 1.33}]
     report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
               "training": rows, "encoding": [], "seed_summary": summary}
@@ -110,7 +110,7 @@ def test_repeated_file(tmp_path: Path) -> None:
 
 
 def test_preset_scales_with_corpus_and_budget() -> None:
-    from charloom.config import CACHE_SIZE, CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
+    from charloom.config import CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
 
     def size(n: int, t: float) -> int:
         m = preset_for(n, t)["model"]
@@ -123,8 +123,8 @@ def test_preset_scales_with_corpus_and_budget() -> None:
         assert sizes[-1] == size(n, 0), "an unlimited budget is the corpus-size preset"
     # Nietzsche-size corpora: the small network for a minute, the large one with more dropout for five.
     # Recurrent models get the continuous cache.
-    assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1, "cache_size": CACHE_SIZE}
-    assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3, "cache_size": CACHE_SIZE}
+    assert preset_for(540_000, 60)["model"] == {"layers": 1, "hidden": 256, "dropout": 0.1}  # no cache: a test-time option
+    assert preset_for(540_000, 300)["model"] == {"layers": 1, "hidden": 512, "dropout": 0.3}
     assert preset_for(540_000, 0)["model"]["hidden"] == 512
     # The conv and transformer presets keep the compute-optimal rule (measured: a transformer sized by
     # the small-corpus rule did far worse).

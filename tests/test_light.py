@@ -95,4 +95,4 @@ def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(run, tmp_
     manifest["files"]["config.json"] = _sha256(ckpt / "config.json")
     (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
     code, out, err = _cli("generate", str(ckpt), "--length", "5")
-    assert code == 3 and out == "" and "weights do not match config.json" in err and err.count("\n") == 1
+    assert code == 3 and out == "" and "weights do not fit the model in config.json" in err and err.count("\n") == 1

@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     settings.update({k: v for k, v in vars(args).items() if k in names})
     # The kernel line comes with the run's first line of output: after every input was checked, so a bad
     # input still gets a one-line error, and never under --quiet (nothing is written then).
-    stream = Announcing(stdout, lambda: _say_kernel(stderr))
+    stream = Announcing(stdout, lambda: _say_kernel(stdout))  # the run's log: stderr keeps one line per error
     model = api.train(args.corpus or None, out=args.out, resume=args.resume, encoding=args.encoding, errors=args.errors,
                       verbose=not args.quiet, progress=_is_terminal(sys.stderr), stream=stream, **settings)  # type: ignore[arg-type]
     run_dir = model.path.parent.parent if model.path else args.out
@@ -72,11 +72,11 @@ def _cmd_train(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
-def _say_kernel(stderr: TextIO) -> None:
-    """One line on stderr: which kernel runs recurrent models in this process (native.describe())."""
+def _say_kernel(stream: TextIO) -> None:
+    """One line: which kernel runs recurrent models in this process (native.describe())."""
     from . import native
 
-    print(f"charloom: recurrent models run on {native.describe()}", file=stderr, flush=True)
+    print(f"charloom: recurrent models run on {native.describe()}", file=stream, flush=True)
 
 
 def _newest_run(stderr: TextIO) -> str:

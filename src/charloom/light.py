@@ -78,8 +78,12 @@ def _tables(weights: dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where:
     for i in range(cfg.layers):
         expect.update({f"rnn.weight_ih_l{i}": (g, in_dim if i == 0 else h), f"rnn.weight_hh_l{i}": (g, h),
                        f"rnn.bias_ih_l{i}": (g,), f"rnn.bias_hh_l{i}": (g,)})
-    if set(weights) != set(expect) or any(weights[k].shape != s for k, s in expect.items()):
-        raise CheckpointError(where, "weights do not match config.json", "the checkpoint is damaged or mismatched; use another one")
+    wrong = sorted(set(weights) ^ set(expect)) or [k for k, s in expect.items() if weights[k].shape != s]
+    if wrong:
+        found = tuple(weights[wrong[0]].shape) if wrong[0] in weights else "missing"
+        raise CheckpointError(where, f"weights do not fit the model in config.json ({wrong[0]}: {found} in the file, "
+                              f"{expect.get(wrong[0], 'none')} from config.json)",
+                              "the checkpoint is damaged or mismatched; use another one")
     for name, w in weights.items():
         if not np.isfinite(w).all():
             raise CheckpointError(where, f"tensor {name} holds NaN or infinity", "use an earlier checkpoint")
