@@ -1,11 +1,11 @@
 """GPU benchmark: validation loss reached on Tiny Shakespeare in 60 s and 180 s, throughput, generation speed.
 
-    PYTHONPATH=src CHARLOOM_DATA=../shared/corpora python benchmarks/gpu.py        # one H100/H200: about 5 minutes
-    PYTHONPATH=src python benchmarks/gpu.py --corpus path/to/tinyshakespeare.txt  # a machine without CHARLOOM_DATA
+    PYTHONPATH=src python benchmarks/gpu.py                                       # one H100/H200: about 5 minutes
+    PYTHONPATH=src python benchmarks/gpu.py --corpus path/to/tinyshakespeare.txt  # another copy of the text
     PYTHONPATH=src python benchmarks/gpu.py --smoke                               # CPU check of this script, ~1 minute
 
-A GPU machine without internet cannot download the corpus: bring tinyshakespeare.txt along
-(CHARLOOM_DATA or --corpus); the script checks the GPU and the corpus before it trains anything.
+Tiny Shakespeare ships with charloom, so a GPU machine without internet needs nothing else; the
+script checks the GPU and the corpus before it trains anything.
 
 One command, well under 10 minutes on one H100/H200-class GPU: two training runs on Tiny Shakespeare
 limited by wall-clock time (evaluations and checkpoints included in the budget), each scored at the
@@ -14,7 +14,7 @@ it), then generation speed on the GPU (1 and 64 samples at once) and, from the s
 the CPU. The target is nanoGPT's published 1.47 nats on Tiny Shakespeare's validation split in under
 3 minutes. If bf16 autocast fails on this GPU's cuDNN, the run is repeated in fp32 and says so.
 
-Prints one JSON document and writes it, with a Markdown table for the README, to
+Prints one JSON document and writes it, with a Markdown table for docs/benchmarks.md, to
 ``benchmarks/results/gpu[-smoke].{json,md}``.
 """
 

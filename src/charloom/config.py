@@ -46,15 +46,8 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
-# The continuous cache of the default recipe's recurrent models (see charloom.models.cache), chosen
-# on text no benchmark scores: default-recipe models trained 300 s (seed 0) on the first 81% of
-# lowercased Nietzsche and of Tiny Shakespeare, scored on the next 9% (2026-11-30). Bits/char, then
-# nats, without the cache: 1.882, 1.405. With a fixed share (theta 0.3, lambda 0.3; theta 0.2-0.6
-# and lambda 0.1-0.35 were tried, the best within 0.002 of it on both): last 10,000 positions 1.843,
-# 1.328; last 30,000 1.828, 1.318; all (60k, 111k positions) 1.826, 1.3175; but last 1,000 only
-# 1.905, 1.372 -- worse than no cache on Nietzsche, and a generated text starts with a short
-# history. With the share ramped in (lambda * n / (n + ramp) for n entries; lambda 0.3-0.5 and
-# ramp 0-8,000 tried), lambda 0.4, ramp 4,000: last 30,000 1.823, 1.315; last 1,000 1.861, 1.359.
+# The continuous cache's settings, a test-time option (see charloom.models.cache): chosen on text no
+# benchmark scores; the search is in docs/experiments.md.
 CACHE_SIZE = 30_000
 CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.4
@@ -333,7 +326,7 @@ class DynamicEval:
     gradients on the training split, and is pulled back toward its trained value by ``decay`` (scaled
     by that RMS relative to the mean, capped at 1), so weights that training moved most adapt most.
     Defaults: chosen on a 300 s default-recipe model of lowercased Nietzsche, checked on Tiny
-    Shakespeare (see the README).
+    Shakespeare (docs/experiments.md, "Dynamic evaluation settings").
     """
 
     lr: float = 5e-5  # eta, in units of a weight's training-gradient RMS
@@ -386,42 +379,17 @@ PRESET_SIZES: list[tuple[int, int, int, int]] = [
 # A model is worth its size only if the run can show it about this many characters per parameter.
 # Below 5M characters the data, not the compute, runs out first: a small network overfits a small
 # corpus within the budget, and a larger one with more dropout, seeing every character fewer times,
-# ends lower. Default recipe, 300 s on 2 cores, 2026-11-29, validation by an exact pass:
-#   lowercased Nietzsche (540k training chars): 1x256, dropout 0.1, 20 epochs (17 chars/parameter)
-#   1.917 bits/char (its validation loss flat from epoch 15 on, train loss still falling); dropout 0.3
-#   1.908; 1x384, dropout 0.25, 9.7 epochs (6.7 chars/parameter) 1.868; 1x512, dropout 0.3, 6.3 epochs
-#   (2.9 chars/parameter) 1.859.
-#   Tiny Shakespeare (1M training chars): 1x256, dropout 0.1 1.466 nats (dropout 0.3 1.475); 1x512,
-#   dropout 0.3, 3.3 epochs, 1.458.
-#   Single runs with seed 0; the seed alone moves a 300 s result by ~0.02 (1x512 on Nietzsche, seeds
-#   1-3: 1.869, 1.878, 1.860). Weight decay 0.1 instead of 0.01: -0.027 with seed 0, +0.008, -0.003,
-#   +0.004 with seeds 1-3; not adopted then (adopted for 1x512 with weight averaging: see below).
-#   On the native kernel (commit a9ad05b, ~8 epochs of 1x512 in 300 s instead of ~6), seed 0: 1x512
-#   dropout 0.3 1.852, 0.4 1.853; 1x640 dropout 0.4 1.852; DropConnect 0.2 on W_hh (tried outside
-#   charloom) with dropout 0.3 1.881. Tiny Shakespeare 1x512 dropout 0.3 1.458 and 1.451, 0.45 1.452.
-#   Also no better: 2x256, dropout 0.25 (on nn.LSTM, 18k chars/s) 1.894; BPE with 1000 tokens 1.912.
-#   Weight averaging (TrainConfig.ema 0.995, scored against the same run's last raw weights): 1.849
-#   -> 1.843 (seed 0), 1.855 -> 1.848 (seed 1); Tiny Shakespeare 1.453 -> 1.447 nats. Adopted.
-#   A Mogrifier LSTM (models/mogrifier.py, 4 rounds) with the 1x512 settings, 300 s, 2026-11-29/30:
-#   seeds 0-2 1.834, 1.827, 1.826 (~1,700 steps: a step costs a third more); at 2,236 steps 1.825, where
-#   a step-by-step torch version of it had scored 1.786 (it did not repeat). Not the default.
-#   Not for the transformer preset derived from it: on Nietzsche, 2x256 with dropout 0.3 (from 1x512)
-#   ended at 3.494 bits/char, 2x128 with dropout 0.1 (from 1x256) at 2.082; conv was not measured.
+# ends lower (measured: docs/experiments.md, "Model size and dropout for small corpora").
 SMALL_CORPUS_CHARS_PER_PARAMETER = 2.5
 # Above 5M characters a run sees most characters only a few times; there we keep the compute-optimal
 # ratio of Hoffmann et al. 2022 (~20 tokens per parameter), not measured here.
 CHARS_PER_PARAMETER = 20
 SMALL_CORPUS = 5_000_000  # characters; below this, small batches, short sequences and more dropout
 SMALL_CORPUS_BATCH = (32, 64)  # (batch_size, seq_len) of the default recipe below SMALL_CORPUS
-# Dropout of each size below SMALL_CORPUS (measured above; 0.2 for 1x256 under 200k characters).
+# Dropout of each size below SMALL_CORPUS (docs/experiments.md; 0.2 for 1x256 under 200k characters).
 SMALL_CORPUS_DROPOUT = {256: 0.1, 384: 0.25, 512: 0.3}
-# AdamW weight decay where it was measured to beat the default 0.01: 1x512 with weight averaging, 300 s
-# on 2 cores, 2026-11-29 at commit 0226dee (seed 0's 0.01 run: the benchmark at d48de8f, the same
-# training code), each seed with both: Nietzsche 1.841 -> 1.830 bits/char (seed 0), 1.847 -> 1.842
-# (seed 1), 1.849 -> 1.836 (seed 2); Tiny Shakespeare 1.436 -> 1.432 nats (seed 0). Before weight
-# averaging, on nn.LSTM, it had gained 0.005 on average over four seeds (see above). At a fixed 2,236
-# steps (~300 s; commit 89b4d2e), seed 0: 0.15 1.829, 0.2 1.797, 0.3 1.831, 0.5 1.848 (0.1: 1.8325); but
-# 0.2 with seeds 1 and 2 1.846 and 1.837 (0.1: 1.842, 1.836), and on Tiny Shakespeare 1.431 nats: kept 0.1.
+# AdamW weight decay where it was measured to beat the default 0.01 (1x512 with weight averaging, three
+# seeds; docs/experiments.md, "Weight averaging and weight decay").
 SMALL_CORPUS_WEIGHT_DECAY = {512: 0.1}
 
 
@@ -456,9 +424,7 @@ def preset_for(n_chars: int, max_time: float = 0.0, recurrent: bool = True) -> d
     train: dict[str, Any] = {"epochs": epochs}
     if n_chars < SMALL_CORPUS:
         # Small batches of short sequences at a higher peak lr: at an equal CPU budget many more updates
-        # beat larger batches. LSTM 1x256 on lowercased Nietzsche, 100 CPU-seconds on one thread each,
-        # validation bpc (16-stream pass), 2026-11-29: B=64 T=128 lr 3e-3 2.77, lr 1e-2 2.34;
-        # B=32 T=64 lr 3e-3 2.14, lr 6e-3 2.02; B=16 T=64 2.04; B=32 T=32 2.05; 1x384 B=32 T=64 2.27.
+        # beat larger batches (docs/experiments.md).
         train.update(batch_size=SMALL_CORPUS_BATCH[0], seq_len=SMALL_CORPUS_BATCH[1], lr=6e-3)
         if recurrent and hidden in SMALL_CORPUS_WEIGHT_DECAY:
             train["weight_decay"] = SMALL_CORPUS_WEIGHT_DECAY[hidden]

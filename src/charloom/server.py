@@ -171,7 +171,7 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     unknown: Literal["error", "skip", "replace"] = "error"
     # OpenAI's range and formula (platform.openai.com/docs/api-reference/parameter-details), but OpenAI
-    # counts the tokens sampled so far, charloom the last penalty_last_n of prompt + text (see README).
+    # counts the tokens sampled so far, charloom the last penalty_last_n of prompt + text (docs/serving.md).
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)

@@ -3,9 +3,9 @@
 At one stream a step of a book-size LSTM is ~65k multiply-adds, a few microseconds of arithmetic,
 while numpy or torch spend 2-10 microseconds on every op they dispatch. ``rnn.c`` runs whole steps
 (and, with a plain temperature, whole runs of draws) in one call. It is compiled on first use with
-the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``) into the cache folder
-(``$CHARLOOM_CACHE/native``, default ``~/.cache/charloom/native``), keyed by the source, the
-compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
+the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``, then ``$CHARLOOM_NATIVE_FLAGS``)
+into ``native/`` under charloom's cache folder (``charloom.corpus.cache_dir()``), keyed by the
+source, the flags, the compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
 :func:`library` returns None: generation uses the numpy and torch paths, which draw the same
 tokens up to last-bit rounding (``tests/test_native.py`` checks the logits against ``model.forward``
 and the tokens against the other paths), and one-layer LSTMs train with ``nn.LSTM``.
