@@ -50,10 +50,16 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, lowercase: bool, unknown: s
     return ids or tokenizer.encode("\n", unknown="replace")
 
 
-def uniforms(seed: int, n: int) -> np.ndarray:
-    """The first ``n`` numbers of ``torch.rand(n, generator=torch.Generator().manual_seed(seed))``, as float64."""
-    words = np.random.RandomState(seed & 0xFFFFFFFF).randint(0, 1 << 32, size=n, dtype=np.uint64)
-    return ((words & 0xFFFFFF).astype(np.float32) * np.float32(1.0 / (1 << 24))).astype(np.float64)
+class Uniforms:
+    """The numbers of ``torch.rand(..., generator=torch.Generator().manual_seed(seed))``, as float64,
+    drawn ``n`` at a time: a stream of any length in pieces of any size."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = np.random.RandomState(seed & 0xFFFFFFFF)
+
+    def take(self, n: int) -> np.ndarray:
+        words = self.state.randint(0, 1 << 32, size=n, dtype=np.uint64)  # one 32-bit draw each
+        return ((words & 0xFFFFFF).astype(np.float32) * np.float32(1.0 / (1 << 24))).astype(np.float64)
 
 
 @dataclass
@@ -121,13 +127,14 @@ class LightModel:
         for token in prompt_ids:
             logits = stepper.step(np.full(rows, token, dtype=np.int64), state)  # (rows, V)
         temps = np.repeat(np.asarray(temperatures, dtype=np.float32), num_samples)
-        lanes = np.stack([uniforms(seed + s, length) for s in range(num_samples)])  # (num_samples, length)
-        noise = np.ascontiguousarray(lanes[np.tile(np.arange(num_samples), len(temperatures))].T)  # (length, rows)
+        lanes = [Uniforms(seed + s) for s in range(num_samples)]
+        lane_of_row = np.tile(np.arange(num_samples), len(temperatures))  # rows of a temperature share seeds
         decoders = [self.tokenizer.stream_decoder() for _ in range(rows)]
         done, chunk = 0, (1 if rows < 8 else THREADED_CHUNK)  # 1, 2, 4, ...: the first characters at once
         while done < length:
             k = min(chunk, length - done)
-            ids = stepper.sample(state, logits, noise[done:done + k], temps, feed_last=done + k < length,
+            noise = np.ascontiguousarray(np.stack([lane.take(k) for lane in lanes])[lane_of_row].T)  # (k, rows)
+            ids = stepper.sample(state, logits, noise, temps, feed_last=done + k < length,
                                  threads=threads if k >= THREADED_CHUNK else 1)  # (k, rows)
             yield ["".join(d.push(int(t)) for t in column) for d, column in zip(decoders, ids.T)]
             done += k
@@ -142,6 +149,8 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
         return None
     ckpt = resolve(path, which)
     config, tok_data = read_config(ckpt)  # checks every file against the manifest
+    if not isinstance(tok_data, dict) or not isinstance(config.get("model"), dict):
+        return None  # the full path says what is wrong
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     try:
         cfg = from_dict(ModelConfig, config["model"]).validate()
