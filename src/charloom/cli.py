@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from .cli_parser import UsageError, build_parser
-from .config import DynamicEval, ModelConfig, SampleConfig, TrainConfig
+from .config import MAX_GENERATED_TOKENS, DynamicEval, ModelConfig, SampleConfig, TrainConfig
 from .errors import CharloomError
 
 __all__ = ["build_parser", "main"]
@@ -156,9 +156,12 @@ def _plain_request(args: argparse.Namespace, options: dict[str, Any]) -> bool:
     """Whether the request is the common one that charloom.light answers without torch: text out,
     plain positive temperatures, nothing else asked of the sampler."""
     sampling = {k: v for k, v in options.items() if k in {f.name for f in fields(SampleConfig)}}
+    # Anything the full path would refuse (sizes, seeds) goes there, so it says why in its own words.
+    rows = len(args.temperature) * args.num_samples
+    seed_ok = args.seed is None or -(2**63) <= args.seed < 2**63 - args.num_samples
     plain = (args.format == "text" and not args.interactive and args.num_beams == 1 and args.logprobs is None
              and args.cache is not True and not options["stop"] and not args.max_time and args.length >= 1
-             and 1 <= args.num_samples and args.temperature)
+             and 1 <= args.num_samples and args.temperature and rows * args.length <= MAX_GENERATED_TOKENS and seed_ok)
     return bool(plain) and all(0 < t < float("inf") and SampleConfig(temperature=t, **sampling) == SampleConfig(temperature=t)
                                for t in args.temperature)
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import ConfigError, SampleConfig
+from .config import MAX_GENERATED_TOKENS, ConfigError, SampleConfig
 from .errors import CharloomError
 from .generate import Step, StopText, beam_search, generate_steps
 from .light import resolve_seed
@@ -83,7 +83,6 @@ def sample_config(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, 
         raise CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom generate --help") from None
 
 
-MAX_GENERATED_TOKENS = 10_000_000  # one call's history buffer: rows x (prompt + length) int64 ids
 
 # Generation keywords beside SampleConfig's fields; each is also a `charloom generate` flag.
 GENERATE_KEYWORDS = {"length", "num_samples", "seed", "unknown", "stop", "max_time", "num_beams", "logprobs"}

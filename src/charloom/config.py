@@ -48,6 +48,7 @@ class ConfigError(ValueError):
 
 # The continuous cache's settings, a test-time option (see charloom.models.cache): chosen on text no
 # benchmark scores; the search is in docs/experiments.md.
+MAX_GENERATED_TOKENS = 10_000_000  # one generate call: rows x length tokens (its history buffer is int64 ids)
 CACHE_SIZE = 30_000
 CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.4

@@ -30,7 +30,7 @@ import torch
 from .models import LanguageModel
 from .models.base import tree_map
 from .models.stepper import CachedStepper, NumpyStepper, make_stepper
-from .native import NativeStepper
+from .native import THREADED_CHUNK, NativeStepper, sample_chunks
 from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
@@ -54,8 +54,6 @@ class Step:
 # OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
 NATIVE_MAX_MATRIX = 1 << 20
 NATIVE_MAX_WORK = 1 << 23
-NATIVE_CHUNK = 128  # most tokens per native call: a chunk overshoots a stop string by at most this many
-NATIVE_THREADED_CHUNK = 32  # shortest chunk worth starting threads for
 NUMPY_MAX_ROWS = 4
 NUMPY_MAX_MATRIX = 1 << 18
 
@@ -316,22 +314,19 @@ def _plain_divisor(pipeline: Sequence[Processor], rows: int) -> np.ndarray | Non
 
 def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
                  uniforms: Callable[[int], Any]) -> Iterator[Step]:
-    """Draw and feed whole chunks of tokens in C (plain temperature): 1, 2, 4, ... NATIVE_CHUNK at a
-    time, so the first tokens stream at once and a consumer that stops early wastes little work. A
-    batch of many rows (not read as it streams) starts at the threaded chunk size."""
-    done, chunk = 0, (1 if len(hist) < 8 else NATIVE_THREADED_CHUNK)
-    while done < n:
-        k = min(chunk, n - done)
+    """Draw and feed whole chunks of tokens in C (plain temperature), in the sizes of
+    :func:`charloom.native.sample_chunks`."""
+    done = 0
+    for k in sample_chunks(n, len(hist)):
         block = uniforms(k)  # (k, rows) float64, the same numbers per step as the other paths
         # Threads (one per torch thread, over ranges of rows) pay off on longer chunks: starting one
         # costs tens of microseconds, and the first steps on a core that was idle run slowly.
-        threads = torch.get_num_threads() if k >= NATIVE_THREADED_CHUNK else 1
+        threads = torch.get_num_threads() if k >= THREADED_CHUNK else 1
         ids = native.sample(state, logits, block, temps, feed_last=done + k < n, threads=threads)  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
         for row in ids:
             yield Step(torch.from_numpy(row))
         done += k
-        chunk = min(2 * chunk, NATIVE_CHUNK)
 
 
 def _with_logprobs(ids: torch.Tensor, logits: torch.Tensor, k: int) -> Step:

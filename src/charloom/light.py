@@ -27,8 +27,6 @@ from .config import ModelConfig, from_dict
 from .errors import CharloomError, CheckpointError
 from .tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
 
-CHUNK = 128  # most tokens per kernel call, as charloom.generate.NATIVE_CHUNK (a stop overshoots by at most this)
-THREADED_CHUNK = 32  # shortest chunk worth starting threads for, as charloom.generate.NATIVE_THREADED_CHUNK
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -130,15 +128,13 @@ class LightModel:
         lanes = [Uniforms(seed + s) for s in range(num_samples)]
         lane_of_row = np.tile(np.arange(num_samples), len(temperatures))  # rows of a temperature share seeds
         decoders = [self.tokenizer.stream_decoder() for _ in range(rows)]
-        done, chunk = 0, (1 if rows < 8 else THREADED_CHUNK)  # 1, 2, 4, ...: the first characters at once
-        while done < length:
-            k = min(chunk, length - done)
+        done = 0
+        for k in native.sample_chunks(length, rows):  # as Model.generate's native runs
             noise = np.ascontiguousarray(np.stack([lane.take(k) for lane in lanes])[lane_of_row].T)  # (k, rows)
             ids = stepper.sample(state, logits, noise, temps, feed_last=done + k < length,
-                                 threads=threads if k >= THREADED_CHUNK else 1)  # (k, rows)
+                                 threads=threads if k >= native.THREADED_CHUNK else 1)  # (k, rows)
             yield ["".join(d.push(int(t)) for t in column) for d, column in zip(decoders, ids.T)]
             done += k
-            chunk = min(2 * chunk, CHUNK)
         yield [d.flush() for d in decoders]
 
 

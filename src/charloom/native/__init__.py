@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -33,6 +33,8 @@ DRAW_ROWS = 4  # as in rnn.c
 LSTM_CHUNK = 4  # as in rnn.c
 LSTM_BLOCK = 16  # as in rnn.c: hidden units per block of the training kernel's gate columns
 LSTM_PAD = 8  # as in rnn.c: floats added to the row stride of the training kernel's gate gradients
+SAMPLE_CHUNK = 128  # most tokens per sample call: a chunk overshoots a stop string by at most this many
+THREADED_CHUNK = 32  # shortest chunk worth starting threads for (a thread costs tens of microseconds)
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -151,6 +153,18 @@ def describe() -> str:
     bits = lib.charloom_vector_bits()
     isa = {512: "AVX-512", 256: "AVX2"}.get(bits, f"{bits}-bit vectors" if bits else "scalar")
     return f"native {isa} ({platform.machine()})"
+
+
+def sample_chunks(n: int, rows: int) -> Iterator[int]:
+    """Sizes of successive :meth:`NativeStepper.sample` calls drawing ``n`` tokens: 1, 2, 4, ...
+    SAMPLE_CHUNK, so the first tokens stream at once and a consumer that stops early wastes little;
+    a batch of 8 or more rows (not read as it streams) starts at THREADED_CHUNK."""
+    done, chunk = 0, (1 if rows < 8 else THREADED_CHUNK)
+    while done < n:
+        k = min(chunk, n - done)
+        yield k
+        done += k
+        chunk = min(2 * chunk, SAMPLE_CHUNK)
 
 
 def _ptr(a: np.ndarray) -> Any:
