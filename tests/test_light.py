@@ -97,3 +97,10 @@ def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(run, tmp_
     (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
     code, out, err = _cli("generate", str(ckpt), "--length", "5")
     assert code == 3 and out == "" and "weights do not fit the model in config.json" in err and err.count("\n") == 1
+
+
+def test_requests_the_full_path_would_refuse_are_refused_not_run(run):
+    code, out, err = _cli("generate", str(run), "--length", str(10**12), "--seed", "1")
+    assert code == 2 and out == "" and err.startswith("charloom: --length:") and err.count("\n") == 1
+    code, out, err = _cli("generate", str(run), "--length", "5", "--seed", str(2**70))
+    assert code == 2 and err.startswith("charloom: --seed:")
