@@ -56,7 +56,8 @@ def test_a_run_that_starts_busy_takes_both_cores_when_the_load_goes(tmp_path, mo
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.3)
-        model = charloom.train(str(text), out=str(tmp_path / "run"), max_time=9, hidden=64, layers=1,
+        # Epochs enough that the time budget, not the data, ends the run after the load has gone.
+        model = charloom.train(str(text), out=str(tmp_path / "run"), max_time=9, epochs=10_000, hidden=64, layers=1,
                                sample_temperatures=(), progress=False)
     finally:
         busy.kill()

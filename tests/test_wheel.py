@@ -48,7 +48,8 @@ def test_version_is_written_once():
 def test_license_is_mit_by_the_charloom_authors():
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License") and "the charloom authors" in text
-    assert 'license = { text = "MIT" }' in (REPO / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'license = "MIT"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
 
 
 def test_import_without_the_resource_module():
