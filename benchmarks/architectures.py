@@ -32,7 +32,7 @@ except ImportError:  # run from a checkout without installing
 import torch
 
 from charloom.api import available_cores
-from charloom.corpus import load_corpus
+from charloom.text.sources import load_corpus
 from charloom.models import MODELS
 
 QUICK_CHARS = 60_000  # --quick trains on the first 60k characters of each corpus

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu.py: no CUDA GPU is visible; run --smoke on a CPU", file=sys.stderr)
         return 2
     try:
-        from charloom.corpus import load_corpus
+        from charloom.text.sources import load_corpus
 
         load_corpus(args.corpus)  # fail now, not after minutes of training
     except charloom.CharloomError as exc:

@@ -174,8 +174,8 @@ def _steps_per_epoch(model: Any) -> int:
 
 def case_encode(path: str, lowercase: bool) -> dict[str, Any]:
     """Scan and encode one file to ids on disk; time and memory."""
-    from charloom.data import encode_to_disk, scan_corpus
-    from charloom.tokenizers import CharTokenizer
+    from charloom.text.encode import encode_to_disk, scan_corpus
+    from charloom.text.tokenizers import CharTokenizer
 
     base = _rss_mb("VmRSS")
     size = os.path.getsize(path)
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from charloom.corpus import named_corpus_path
+    from charloom.text.sources import named_corpus_path
 
     budget = args.budget if args.budget is not None else (10.0 if args.quick else 300.0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

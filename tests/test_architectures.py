@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import charloom
-from charloom.cli import main
-from charloom.corpus import load_corpus
+from charloom.cli.commands import main
+from charloom.text.sources import load_corpus
 from charloom.models import MODELS
-from charloom.tokenizers import Tokenizer
+from charloom.text.tokenizers import Tokenizer
 from tests.conftest import TINY_SETTINGS, TINY_TEXT
 
 ARCHS = sorted(MODELS)
@@ -147,7 +147,7 @@ class _Bigram(torch.nn.Module):
 def test_stream_never_emits_half_a_character():
     """Byte-level tokens: é is two byte tokens; the stream holds the first back instead of printing U+FFFD."""
     from charloom.api import Model
-    from charloom.tokenizers import BPETokenizer
+    from charloom.text.tokenizers import BPETokenizer
 
     tok = BPETokenizer.fit("é", vocab_size=256)  # bytes only: no merge joins é's two bytes
     first, second = tok.encode("é")

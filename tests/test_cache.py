@@ -12,17 +12,17 @@ import pytest
 import torch
 
 import charloom
-from charloom import sampling
+from charloom.generation import processors as sampling
 from charloom.api import Model
 from charloom.config import ModelConfig, TrainConfig, preset_for
 from charloom.errors import CharloomError
 from charloom.export import export_model
-from charloom.generate import beam_search, generate_ids
+from charloom.generation.engine import beam_search, generate_ids
 from charloom.metrics import stateful_nats
 from charloom.models import build_model
 from charloom.models.base import model_class
-from charloom.models.stepper import CachedStepper, make_stepper
-from charloom.tokenizers import CharTokenizer
+from charloom.generation.steppers import CachedStepper, make_stepper
+from charloom.text.tokenizers import CharTokenizer
 from tests.conftest import TINY_SETTINGS, TINY_TEXT, run_cli
 
 ARCHS = [("lstm", "embedding", 1), ("lstm", "onehot", 2), ("gru", "embedding", 2), ("mogrifier", "embedding", 1)]

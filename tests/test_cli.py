@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 
 from charloom.checkpoint import RunDir
-from charloom.cli import main
+from charloom.cli.commands import main
 from charloom.config import ModelConfig, TrainConfig
 from tests.conftest import TINY_SETTINGS, run_cli
 
@@ -96,7 +96,7 @@ def test_bad_train_settings(in_tmp, tiny_file):
 
 
 def test_train_names_the_kernel_once_in_its_log(in_tmp, tiny_file):
-    from charloom import native
+    from charloom.kernels import native
 
     code, out, err = cli("train", str(tiny_file), *TINY_FLAGS, "--out", "run")
     assert code == 0 and err == "", err  # stderr is for errors: one line each
@@ -109,7 +109,7 @@ def test_train_names_the_kernel_once_in_its_log(in_tmp, tiny_file):
 def test_the_announcing_stream_lets_the_progress_bar_clear_itself():
     from tqdm import tqdm
 
-    from charloom.cli import Announcing
+    from charloom.cli.commands import Announcing
 
     def written(through_proxy):
         buf, announced = io.StringIO(), []
@@ -134,7 +134,7 @@ def test_damaged_checkpoint_exits_3(tmp_path):
 
 
 def test_help_documents_every_option_with_its_default():
-    from charloom.cli import build_parser
+    from charloom.cli.commands import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

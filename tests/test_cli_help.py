@@ -13,8 +13,9 @@ import pytest
 
 import charloom
 from charloom import api
-from charloom.cli import build_parser, main
-from charloom.cli_parser import EXAMPLES, UsageError
+from charloom.cli.commands import build_parser, main
+from charloom.cli.parser import EXAMPLES, UsageError
+from charloom.training.run import resolve_configs
 from charloom.config import HELP_GROUPS, ModelConfig, TrainConfig, preset_for
 from charloom.models import model_class
 
@@ -174,11 +175,11 @@ def test_only_the_flags_given_are_passed(captured_train):
 def test_defaults_resolve_to_the_preset():
     # The default recipe on 1M training chars, as its rule reads: 1x512, dropout 0.3, batches of 32 x 64,
     # lr 6e-3, weight decay 0.1, 20 epochs; everything else the dataclass default.
-    mcfg, tcfg = api.resolve_configs({}, 1_000_000)
+    mcfg, tcfg = resolve_configs({}, 1_000_000)
     assert (mcfg.layers, mcfg.hidden, mcfg.dropout) == (1, 512, 0.3)
     assert (tcfg.batch_size, tcfg.seq_len, tcfg.lr, tcfg.weight_decay, tcfg.epochs) == (32, 64, 6e-3, 0.1, 20)
     assert (mcfg.model, tcfg.recipe, tcfg.tokens, tcfg.max_time, mcfg.cache_size) == ("lstm", "default", "char", 0.0, 0)
-    mcfg, tcfg = api.resolve_configs({"recipe": "book"}, 1_000_000)
+    mcfg, tcfg = resolve_configs({"recipe": "book"}, 1_000_000)
     assert (mcfg.layers, mcfg.hidden, tcfg.batch_size, tcfg.epochs) == (1, 128, 128, 60)
 
 
@@ -281,7 +282,7 @@ def test_cache_flags_reach_the_library(captured_load, command, flags, cache):
     if command == "export" and flags == ["--cache"]:
         assert cli(command, "run", *flags)[0] == 2  # export has only --no-cache: it cannot hold a cache
         return
-    # --top-k: a request that charloom.light does not answer, so generate loads the model as the others do.
+    # --top-k: a request that charloom.generation.light does not answer, so generate loads the model as the others do.
     extra = ["--top-k", "5"] if command == "generate" else []
     with pytest.raises(stop):
         main([command, "run", *flags, *extra], io.StringIO(), io.StringIO())
@@ -290,7 +291,7 @@ def test_cache_flags_reach_the_library(captured_load, command, flags, cache):
 
 @pytest.mark.parametrize("flags, cache", [([], None), (["--cache"], True), (["--no-cache"], False)])
 def test_serve_passes_cache_by_keyword(monkeypatch, flags, cache):
-    from charloom import server
+    from charloom.server import app as server
 
     seen = []
     monkeypatch.setattr(server, "serve", lambda run_dirs, settings, **kw: seen.append(kw))

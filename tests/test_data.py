@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from charloom.data import StreamBatcher, WindowBatcher, open_ids, write_ids
+from charloom.text.encode import StreamBatcher, WindowBatcher, open_ids, write_ids
 
 
 def test_streams_continue_row_by_row():

@@ -151,6 +151,6 @@ def test_preset_scales_with_corpus_and_budget() -> None:
 
 
 def test_idle_cores_is_between_one_and_the_available_cores() -> None:
-    from charloom.threads import available_cores, idle_cores
+    from charloom.kernels.threads import available_cores, idle_cores
 
     assert 1 <= idle_cores(0.05) <= available_cores()

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.corpus import load_corpus, resolve_sources, stream_text
-from charloom.data import StreamBatcher, WindowBatcher, encode_to_disk, scan_corpus
+from charloom.text.sources import load_corpus, resolve_sources, stream_text
+from charloom.text.encode import StreamBatcher, WindowBatcher, encode_to_disk, scan_corpus
 from charloom.errors import CharloomError
-from charloom.tokenizers import CharTokenizer
+from charloom.text.tokenizers import CharTokenizer
 
 
 def reference_ids(text: str) -> np.ndarray:

@@ -3,7 +3,8 @@
 import pytest
 
 import charloom
-from charloom import generate, native
+from charloom.generation import engine as generate
+from charloom.kernels import native
 
 
 @pytest.fixture(scope="module")

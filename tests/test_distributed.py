@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import charloom
-from charloom import distributed
-from charloom.cli import main
+from charloom.training import distributed
+from charloom.cli.commands import main
 from charloom.config import ModelConfig, TrainConfig
-from charloom.data import StreamBatcher, WindowBatcher, shard_rows
+from charloom.text.encode import StreamBatcher, WindowBatcher, shard_rows
 from charloom.errors import CharloomError
 from charloom.models import build_model
 from tests.conftest import REPO, TINY_TEXT
@@ -54,7 +54,7 @@ def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
-    index = charloom.api.RunDir(run).index()
+    index = charloom.checkpoint.RunDir(run).index()
     return load_file(str(run / "checkpoints" / index[which] / "model.safetensors"))
 
 
@@ -188,7 +188,7 @@ def test_gpu_made_checkpoint_loads_generates_and_resumes_on_cpu(tmp_path, tiny_f
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         charloom.train(tiny_file, out=out, batch_size=8, max_steps=4, eval_every=4, **SETTINGS)
-    state_file = out / "checkpoints" / charloom.api.RunDir(out).index()["last"] / "training_state.pt"
+    state_file = out / "checkpoints" / charloom.checkpoint.RunDir(out).index()["last"] / "training_state.pt"
     if not torch.cuda.is_available():
         # Proof that the file really claims CUDA tensors: torch refuses it without a map_location.
         with pytest.raises(RuntimeError, match="CUDA"):

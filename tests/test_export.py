@@ -18,7 +18,7 @@ from charloom.config import ModelConfig
 from charloom.errors import CharloomError
 from charloom.export import export_model, supported_architectures
 from charloom.models import MODELS, LanguageModel, build_model
-from charloom.tokenizers import CharTokenizer
+from charloom.text.tokenizers import CharTokenizer
 from tests.conftest import TINY_TEXT, run_cli
 
 ort = pytest.importorskip("onnxruntime")
@@ -80,8 +80,8 @@ def test_numpy_sampler_writes_pytorchs_greedy_text(tmp_path, arch, input_kind, l
 
 
 def test_numpy_sampler_pipeline_matches_charlooms_processors():
-    """Top-k, top-p and temperature of the NumPy sampler against charloom.sampling on random logits."""
-    from charloom import sampling
+    """Top-k, top-p and temperature of the NumPy sampler against charloom.generation.processors on random logits."""
+    from charloom.generation import processors as sampling
     from charloom.export.npsampler import Sampler
 
     gen = torch.Generator().manual_seed(0)
@@ -148,7 +148,7 @@ def test_architectures_without_an_export_hook_are_refused(tmp_path, monkeypatch,
 
 
 def test_bad_format_and_missing_packages_are_one_line_errors(tiny_run, tmp_path, monkeypatch, capsys):
-    from charloom.cli import main
+    from charloom.cli.commands import main
 
     assert main(["export", str(tiny_run), "--format", "tflite"]) == 2
     monkeypatch.setitem(sys.modules, "onnx", None)

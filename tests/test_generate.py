@@ -2,8 +2,8 @@
 
 import torch
 
-from charloom import sampling
-from charloom.generate import generate_ids
+from charloom.generation import processors as sampling
+from charloom.generation.engine import generate_ids
 from tests.conftest import LETTERS
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from charloom.cli import main
+from charloom.cli.commands import main
 from tests.conftest import run_cli
 
 
@@ -98,7 +98,7 @@ class Terminal(io.StringIO):
 
 
 def test_the_kernel_line_goes_to_a_terminal_s_stderr_once_before_the_text(tiny_run):
-    from charloom import native
+    from charloom.kernels import native
 
     kernel = f"charloom: recurrent models run on {native.describe()}\n"
     for fmt in ("text", "jsonl"):

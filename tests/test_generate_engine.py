@@ -10,14 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom import generate, sampling
+from charloom.generation import engine as generate, processors as sampling
 from charloom.api import Completion, Model
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
-from charloom.generate import StopText, beam_search, generate_ids
+from charloom.generation.engine import StopText, beam_search, generate_ids
 from charloom.models import build_model
-from charloom.models.stepper import make_stepper
-from charloom.tokenizers import CharTokenizer
+from charloom.generation.steppers import make_stepper
+from charloom.text.tokenizers import CharTokenizer
 from tests.conftest import LETTERS, FakeLetters
 
 ARCHS = [("lstm", "onehot", 1), ("lstm", "embedding", 2), ("gru", "embedding", 2), ("gru", "onehot", 1),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from charloom.cli import main
+from charloom.cli.commands import main
 
 from .conftest import REPO, run_cli
 

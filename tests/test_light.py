@@ -1,4 +1,4 @@
-"""charloom.light: the common generation request without torch gives Model.generate's text."""
+"""charloom.generation.light: the common generation request without torch gives Model.generate's text."""
 
 import json
 import subprocess
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import charloom
-from charloom import light, native
-from charloom.cli import main
+from charloom.generation import light
+from charloom.kernels import native
+from charloom.cli.commands import main
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler for the native kernel")
 TEXT = "the quick brown fox jumps over the lazy dog; then it rests. " * 300
@@ -56,7 +57,7 @@ def _cli(*argv):
 
 def test_the_cli_answers_plain_requests_without_torch_and_the_same_as_the_full_path(run):
     args = [str(run), "--prompt", "the ", "--length", "120", "--seed", "4", "--temperature", "0.5,1.0", "--num-samples", "2"]
-    script = ("import io, sys\nfrom charloom.cli import main\nout = io.StringIO()\n"
+    script = ("import io, sys\nfrom charloom.cli.commands import main\nout = io.StringIO()\n"
               f"code = main(['generate', *{args!r}], stdout=out)\n"
               "print(code, 'torch' in sys.modules)\nprint(out.getvalue(), end='')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -85,3 +85,13 @@ def test_the_probe_answers_for_a_shape_and_remembers_it():
     assert isinstance(answer, bool)
     assert lstm_bf16.faster_than_float32(4, 8, 16, 11, 1, False) is answer
     assert lstm_bf16.faster_than_float32.cache_info().hits == 1
+
+
+def test_the_probe_leaves_the_run_s_random_stream_alone():
+    # A run seeds torch, builds its model, then probes: a probe that reseeded the global generator made
+    # the first run of a process draw other batches than the same run once the probe was cached.
+    lstm_bf16.faster_than_float32.cache_clear()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    lstm_bf16.faster_than_float32(2, 4, 8, 5, 1, False)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -175,7 +175,7 @@ def test_dropout_keeps_the_share_and_the_expectation_and_passes_its_mask_back():
 
 
 def test_adamw_is_fused_on_a_cpu_and_decays_only_matrices_outside_the_embedding():
-    from charloom.trainer import make_optimizer
+    from charloom.training.trainer import make_optimizer
 
     net = build_model(ModelConfig(layers=1, hidden=16, embedding_dim=8), 11)
     opt = make_optimizer(net, TrainConfig(weight_decay=0.05))

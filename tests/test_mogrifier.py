@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import charloom
-from charloom import native
+from charloom.kernels import native
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
 from charloom.models import build_model
-from charloom.native.lstm import mogrifier_lstm
+from charloom.kernels.native.lstm import mogrifier_lstm
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 
@@ -82,8 +82,8 @@ def test_training_is_the_same_with_and_without_the_kernel(kernel, tmp_path, tiny
     settings = dict(model="mogrifier", layers=1, hidden=40, embedding_dim=8, dropout=0.2, seq_len=16, batch_size=8,
                     max_steps=6, sample_temperatures=(), eval_every=3, threads=2, epochs=1, seed=5)
     calls = []
-    real = charloom.native.lstm._MogrifierLSTM.apply
-    monkeypatch.setattr(charloom.native.lstm._MogrifierLSTM, "apply", lambda *a: calls.append(1) or real(*a))
+    real = charloom.kernels.native.lstm._MogrifierLSTM.apply
+    monkeypatch.setattr(charloom.kernels.native.lstm._MogrifierLSTM, "apply", lambda *a: calls.append(1) or real(*a))
     with_kernel = charloom.train(corpus, out=tmp_path / "native", **settings)
     assert len(calls) == 6  # every training step, no evaluation
     monkeypatch.setattr(native, "_loaded", {"lib": None})  # as without a compiler

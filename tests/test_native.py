@@ -1,4 +1,4 @@
-"""The native generation kernel (charloom.native): same logits as forward, same tokens as numpy and torch."""
+"""The native generation kernel (charloom.kernels.native): same logits as forward, same tokens as numpy and torch."""
 
 import shutil
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from charloom import generate, native, sampling
+from charloom.generation import engine as generate, processors as sampling
+from charloom.kernels import native
 from charloom.config import ModelConfig
 from charloom.models import build_model
-from charloom.models.stepper import make_stepper
+from charloom.generation.steppers import make_stepper
 from tests.test_generate_engine import ids_of, small
 
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
@@ -138,7 +139,7 @@ def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
 
 def test_a_stop_string_in_a_native_chunk_cuts_the_text_as_without_the_kernel(kernel, monkeypatch):
     from charloom.api import Model
-    from charloom.tokenizers import CharTokenizer
+    from charloom.text.tokenizers import CharTokenizer
 
     tok = CharTokenizer(list("abcdefghij "))
     torch.manual_seed(2)
@@ -182,7 +183,7 @@ def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
     fit_tanh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit_tanh)
     p, q, _ = fit_tanh.fit()
-    source = (root / "src" / "charloom" / "native" / "rnn.c").read_text()
+    source = (root / "src" / "charloom" / "kernels" / "native" / "rnn.c").read_text()
     # The two polynomials are macros that the scalar fast_tanh and the 512-bit tanh16 both expand.
     body = source[source.index("#define TANH_P(s)"):source.index("static inline float fast_tanh")]
     numbers = [float(n) for n in re.findall(r"([0-9.]+(?:e-?[0-9]+)?)f", body)]

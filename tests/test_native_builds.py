@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from charloom import native
+from charloom.kernels import native
 from tests.conftest import REPO
 
 KERNEL_TESTS = ["tests/test_native.py", "tests/test_native_training.py", "tests/test_light.py"]
@@ -30,7 +30,7 @@ def _env(flags: str, cache: Path) -> dict:
 @pytest.mark.skipif(native.library() is None or not _cpu_has("avx2"), reason="needs the native kernel on an x86-64 CPU with AVX2")
 @pytest.mark.parametrize("bits", sorted(BUILDS, reverse=True))
 def test_each_narrower_build_reports_its_width(bits, tmp_path):
-    done = subprocess.run([sys.executable, "-c", "from charloom import native; print(native.describe())"],
+    done = subprocess.run([sys.executable, "-c", "from charloom.kernels import native; print(native.describe())"],
                           capture_output=True, text=True, env=_env(BUILDS[bits], tmp_path), timeout=300)
     expected = "native AVX2" if bits == 256 else "native 128-bit vectors"
     assert done.stdout.startswith(expected), done.stdout + done.stderr

@@ -1,4 +1,4 @@
-"""Training one-layer LSTMs on the native kernel (charloom.native.lstm): the same outputs and
+"""Training one-layer LSTMs on the native kernel (charloom.kernels.native.lstm): the same outputs and
 gradients as nn.LSTM, the same training (the book's recipe and ours), and the trainer's thread handling."""
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import charloom
-from charloom import native
+from charloom.kernels import native
 from charloom.config import ModelConfig
 from charloom.models import build_model
-from charloom.native.lstm import kernel_order, onehot_lstm
+from charloom.kernels.native.lstm import kernel_order, onehot_lstm
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 
@@ -122,8 +122,8 @@ def test_the_default_recipe_trains_the_same_with_and_without_the_kernel(kernel, 
     settings = dict(layers=1, hidden=40, embedding_dim=8, dropout=0.2, seq_len=16, batch_size=8, max_steps=6,
                     sample_temperatures=(), eval_every=3, threads=2, epochs=1, seed=5, precision="fp32")
     calls = []
-    real = charloom.native.lstm._OneHotLSTM.apply
-    monkeypatch.setattr(charloom.native.lstm._OneHotLSTM, "apply", lambda *a: calls.append(1) or real(*a))
+    real = charloom.kernels.native.lstm._OneHotLSTM.apply
+    monkeypatch.setattr(charloom.kernels.native.lstm._OneHotLSTM, "apply", lambda *a: calls.append(1) or real(*a))
     with_kernel = charloom.train(corpus, out=tmp_path / "native", **settings)
     assert len(calls) == 6  # every training step, no evaluation
     monkeypatch.setattr(native, "_loaded", {"lib": None})

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 import charloom  # noqa: E402
-from charloom.server import ServeSettings, create_app  # noqa: E402
+from charloom.server.app import ServeSettings, create_app  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.test_server import _reference, running_server  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch
 
 import charloom
 from charloom import checkpoint
-from charloom.cli import main
+from charloom.cli.commands import main
 from tests.conftest import TINY_SETTINGS
 
 # -- kill -9 ----------------------------------------------------------------------------------------
@@ -29,8 +29,10 @@ import json, os, random, signal, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from charloom import api, checkpoint
-from charloom.cli import main
+import charloom.model as facade
+import charloom.training.run as run_driver
+from charloom import checkpoint
+from charloom.cli.commands import main
 import tqdm.auto
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # its first use imports torch._dynamo: do it once, here
 
@@ -51,8 +53,9 @@ def child(run, args, env, log):
                 fh.write(str(ckpt) + "\n")
             return original(ckpt, *a)
         return wrapper
-    api.load_weights = recording(api.load_weights)
-    api.load_training_state = recording(api.load_training_state)
+    run_driver.load_weights = recording(run_driver.load_weights)
+    run_driver.load_training_state = recording(run_driver.load_training_state)
+    facade.load_weights = recording(facade.load_weights)
     code = 99
     try:
         code = main(args)

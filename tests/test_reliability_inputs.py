@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charloom
-from charloom import generate as generate_module
-from charloom import preflight
-from charloom.cli import main
-from charloom.tokenizers import Tokenizer
+from charloom.generation import engine as generate_module
+from charloom.text import preflight
+from charloom.cli.commands import main
+from charloom.text.tokenizers import Tokenizer
 from tests.conftest import TINY_SETTINGS, TINY_TEXT
 
 
@@ -90,14 +90,14 @@ def test_unreadable_file(tmp_path, monkeypatch):
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
         import builtins
 
-        import charloom.corpus
+        import charloom.text.sources
 
         def fake_open(file, *args, **kwargs):  # the streaming reader opens files itself
             if Path(file) == path:
                 raise PermissionError(13, "Permission denied", str(file))
             return builtins.open(file, *args, **kwargs)
 
-        monkeypatch.setattr(charloom.corpus, "open", fake_open, raising=False)
+        monkeypatch.setattr(charloom.text.sources, "open", fake_open, raising=False)
     _refused(tmp_path, path, "permission denied; make the file readable")
 
 

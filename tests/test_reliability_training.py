@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 import charloom
 from charloom import checkpoint
-from charloom.cli import main
-from charloom.data import Batcher
+from charloom.cli.commands import main
+from charloom.text.encode import Batcher
 from charloom.errors import CheckpointError
-from charloom.trainer import Listener, StopFlag
+from charloom.training.trainer import Listener, StopFlag
 from tests.conftest import TINY_SETTINGS
 
 # A run that crosses several epochs (per-epoch samples drawn), evaluates, and uses dropout.
@@ -138,10 +138,10 @@ def test_weight_averaging_is_what_runs_evaluate_sample_and_save():
         def on_epoch_end(self, trainer):  # where the per-epoch samples are drawn
             seen["epoch", trainer.progress.step] = [p.detach().clone() for p in trainer.model.parameters()]
 
-    from charloom.api import resolve_configs
+    from charloom.training.run import resolve_configs
     from charloom.config import TrainConfig, from_dict, to_dict
     from charloom.models import build_model
-    from charloom.trainer import Trainer
+    from charloom.training.trainer import Trainer
 
     mcfg, tcfg = resolve_configs(dict(TINY_SETTINGS, ema=0.9, dropout=0.2, eval_every=5), 2000)
     net = build_model(mcfg, 20)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom import sampling
+from charloom.generation import processors as sampling
 from charloom.config import ConfigError, SampleConfig
 
 

@@ -33,8 +33,8 @@ uvicorn = pytest.importorskip("uvicorn")
 import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
 from charloom.models import build_model  # noqa: E402
-from charloom.generate import StopText  # noqa: E402
-from charloom.server import ServeSettings, create_app, listen  # noqa: E402
+from charloom.generation.engine import StopText  # noqa: E402
+from charloom.server.app import ServeSettings, create_app, listen  # noqa: E402
 
 PROMPT = "the quick "
 
@@ -488,7 +488,7 @@ def test_cli_serve_prints_its_address_and_serves(tiny_run):
 
 
 def _main(*args: str) -> tuple[int, str]:
-    from charloom.cli import main
+    from charloom.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     return main(list(args), out, err), err.getvalue()
@@ -524,7 +524,7 @@ def test_serve_freezes_what_it_loaded_before_serving(tiny_run, monkeypatch):
 
     import uvicorn
 
-    from charloom.server import serve
+    from charloom.server.app import serve
 
     seen = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append((gc.get_freeze_count(), sockets)))

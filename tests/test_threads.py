@@ -8,7 +8,8 @@ import time
 import pytest
 
 import charloom
-from charloom import threads
+import charloom.training.run
+from charloom.kernels import threads
 
 
 def _scripted(monkeypatch, samples):
@@ -51,7 +52,7 @@ def test_a_busy_machine_leaves_at_least_one_core_and_no_more_than_allowed(monkey
 def test_a_run_that_starts_busy_takes_both_cores_when_the_load_goes(tmp_path, monkeypatch):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3000)
-    monkeypatch.setattr(charloom.api, "CoreWatch", lambda cores: threads.CoreWatch(cores, every=0.5))
+    monkeypatch.setattr(charloom.training.run, "CoreWatch", lambda cores: threads.CoreWatch(cores, every=0.5))
     # Another process keeps one core busy for the first seconds of the run.
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
     try:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.tokenizers import CharTokenizer, UnknownSymbolsError, tokenizer_from_dict
+from charloom.text.tokenizers import CharTokenizer, UnknownSymbolsError, tokenizer_from_dict
 
 
 @given(st.text(min_size=1))

@@ -55,7 +55,7 @@ def test_license_is_mit_by_the_charloom_authors():
 def test_import_without_the_resource_module():
     """Windows has no ``resource``: charloom must import, and the memory check must still answer."""
     code = ("import sys; sys.modules['resource'] = None\n"  # None in sys.modules makes the import fail
-            "import charloom\nfrom charloom import preflight\n"
+            "import charloom\nfrom charloom.text import preflight\n"
             "assert preflight.resource is None\n"
             "have, what = preflight.available_memory()\n"
             "assert have > 0 and 'ulimit' not in what, (have, what)\n"
@@ -102,8 +102,8 @@ def test_wheel_installs_and_trains_offline(tmp_path):
     assert [w.name for w in wheels] == [f"charloom-{_written_version()}-py3-none-any.whl"]
     with zipfile.ZipFile(wheels[0]) as zf:
         names = set(zf.namelist())
-    for needed in ("charloom/corpora/nietzsche.txt.xz", "charloom/corpora/tinyshakespeare.txt.xz",
-                   "charloom/corpora/SOURCES.md", "charloom/native/rnn.c", "charloom/static/index.html",
+    for needed in ("charloom/text/corpora/nietzsche.txt.xz", "charloom/text/corpora/tinyshakespeare.txt.xz",
+                   "charloom/text/corpora/SOURCES.md", "charloom/kernels/native/rnn.c", "charloom/server/static/index.html",
                    "charloom/py.typed", f"charloom-{_written_version()}.dist-info/licenses/LICENSE"):
         assert needed in names, f"the wheel lacks {needed}"
 

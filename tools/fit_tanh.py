@@ -1,4 +1,4 @@
-"""Fit the rational tanh in src/charloom/native/rnn.c: tanh(x) ~ x P(x^2) / Q(x^2), P and Q of degree 4.
+"""Fit the rational tanh in src/charloom/kernels/native/rnn.c: tanh(x) ~ x P(x^2) / Q(x^2), P and Q of degree 4.
 
 Weighted linear least squares on 200,000 points of [1e-4, 9], reweighted (Lawson's iteration) toward
 the least maximum relative error; then the float32 error of the Horner evaluation rnn.c does. Prints

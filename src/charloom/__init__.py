@@ -11,7 +11,7 @@ _FROM_API = {"Completion", "Model", "load", "train"}
 
 def __getattr__(name: str) -> object:
     # The torch-backed API is imported on first use: `charloom generate` answers the common request
-    # without torch (charloom.light), and importing torch costs 2-3 s on a small machine.
+    # without torch (charloom.generation.light), and importing torch costs 2-3 s on a small machine.
     if name in _FROM_API or name == "api":
         import importlib
 

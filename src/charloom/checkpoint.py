@@ -46,7 +46,7 @@ from .errors import CharloomError, CheckpointError
 if TYPE_CHECKING:
     import torch
 
-# torch is imported where a function needs it: reading a checkpoint's files (charloom.light) needs none.
+# torch is imported where a function needs it: reading a checkpoint's files (charloom.generation.light) needs none.
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -176,7 +176,7 @@ class SampleConfig:
     """How to draw the next token: penalties, temperature (the book's reweighting) and truncation.
 
     Each field is a logits processor with Hugging Face transformers' semantics (see
-    ``charloom.sampling``); ``samplers`` orders them (default: penalties first, then temperature,
+    ``charloom.generation.processors``); ``samplers`` orders them (default: penalties first, then temperature,
     top-k, top-p, min-p, typical-p).
     """
 
@@ -369,7 +369,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # Sizes the default recipe chooses from: (layers, hidden, parameters for a ~60-char alphabet, training
 # throughput in supervised chars/s on 2 cores). Throughput: whole training steps at B=32, T=64 (the
 # small-corpus batch) on Nietzsche, 2 threads, on a 2-core AMD EPYC (AVX2), 2026-11-29 at commit
-# a9ad05b: one-layer sizes on the native kernel (charloom.native.lstm), 2x512 on nn.LSTM.
+# a9ad05b: one-layer sizes on the native kernel (charloom.kernels.native.lstm), 2x512 on nn.LSTM.
 # Re-measure with benchmarks/training.py.
 PRESET_SIZES: list[tuple[int, int, int, int]] = [
     (1, 256, 350_000, 41_000),

@@ -4,7 +4,7 @@ A step of the default recipe's LSTM (B=32, T=64, H=512) is 128 sequential produc
 state with the (512, 2048) recurrent matrix. On a CPU with AMX (Intel Sapphire Rapids and later) or
 another native bf16 unit, torch's bf16 product of that shape took 149 us against 408 us in float32
 (2026-11-30, this repository's 2-core machine), and this module's forward + backward of the layer
-72 ms against 135-160 ms for the float32 native kernel (``charloom.native.lstm``).
+72 ms against 135-160 ms for the float32 native kernel (``charloom.kernels.native.lstm``).
 
 Only the products are bf16 (their inputs and results; oneDNN sums inside them in float32): the
 gates are summed with the input part, activated and carried (c_t, h_t) in float32, the weights and
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import lstm as native_lstm
+from ..kernels.native import lstm as native_lstm
 
 BF16 = torch.bfloat16
 
@@ -45,7 +45,7 @@ class _Recurrence(torch.autograd.Function):
     """(ids (B, T), table (V, 4H) the input part of every token's gates with the biases folded in,
     w_hh (4H, H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT). ``table`` and ``w_hh`` come in torch's gate
     order and their gradients go back in it; inside, the gates are in the order (i, f, o, g) of
-    :func:`charloom.native.lstm.gate_order`: one sigmoid covers the first 3H pre-activations, one tanh the last H."""
+    :func:`charloom.kernels.native.lstm.gate_order`: one sigmoid covers the first 3H pre-activations, one tanh the last H."""
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, table: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
@@ -154,9 +154,12 @@ def faster_than_float32(batch: int, seq_len: int, hidden: int, inputs: int, thre
     20% faster with bf16 products than in float32 on this CPU: the native kernel with ``threads``
     (``native``), else ``nn.LSTM``. Measured once per shape and process (about a second at 1x512):
     without a native bf16 unit, bf16 products are emulated and slower."""
-    torch.manual_seed(0)
-    rnn = nn.LSTM(inputs, hidden, batch_first=True)
-    ids = torch.randint(0, inputs, (batch, seq_len))
+    # The probe's own random weights and ids: the run's seeded RNG stream must not see it (a run that
+    # probed would otherwise draw differently from the same run after the probe result was cached).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rnn = nn.LSTM(inputs, hidden, batch_first=True)
+        ids = torch.randint(0, inputs, (batch, seq_len))
     before = torch.get_num_threads()
 
     def run(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:

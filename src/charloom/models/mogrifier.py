@@ -10,7 +10,7 @@ the character, before mixing them. On lowercased Nietzsche with the default reci
 dropout 0.3), 300 s on 2 cores: seeds 0-2 1.834, 1.827, 1.826 bits/char, where the LSTM's benchmark
 gave 1.830, 1.839, 1.837 (its steps cost a third more, so it runs ~1,700 of them to the LSTM's ~2,300;
 at the LSTM's 2,236 steps, seed 0: 1.825 against 1.8325). Within the seeds' spread, so the LSTM stays
-the default (see config.py). One-layer models train on the native kernel (charloom.native.lstm's
+the default (see config.py). One-layer models train on the native kernel (charloom.kernels.native.lstm's
 ``mogrifier_lstm``); deeper ones, evaluation and generation without the native kernel run the rounds in
 torch, one step at a time.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
-from ..native import lstm as native_lstm
+from ..kernels.native import lstm as native_lstm
 from .base import ExportSpec, State, register
 from .rnn import RecurrentLM
 

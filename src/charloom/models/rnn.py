@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..native import lstm as native_lstm
+from ..kernels.native import lstm as native_lstm
 from . import lstm_bf16
 from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
 from .cache import Cache
@@ -25,7 +25,7 @@ class RecurrentLM(LanguageModel):
     """A stack of LSTM or GRU layers over characters; ``cell`` is set by the registered subclasses."""
 
     cell: type[nn.LSTM] | type[nn.GRU] = nn.LSTM
-    # Threads for training steps on the native LSTM kernel (charloom.native.lstm); 0 = off. The
+    # Threads for training steps on the native LSTM kernel (charloom.kernels.native.lstm); 0 = off. The
     # trainer sets it for one-layer LSTMs on a CPU (see supports_native_training).
     native_threads = 0
     # Whether training steps run the recurrence with bf16 products (models/lstm_bf16.py) instead; the

@@ -4,7 +4,7 @@ The options of ``train`` (and the sampling options of ``generate``) are generate
 dataclasses' field metadata, so a flag, its Python keyword argument and its help share one source:
 ``help`` is the text, ``group`` places it in ``train --help`` (config.HELP_GROUPS), ``auto`` is the rule
 by which the default recipe's size preset sets it (shown instead of a default the preset overrides).
-Commands themselves live in :mod:`charloom.cli`.
+Commands themselves live in :mod:`charloom.cli.commands`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ import os
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from . import __version__
-from .config import AUTO_HELP, HELP_GROUPS, RECIPES, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, parse_duration
+from .. import __version__
+from ..config import (
+    AUTO_HELP,
+    HELP_GROUPS,
+    RECIPES,
+    ConfigError,
+    DynamicEval,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    parse_duration,
+)
 
 CACHE_HELP = ("mix a continuous cache of the text already read into predictions (a test-time option; "
               "default: only if the run was trained with --cache-size)")

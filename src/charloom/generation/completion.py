@@ -15,12 +15,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import MAX_GENERATED_TOKENS, ConfigError, SampleConfig
-from .errors import CharloomError
-from .generate import Step, StopText, beam_search, generate_steps
+from ..config import MAX_GENERATED_TOKENS, ConfigError, SampleConfig
+from ..errors import CharloomError
+from .engine import Step, StopText, beam_search, generate_steps
 from .light import resolve_seed
-from .sampling import Noise, build_pipeline
-from .tokenizers import Tokenizer, UnknownSymbolsError
+from .processors import Noise, build_pipeline
+from ..text.tokenizers import Tokenizer, UnknownSymbolsError
 
 
 class Completion(str):

@@ -1,7 +1,7 @@
 """The generation loop: prefill the prompt once, then one model step per token, yielding as it goes.
 
 Several rows (temperatures x samples) run in one batch. Each row draws its randomness from a
-lane of :class:`~charloom.sampling.Noise`, so row results do not depend on what else is batched.
+lane of :class:`~charloom.generation.processors.Noise`, so row results do not depend on what else is batched.
 
 Two ways of reading the context:
 
@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import LanguageModel
-from .models.base import tree_map
-from .models.stepper import CachedStepper, NumpyStepper, make_stepper
-from .native import THREADED_CHUNK, NativeStepper, sample_chunks
-from .sampling import Noise, Processor, Temperature, draw, draw_numpy, process
+from ..models import LanguageModel
+from ..models.base import tree_map
+from .steppers import CachedStepper, NumpyStepper, make_stepper
+from ..kernels.native import THREADED_CHUNK, NativeStepper, sample_chunks
+from .processors import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Step:
     top_logprobs: torch.Tensor | None = None
 
 
-# Steps run outside torch where that is faster. First choice: the native kernel (charloom.native, one
+# Steps run outside torch where that is faster. First choice: the native kernel (charloom.kernels.native, one
 # C call per chunk of tokens) for any number of rows while every weight matrix has at most
 # NATIVE_MAX_MATRIX elements (a 512 x 2048 LSTM matrix; measured with 64-1024 rows of 1x128-2x512
 # LSTMs on 2 threads: 1.1-1.5x torch), and for larger matrices up to NATIVE_MAX_WORK multiply-adds
@@ -315,7 +315,7 @@ def _plain_divisor(pipeline: Sequence[Processor], rows: int) -> np.ndarray | Non
 def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
                  uniforms: Callable[[int], Any]) -> Iterator[Step]:
     """Draw and feed whole chunks of tokens in C (plain temperature), in the sizes of
-    :func:`charloom.native.sample_chunks`."""
+    :func:`charloom.kernels.native.sample_chunks`."""
     done = 0
     for k in sample_chunks(n, len(hist)):
         block = uniforms(k)  # (k, rows) float64, the same numbers per step as the other paths

@@ -4,7 +4,7 @@ At one stream a step of a book-size LSTM is ~65k multiply-adds, a few microsecon
 while numpy or torch spend 2-10 microseconds on every op they dispatch. ``rnn.c`` runs whole steps
 (and, with a plain temperature, whole runs of draws) in one call. It is compiled on first use with
 the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``, then ``$CHARLOOM_NATIVE_FLAGS``)
-into ``native/`` under charloom's cache folder (``charloom.corpus.cache_dir()``), keyed by the
+into ``native/`` under charloom's cache folder (``charloom.text.sources.cache_dir()``), keyed by the
 source, the flags, the compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``CHARLOOM_NATIVE=0``,
 :func:`library` returns None: generation uses the numpy and torch paths, which draw the same
 tokens up to last-bit rounding (``tests/test_native.py`` checks the logits against ``model.forward``
@@ -111,7 +111,7 @@ def library() -> Any | None:
             version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
             identity = SOURCE.read_bytes() + " ".join(build_flags()).encode() + version.encode() + _cpu_key().encode()
             key = hashlib.sha256(identity).hexdigest()[:16]
-            from ..corpus import cache_dir  # the folder corpora are cached in
+            from ...text.sources import cache_dir  # the folder corpora are cached in
 
             path = cache_dir() / "native" / f"rnn-{key}.so"
             if path.exists() or _compile(cc, path):
@@ -172,7 +172,7 @@ def _ptr(a: np.ndarray) -> Any:
 
 
 class NativeStepper:
-    """:class:`charloom.models.stepper.RecurrentStepper`'s step (and temperature sampling) in C.
+    """:class:`charloom.generation.steppers.RecurrentStepper`'s step (and temperature sampling) in C.
 
     ``state`` is one float32 array (slots, rows, H); see ``rnn.c``. Build with :meth:`create`.
     """
@@ -183,7 +183,7 @@ class NativeStepper:
         self.slots = len(layers) * (2 if self.lstm else 1)
         gh = (4 if self.lstm else 3) * self.hidden
 
-        def arr(t: Any) -> np.ndarray:  # a torch tensor, or a NumPy array (charloom.light)
+        def arr(t: Any) -> np.ndarray:  # a torch tensor, or a NumPy array (charloom.generation.light)
             values = t if isinstance(t, np.ndarray) else t.detach().cpu().float().numpy()
             return np.ascontiguousarray(values, dtype=np.float32)
 

@@ -10,7 +10,7 @@ that form one job with PyTorch's DistributedDataParallel (NCCL between GPUs, Glo
 
 Every rank builds the same model from the same seed and takes the same optimiser step, so the
 replicas never drift apart. Each rank reads only its own rows from the memory-mapped ids
-(:func:`charloom.data.shard_rows`). The gradients are summed with each rank's share of the rows
+(:func:`charloom.text.encode.shard_rows`). The gradients are summed with each rank's share of the rows
 as its weight (a DDP communication hook), so N ranks x B/N rows give the gradient that 1 rank x B
 rows gives, even when the last batch of an epoch does not split evenly. Rank 0 alone logs, samples
 and writes checkpoints; validation is sharded (each rank scores a contiguous 1/N of the split) and
@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import CharloomError
-from .metrics import stateful_nats, windowed_nats
+from ..errors import CharloomError
+from ..metrics import stateful_nats, windowed_nats
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

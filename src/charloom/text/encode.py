@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .corpus import stream_text
+from .sources import stream_text
 from .tokenizers import CharTokenizer, id_dtype, text_codes
 
 

@@ -11,7 +11,7 @@ body, prompt, ``max_tokens`` and ``n``, a bounded number of running and waiting 
 one token at a time, so a client that goes away stops it before the next token.
 
 Sampling, stop strings, the time limit, finish reasons and log-probabilities are the library's
-(:mod:`charloom.completion`): the ``n`` samples of a request are one batch planned exactly as
+(:mod:`charloom.generation.completion`): the ``n`` samples of a request are one batch planned exactly as
 ``Model.generate(num_samples=n)`` plans it.
 """
 
@@ -45,11 +45,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
-from .api import Model, load
-from .completion import Completion, make_plan, run
-from .config import SampleConfig
-from .errors import CharloomError
+from .. import __version__
+from ..api import Model, load
+from ..generation.completion import Completion, make_plan, run
+from ..config import SampleConfig
+from ..errors import CharloomError
 
 log = logging.getLogger("charloom.server")
 STATIC = Path(__file__).parent / "static"
@@ -193,7 +193,7 @@ class NextRequest(_Strict):
 
 
 def _sampling_options(req: CompletionRequest) -> dict[str, Any]:
-    """The request's SampleConfig fields, as keywords for :func:`charloom.completion.make_plan`."""
+    """The request's SampleConfig fields, as keywords for :func:`charloom.generation.completion.make_plan`."""
     return {"top_k": req.top_k, "top_p": req.top_p, "min_p": req.min_p, "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
             "penalty_last_n": req.penalty_last_n}
@@ -260,7 +260,7 @@ class Slot:
 class Generation:
     """One request's samples, drawn as one batch in a worker thread.
 
-    ``charloom.completion.run`` hands back text as each token is drawn; between two pieces the
+    ``charloom.generation.completion.run`` hands back text as each token is drawn; between two pieces the
     thread checks the cancel flag (client gone). The plan's ``max_time`` ends the run with finish
     reason ``time``. Events: ``("text", i, s)``, ``("finish", i, completion)``, ``("error", message)``
     and finally ``("end",)``. They pile up in a deque and the event loop is woken once per pile, not

@@ -3,8 +3,8 @@
 ``import torch`` takes 2-3 s on a 2-core machine, far longer than a recurrent model needs to write a
 name or a line. The common request (an LSTM or GRU checkpoint of characters, plain temperatures, a
 prompt, a length, a seed) needs none of it: the weights are read with safetensors' NumPy loader, the
-first layer's table and the head are laid out as :class:`charloom.models.stepper.RecurrentStepper`
-lays them out, and the same C kernel (``charloom.native``) steps and draws. The draws are the same:
+first layer's table and the head are laid out as :class:`charloom.generation.steppers.RecurrentStepper`
+lays them out, and the same C kernel (``charloom.kernels.native``) steps and draws. The draws are the same:
 torch's CPU generator and NumPy's legacy ``RandomState`` are both MT19937 seeded the same way, and
 ``torch.rand`` maps each 32-bit output ``u`` to ``(u & 0xFFFFFF) / 2**24``; ``tests/test_light.py``
 compares the texts with :meth:`charloom.Model.generate`'s.
@@ -17,15 +17,15 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import native
-from .checkpoint import MODEL_FILE, read_config, resolve
-from .config import ModelConfig, from_dict
-from .errors import CharloomError, CheckpointError
-from .tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
+from ..kernels import native
+from ..checkpoint import MODEL_FILE, read_config, resolve
+from ..config import ModelConfig, from_dict
+from ..errors import CharloomError, CheckpointError
+from ..text.tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
 
 
 
@@ -62,7 +62,7 @@ class Uniforms:
 
 @dataclass
 class _Tables:
-    """What :class:`charloom.native.NativeStepper` reads, as RecurrentStepper builds it, in NumPy."""
+    """What :class:`charloom.kernels.native.NativeStepper` reads, as RecurrentStepper builds it, in NumPy."""
 
     lstm: bool
     hidden: int
@@ -91,7 +91,7 @@ def _tables(weights: dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where:
     for name, w in weights.items():
         if not np.isfinite(w).all():
             raise CheckpointError(where, f"tensor {name} holds NaN or infinity", "use an earlier checkpoint")
-    # LSTM rows (i, f, g, o) -> (i, f, o, g), as charloom.native.lstm.gate_order.
+    # LSTM rows (i, f, g, o) -> (i, f, o, g), as charloom.kernels.native.lstm.gate_order.
     order = np.concatenate([np.arange(0, 2 * h), np.arange(3 * h, 4 * h), np.arange(2 * h, 3 * h)]) if lstm else np.arange(g)
     layers = []
     for i in range(cfg.layers):

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .data import Batcher, StreamBatcher, WindowBatcher
+from ..config import TrainConfig
+from ..text.encode import Batcher, StreamBatcher, WindowBatcher
 from .distributed import Runtime, resolve_device
-from .threads import CoreWatch
-from .metrics import stateful_nats, windowed_nats
-from .models import LanguageModel, lstm_bf16
+from ..kernels.threads import CoreWatch
+from ..metrics import stateful_nats, windowed_nats
+from ..models import LanguageModel, lstm_bf16
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Trainer:
         self.listener = listener or Listener()
         self.stop = stop or StopFlag()
         self.val_chars = val_chars if val_chars is not None else len(ids) - split
-        # Device, precision and (under torchrun) the process group; see charloom.distributed.
+        # Device, precision and (under torchrun) the process group; see charloom.training.distributed.
         self.runtime = runtime or Runtime(resolve_device(cfg.device))
         self.batcher = make_batcher(ids[:split], cfg, self.runtime.rank, self.runtime.world_size)
         self.step_model = self.runtime.prepare(model, cfg, self.batcher)  # model, or DDP / compiled
@@ -131,7 +131,7 @@ class Trainer:
         self._threads_between_steps: int | None = None  # set while steps run torch on one thread (see fit)
         self.threads_used: list[tuple[int, int]] = []  # (step, threads) each time fit starts or changes them
         # What runs the recurrence in training steps, once fit has chosen: "bf16" (models/lstm_bf16.py),
-        # "native" (charloom.native.lstm, float32) or "torch" (the model's own layers).
+        # "native" (charloom.kernels.native.lstm, float32) or "torch" (the model's own layers).
         self.recurrent_kernel = "torch"
         self.diverge_above = max(10.0, DIVERGED_FACTOR * math.log(max(2, model.vocab_size)))
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
@@ -299,7 +299,7 @@ class Trainer:
         if not native:
             return self._fit()
         # One-layer LSTMs (the book's, and the default preset's below 5M chars) train on the native
-        # kernel (charloom.native.lstm), whose threads need the cores: torch runs the rest of each
+        # kernel (charloom.kernels.native.lstm), whose threads need the cores: torch runs the rest of each
         # step on one thread, since its OpenMP workers keep spinning on the other cores after every
         # parallel op (whole steps ran 20-50% slower).
         # Evaluations and the epoch's end (samples, checkpoints) get all threads back.

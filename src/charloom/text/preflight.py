@@ -25,7 +25,7 @@ try:
 except ImportError:  # Windows: no resource module and no address-space limit to read, so that check is skipped
     resource = None
 
-from .errors import CharloomError
+from ..errors import CharloomError
 
 PREPARE_BYTES_PER_BYTE = 26  # peak bytes of memory per corpus byte while reading and encoding in memory
 STREAMING_BYTES_PER_BYTE = 2  # the memory-mapped ids of a streamed char corpus (uint8 or uint16 per char)

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..native.lstm import gate_order
-from .base import LanguageModel
-from .cache import Cache
-from .mogrifier import MogrifierLM, mog_rounds, transposed_rounds
-from .rnn import RecurrentLM
+from ..kernels.native.lstm import gate_order
+from ..models.base import LanguageModel
+from ..models.cache import Cache
+from ..models.mogrifier import MogrifierLM, mog_rounds, transposed_rounds
+from ..models.rnn import RecurrentLM
 
 
 class RecurrentStepper:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import platformdirs
 
-from .errors import CharloomError
+from ..errors import CharloomError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

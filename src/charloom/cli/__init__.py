@@ -1,0 +1,5 @@
+"""The command line: ``charloom train | generate | evaluate | serve | ...`` (commands) and its options (parser)."""
+
+from .commands import main
+
+__all__ = ["main"]
