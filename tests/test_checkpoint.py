@@ -50,8 +50,9 @@ def test_flipped_byte_is_refused(tiny_run, tmp_path):
 
 
 def test_missing_run_is_refused(tmp_path):
-    with pytest.raises(CheckpointError):
+    with pytest.raises(charloom.CharloomError, match="no such run") as missing:
         charloom.load(tmp_path / "none")
+    assert missing.value.exit_code == 2 and not isinstance(missing.value, CheckpointError)  # a wrong path: usage
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         charloom.load(tmp_path / "empty")

@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,34 @@ def _non_finite(tensors: Any, prefix: str = "") -> str:
     return ""
 
 
+MAX_JSON_BYTES = 64 << 20  # config, tokenizer (a BPE vocabulary is a few MB), manifest, index
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, refused (one line, exit 3) unless it is a regular file.
+
+    A FIFO would block the load forever and a link to ``/dev/zero`` would fill memory; a symbolic link
+    as the last component is refused too, so a checkpoint cannot point outside itself. ``O_NONBLOCK``
+    makes opening a FIFO return at once, so the check can refuse it."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "missing", "the checkpoint is incomplete; use another one") from None
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+        raise CheckpointError(str(path), why, "a checkpoint holds regular files only; use another one") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(str(path), "is not a regular file", "a checkpoint holds regular files only; use another one")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(_open_regular(path), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -120,11 +146,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    with os.fdopen(_open_regular(path), "rb") as fh:
+        raw = fh.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(str(path), f"is larger than {MAX_JSON_BYTES >> 20} MB, more than charloom ever writes",
+                              "the file is damaged or not charloom's; use another checkpoint")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(str(path), "missing", "the checkpoint is incomplete; use another one") from None
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(str(path), "is nested too deeply", "the file is damaged or not charloom's; use another checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(str(path), f"not valid JSON ({exc.__class__.__name__})", "the file is damaged; use another checkpoint") from None
 
@@ -154,7 +184,12 @@ class RunDir:
     def index(self) -> dict[str, Any]:
         """The index of checkpoints, or {} when none has been written yet."""
         path = self.checkpoints / INDEX_FILE
-        return _read_json(path) if path.exists() else {}
+        if not os.path.lexists(path):
+            return {}
+        index = _read_json(path)
+        if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+            raise CheckpointError(str(path), "is not an index of checkpoints", "the run is damaged; give a checkpoint directory instead")
+        return index
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Add a row to metrics.csv (header written with the first row)."""
@@ -261,8 +296,8 @@ def resolve(path: str | os.PathLike, which: str = "best") -> Path:
     if (p / MANIFEST_FILE).is_file() or (p / MODEL_FILE).is_file():
         return p
     run = RunDir(p)
-    if not p.exists():
-        raise CheckpointError(str(p), "no such run or checkpoint directory", "give the directory that charloom train printed")
+    if not p.exists():  # a wrong path is a usage error (exit 2), not a damaged checkpoint
+        raise CharloomError(str(p), "no such run or checkpoint directory", "give the directory that charloom train printed")
     index = run.index()
     name = index.get(which) or index.get("last")
     if not name:
@@ -276,9 +311,12 @@ def verify(ckpt: Path) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise CheckpointError(str(ckpt / MANIFEST_FILE), "lists no model file", "the checkpoint is damaged; use another one")
+    unlisted = [name for name in (CONFIG_FILE, TOKENIZER_FILE) if name not in files]
+    if unlisted:  # every file a load reads must be covered by a checksum
+        raise CheckpointError(str(ckpt / MANIFEST_FILE), f"does not list {unlisted[0]}", "the checkpoint is damaged; use another one")
     for fname, digest in files.items():
         fpath = ckpt / fname
-        if Path(fname).name != fname or not fpath.is_file():
+        if Path(fname).name != fname or not os.path.lexists(fpath):  # a FIFO or a link is refused when hashed
             raise CheckpointError(str(fpath), "missing", "the checkpoint is incomplete; use another one")
         if _sha256(fpath) != digest:
             raise CheckpointError(str(fpath), "checksum does not match manifest.json", "the file is damaged; use another checkpoint")
@@ -291,7 +329,10 @@ def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     config = _read_json(ckpt / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
         raise CheckpointError(str(ckpt / CONFIG_FILE), "unknown checkpoint format", "upgrade charloom or use another checkpoint")
-    return config, _read_json(ckpt / TOKENIZER_FILE)
+    tokenizer = _read_json(ckpt / TOKENIZER_FILE)
+    if not isinstance(tokenizer, dict):
+        raise CheckpointError(str(ckpt / TOKENIZER_FILE), "is not a tokenizer description (a JSON object)", "use another checkpoint")
+    return config, tokenizer
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:

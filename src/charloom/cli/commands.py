@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -142,7 +143,7 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
-    from ..generation.completion import sample_config
+    from ..generation.options import sample_config
     from ..insight import ReportOptions, build_report
     from ..insight.report import SWEEP_TEMPERATURES
 
@@ -225,6 +226,17 @@ def _cmd_completion(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) ->
     return 0
 
 
+def _silence(stream: TextIO) -> None:
+    """Point a closed pipe's descriptor at /dev/null, so the interpreter's flush at exit finds no broken pipe."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file (a test's StringIO)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 COMMANDS = {"train": _cmd_train, "generate": cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve,
             "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons, "export": _cmd_export,
             "completion": _cmd_completion}
@@ -261,6 +273,9 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     except KeyboardInterrupt:
         print("charloom: interrupted", file=stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`charloom generate ... | head`): what it wanted was written
+        _silence(stdout)
+        return 0
     except OSError as exc:  # e.g. the disk filled while writing logs
         print(f"charloom: {exc.filename or 'I/O'}: {exc.strerror or exc}; check free disk space and permissions", file=stderr)
         return 2
@@ -268,5 +283,3 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
         print("charloom: out of memory: the allocation failed before the work was done; "
               "use a smaller corpus, batch or model, or raise the memory limit", file=stderr)
         return 2
-    except BrokenPipeError:
-        return 0

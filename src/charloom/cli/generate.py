@@ -16,6 +16,9 @@ from typing import Any, Callable, TextIO
 from ..config import MAX_GENERATED_TOKENS, SampleConfig
 from ..errors import CharloomError
 
+# Characters of the conversation each interactive turn re-reads: far beyond what a recurrent model's state
+# keeps (the default recipe trains on 64-128 character sequences), and a fixed cost per turn.
+INTERACTIVE_CONTEXT = 4096
 RUNS = Path("runs")  # where train puts a run without --out (training.run.default_run_dir); generate's default
 
 
@@ -131,19 +134,20 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
             return 0
         args.run_dir = run_dir  # found once: the full path below does not say it again
     from .. import api
-    from ..generation.completion import GENERATE_KEYWORDS, check_options, sample_config
+    from ..generation.options import generate_config, sample_config, split_options
 
     # Check every argument before loading the model, so bad input fails fast.
     if not args.temperature:
         raise CharloomError("--temperature", "no temperature given", "give one or more, e.g. 0.5 or 0.2,0.5,1.0")
-    sampling = {k: v for k, v in options.items() if k not in GENERATE_KEYWORDS}
+    generating, sampling = split_options(options)
     for t in args.temperature:
         sample_config(t, **sampling)
+    generate_config(len(args.temperature), num_samples=args.num_samples, num_beams=args.num_beams,
+                    logprobs=args.logprobs, **generating)
     if args.logprobs is not None and args.format != "jsonl":
         raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
     run_dir = args.run_dir if args.run_dir is not None else _newest_run(stderr)
     model = api.load(run_dir, which=args.checkpoint, cache=args.cache)
-    check_options(args.length, args.num_samples, args.num_beams, args.logprobs, args.max_time, options["stop"])
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
     echo = "" if args.no_echo else (prompt.lower() if model.train_config.lowercase else prompt)
@@ -170,15 +174,22 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
 INTERACTIVE_HELP = ("type a prompt and press Enter; an empty line continues the text; "
                     "/temp T sets the temperature, /length N the length, /reset forgets the text, /quit ends")
 
+
 def _interactive(model: Any, args: argparse.Namespace, options: dict[str, Any], out: SafeWriter, stdin: TextIO) -> int:
-    """The REPL: each turn continues the whole conversation so far (the model re-reads it)."""
-    from ..generation.completion import check_options, sample_config
+    """The REPL: each turn continues the conversation so far (the model re-reads its last
+    INTERACTIVE_CONTEXT characters, so a long session does not slow down turn by turn). Ctrl-C stops a
+    turn, or clears the line at the prompt; Ctrl-D, /quit or /exit ends the session."""
+    from ..generation.options import generate_config, sample_config
 
     temperature, context, turn = args.temperature[0], "", 0
     out.write(f"charloom interactive: {INTERACTIVE_HELP}\n")
     while True:
         out.write("> ")
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
         if not line:
             out.write("\n")
             return 0
@@ -200,7 +211,7 @@ def _interactive(model: Any, args: argparse.Namespace, options: dict[str, Any], 
                 out.write(f"(temperature {temperature})\n")
                 continue
             if command == "/length":
-                check_options(int(value), 1, 1, None, 0, ())
+                generate_config(length=int(value))
                 options["length"] = int(value)
                 out.write(f"(length {options['length']})\n")
                 continue
@@ -211,11 +222,15 @@ def _interactive(model: Any, args: argparse.Namespace, options: dict[str, Any], 
             seed = None if args.seed is None else args.seed + turn
             pieces = model.stream(context + text, temperature=temperature, **{**options, "seed": seed})
             generated = []
-            for piece in pieces:
-                generated.append(piece)
-                out.write(piece)
+            try:
+                for piece in pieces:
+                    generated.append(piece)
+                    out.write(piece)
+            except KeyboardInterrupt:  # this turn ends; the session and what was written stay
+                out.write(" (stopped)")
             out.write("\n")
             context += (text.lower() if model.train_config.lowercase else text) + "".join(generated)
+            context = context[-INTERACTIVE_CONTEXT:]
             turn += 1
         except ValueError:
             out.write(f"cannot read {value!r}; {INTERACTIVE_HELP}\n")
