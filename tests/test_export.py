@@ -156,7 +156,7 @@ def test_bad_format_and_missing_packages_are_one_line_errors(tiny_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "charloom[export]" in err[1]
     assert not (tmp_path / "o" / "model.onnx").exists()
-    assert main(["export", str(tmp_path / "nothing")]) == 3
+    assert main(["export", str(tmp_path / "nothing")]) == 2  # a directory that does not exist is a usage error
 
 
 def test_export_runs_on_a_copy_and_leaves_the_model_alone(tmp_path):
@@ -164,3 +164,19 @@ def test_export_runs_on_a_copy_and_leaves_the_model_alone(tmp_path):
     model.net.train()
     export_model(model.net, model.tokenizer.to_dict(), model.config, "numpy", tmp_path)
     assert model.net.training  # the export ran on a copy
+
+
+def test_sampler_bounds_are_charlooms_and_refused_outside():
+    """The NumPy sampler cannot import charloom: its ranges are written from the option table at export
+    time, and the copy in charloom's tree is that same line."""
+    from charloom.export import npsampler, sampler_source
+    from charloom.generation.options import sampler_bounds
+
+    assert npsampler.BOUNDS == sampler_bounds()
+    assert f"\nBOUNDS = {sampler_bounds()!r}\n" in sampler_source()
+    for name, bad in [("temperature", -0.5), ("temperature", float("nan")), ("top_k", -1), ("top_k", 2.5),
+                      ("top_p", 0.0), ("top_p", 1.5), ("length", 0)]:
+        with pytest.raises(ValueError, match=name.replace("_", "-")):
+            npsampler.check(name, bad)
+    npsampler.check("top_p", 1.0)
+    npsampler.check("temperature", 0)

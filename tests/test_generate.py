@@ -64,3 +64,27 @@ def test_windowed_generation_rereads_last_window_on_the_reference_path(fake_mode
     fake_model.forward = spy
     run(fake_model, list(range(10)), 5, [0.0], [1], window=4, fast=False)
     assert [c[0] for c in calls] == [4, 4, 4, 4, 4] and all(c[1] is None for c in calls)
+
+
+def test_a_plan_is_frozen_and_its_run_returns_the_completions(tiny_run):
+    import dataclasses
+
+    import pytest
+
+    import charloom
+    from charloom.generation.completion import complete, make_plan, run
+
+    model = charloom.load(tiny_run)
+    plan = make_plan(model, "the ", temperature=[0.5, 1.0], length=12, num_samples=2, seed=3, stop=["zz"])
+    assert plan.rows == 4 and plan.row_temps == (0.5, 0.5, 1.0, 1.0) and plan.lanes == (0, 1, 0, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.seed = 4  # type: ignore[misc]
+    drawn = run(plan, pieces=True)
+    pieces = ["" for _ in range(plan.rows)]
+    for row, text in drawn:
+        pieces[row] += text
+    assert [c.text for c in drawn.completions] == pieces
+    assert [c.seed for c in drawn.completions] == [3, 4, 3, 4]
+    # The same plan run again, to the end without pieces, draws the same texts: nothing was left in it.
+    assert [c.text for c in complete(plan)] == pieces
+    assert pieces == [c.text for c in model.generate("the ", temperature=[0.5, 1.0], length=12, num_samples=2, seed=3, stop=["zz"])]

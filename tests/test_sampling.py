@@ -1,6 +1,7 @@
 """Sampling against the book's numpy reweighting and the invariants of each processor."""
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -101,3 +102,89 @@ def test_noise_lanes_depend_only_on_seed():
 def test_config_refuses_bad_values(kwargs):
     with pytest.raises(ConfigError):
         SampleConfig(**kwargs).validate()
+
+
+# -- one table: every layer takes its ranges from the option's field ----------------------------------
+
+def _outside(bound):
+    """Values just outside ``bound`` (and a bool, never a number here)."""
+    step = 1 if bound.whole else 1e-6
+    values = [True]
+    if bound.low is not None:
+        values.append(bound.low if bound.low_open else bound.low - step)
+    if bound.high is not None:
+        values.append(bound.high if bound.high_open else bound.high + step)
+    if bound.whole:
+        values.append(1.5)
+    else:
+        values.append(math.nan)
+    return values
+
+
+BOUNDED = [f for f in fields(SampleConfig) if "bound" in f.metadata]
+
+
+@pytest.mark.parametrize("f", BOUNDED, ids=lambda f: f.name)
+def test_config_refuses_what_the_bound_refuses_and_names_the_field(f):
+    bound = f.metadata["bound"]
+    for value in _outside(bound):
+        with pytest.raises(ConfigError) as info:
+            SampleConfig(**{f.name: value}).validate()
+        assert info.value.field == f.name and bound.describe() in str(info.value)
+
+
+@pytest.mark.parametrize("name, factory", [("top_k", sampling.top_k), ("top_p", sampling.top_p), ("min_p", sampling.min_p),
+                                           ("typical_p", sampling.typical_p), ("repetition_penalty", sampling.repetition_penalty),
+                                           ("no_repeat_ngram_size", sampling.no_repeat_ngram), ("temperature", sampling.temperature)])
+def test_processor_factories_refuse_what_the_config_refuses(name, factory):
+    bound = next(f for f in fields(SampleConfig) if f.name == name).metadata["bound"]
+    for value in _outside(bound):
+        with pytest.raises(ValueError):
+            factory(value)
+
+
+def test_cli_help_states_each_bound():
+    from charloom.cli.parser import build_parser
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    helps = {a.dest: a.help for a in generate._actions}
+    for f in BOUNDED:
+        if f.name != "temperature":  # --temperature takes a list; its bound is checked per value
+            assert f.metadata["bound"].describe() in helps[f.name], f.name
+
+
+def test_server_schema_takes_the_bounds_from_the_table():
+    pytest.importorskip("fastapi")
+    from charloom.generation.options import option
+    from charloom.server.openai import CompletionRequest
+
+    schema = CompletionRequest.model_json_schema()["properties"]
+    names = {"max_tokens": "length", "n": "num_samples"}
+    keys = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    checked = 0
+    for field_name, prop in schema.items():
+        name = names.get(field_name, field_name)
+        try:
+            meta = option(name).metadata
+        except KeyError:
+            continue
+        if "bound" not in meta:
+            continue
+        limits = (meta.get("api") or meta["bound"]).limits()
+        shown = prop if "anyOf" not in prop else next(p for p in prop["anyOf"] if p.get("type") != "null")
+        assert {keys[k]: v for k, v in limits.items()} == {v: shown[v] for v in keys.values() if v in shown}, field_name
+        checked += 1
+    assert checked >= 12
+
+
+def test_generate_options_are_checked_once_with_the_flag_and_fix():
+    from charloom.errors import CharloomError
+    from charloom.generation.options import generate_config
+
+    for kwargs, flag in [(dict(length=0), "--length"), (dict(num_samples=-1), "--num-samples"), (dict(num_beams=0), "--num-beams"),
+                         (dict(logprobs=-1), "--logprobs"), (dict(max_time=math.inf), "--max-time"), (dict(stop=[""]), "--stop"),
+                         (dict(seed=2**63 - 1, num_samples=1), "--seed"), (dict(unknown="guess"), "--unknown"),
+                         (dict(length=10**7, num_samples=2), "--length")]:
+        with pytest.raises(CharloomError) as info:
+            generate_config(**kwargs)
+        assert info.value.what == flag and info.value.fix and "\n" not in info.value.message, kwargs

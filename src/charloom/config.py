@@ -39,11 +39,68 @@ AUTO_HELP = ("'auto' settings are chosen by the default recipe from the size of 
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used; ``field`` names it, the message says the fix."""
+    """A configuration value that cannot be used; ``field`` names it, the message (or ``fix``) says the fix."""
 
-    def __init__(self, field_name: str, message: str) -> None:
-        self.field = field_name
+    def __init__(self, field_name: str, message: str, fix: str = "") -> None:
+        self.field, self.fix = field_name, fix
         super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric option accepts: a whole or a finite number, within ``low``..``high`` (each end
+    open or closed, None = unbounded). Config validation, the CLI, the server schema and the NumPy
+    exporter all read an option's bound from its field (``bound``; ``api``: the server's narrower one)."""
+
+    whole: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is a number of the right kind inside the bound (bools and NaN never are)."""
+        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low_ok and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def describe(self) -> str:
+        """The bound in words: ``a whole number >= 1``, ``a number in (0, 1]``, ``a finite number``."""
+        kind = "a whole number" if self.whole else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{'a whole number' if self.whole else 'a number'} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return kind
+
+    def check(self, name: str, value: Any, note: str = "") -> Any:
+        """``value`` if accepted, else ConfigError(name) saying what it must be; ``note`` follows the bound."""
+        if not self.accepts(value):
+            raise ConfigError(name, f"must be {self.describe()}{note}, got {value!r}")
+        return value
+
+    def limits(self) -> dict[str, float]:
+        """The bound as pydantic ``Field`` keywords (``ge``/``gt``/``le``/``lt``)."""
+        out: dict[str, float] = {}
+        if self.low is not None:
+            out["gt" if self.low_open else "ge"] = self.low
+        if self.high is not None:
+            out["lt" if self.high_open else "le"] = self.high
+        return out
+
+
+def check_bounds(obj: Any) -> None:
+    """Check every field of dataclass ``obj`` that carries a ``bound`` (None passes where it is the default)."""
+    for f in fields(obj):
+        bound = f.metadata.get("bound")
+        value = getattr(obj, f.name)
+        if bound is not None and not (value is None and f.default is None):
+            bound.check(f.name, value, f.metadata.get("note", ""))
 
 
 # The continuous cache's settings, a test-time option (see charloom.models.cache): chosen on text no
@@ -167,6 +224,7 @@ class TrainConfig:
         return self
 
 
+TEMPERATURE = Bound(low=0.0)  # any finite T >= 0; 0 = greedy (argmax)
 SAMPLER_STAGES = ("penalties", "temperature", "top_k", "top_p", "min_p", "typical_p")
 DEFAULT_SAMPLERS = ",".join(SAMPLER_STAGES)
 
@@ -180,16 +238,17 @@ class SampleConfig:
     top-k, top-p, min-p, typical-p).
     """
 
-    temperature: float = field(default=1.0, metadata=_help("softmax temperature: 0 = greedy, <1 safer, >1 wilder"))
-    top_k: int = field(default=0, metadata=_help("keep only the k most likely tokens (0 = off)"))
-    top_p: float = field(default=1.0, metadata=_help("keep the smallest set of tokens whose probability reaches p (1 = off)"))
-    min_p: float = field(default=0.0, metadata=_help("drop tokens less likely than min-p times the likeliest one (0 = off)"))
-    typical_p: float = field(default=1.0, metadata=_help("locally typical sampling: keep the tokens closest to the entropy, up to this mass (1 = off)"))
-    repetition_penalty: float = field(default=1.0, metadata=_help("divide positive (multiply negative) logits of tokens seen in the last N by this (1 = off, >1 repeats less)"))
-    frequency_penalty: float = field(default=0.0, metadata=_help("subtract this times a token's count in the last N tokens (0 = off)"))
-    presence_penalty: float = field(default=0.0, metadata=_help("subtract this from tokens that occur in the last N tokens (0 = off)"))
-    penalty_last_n: int = field(default=64, metadata=_help("the N of the three penalties above: how many recent tokens they look at (0 = all)"))
-    no_repeat_ngram_size: int = field(default=0, metadata=_help("never repeat an n-gram of this many tokens (0 = off)"))
+    temperature: float = field(default=1.0, metadata=_help("softmax temperature: 0 = greedy, <1 safer, >1 wilder", bound=TEMPERATURE, note=" (0 = greedy)", api=Bound(low=0.0, high=2.0)))
+    top_k: int = field(default=0, metadata=_help("keep only the k most likely tokens (0 = off)", bound=Bound(whole=True, low=0)))
+    top_p: float = field(default=1.0, metadata=_help("keep the smallest set of tokens whose probability reaches p (1 = off)", bound=Bound(low=0.0, high=1.0, low_open=True)))
+    min_p: float = field(default=0.0, metadata=_help("drop tokens less likely than min-p times the likeliest one (0 = off)", bound=Bound(low=0.0, high=1.0)))
+    typical_p: float = field(default=1.0, metadata=_help("locally typical sampling: keep the tokens closest to the entropy, up to this mass (1 = off)", bound=Bound(low=0.0, high=1.0, low_open=True)))
+    repetition_penalty: float = field(default=1.0, metadata=_help("divide positive (multiply negative) logits of tokens seen in the last N by this (1 = off, >1 repeats less)", bound=Bound(low=0.0, low_open=True), note=" (1 = off)"))
+    # OpenAI's range for the two below is -2..2 (platform.openai.com/docs/api-reference/parameter-details).
+    frequency_penalty: float = field(default=0.0, metadata=_help("subtract this times a token's count in the last N tokens (0 = off)", bound=Bound(), api=Bound(low=-2.0, high=2.0)))
+    presence_penalty: float = field(default=0.0, metadata=_help("subtract this from tokens that occur in the last N tokens (0 = off)", bound=Bound(), api=Bound(low=-2.0, high=2.0)))
+    penalty_last_n: int = field(default=64, metadata=_help("the N of the three penalties above: how many recent tokens they look at (0 = all)", bound=Bound(whole=True, low=0)))
+    no_repeat_ngram_size: int = field(default=0, metadata=_help("never repeat an n-gram of this many tokens (0 = off)", bound=Bound(whole=True, low=0)))
     ban: tuple[str, ...] = field(default=(), metadata=_help("never generate this character or word (repeat the option for more)", kind="strings"))
     logit_bias: tuple[tuple[str, float], ...] = field(default=(), metadata=_help("add a bias to a token's logit, written TOKEN=BIAS, e.g. e=-2 (repeatable)", kind="bias"))
     samplers: str = field(default=DEFAULT_SAMPLERS, metadata=_help("the order the processors run in, comma-separated; a stage left out is off"))
@@ -197,19 +256,12 @@ class SampleConfig:
 
     def validate(self) -> "SampleConfig":
         """Refuse temperatures, cut-offs and penalties that have no meaning."""
-        check_temperature(self.temperature, "temperature")
-        _nonnegative_int(self, "top_k", "penalty_last_n", "no_repeat_ngram_size")
-        _unit_interval(self, "top_p", low_open=True)
-        _unit_interval(self, "typical_p", low_open=True)
-        _unit_interval(self, "min_p", low_open=False)
-        _finite(self, "frequency_penalty", "presence_penalty", "repetition_penalty")
-        if self.repetition_penalty <= 0:
-            raise ConfigError("repetition_penalty", f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        check_bounds(self)
         if isinstance(self.ban, str) or not all(isinstance(b, str) and b for b in self.ban):
-            raise ConfigError("ban", f"--ban takes non-empty strings, got {self.ban!r}")
+            raise ConfigError("ban", f"takes non-empty strings, got {self.ban!r}")
         for pair in self.logit_bias:
-            if len(pair) != 2 or not isinstance(pair[0], str) or not _is_number(pair[1]) or not math.isfinite(pair[1]):
-                raise ConfigError("logit_bias", f"--logit-bias takes TOKEN=BIAS with a finite bias, got {pair!r}")
+            if len(pair) != 2 or not isinstance(pair[0], str) or not Bound().accepts(pair[1]):
+                raise ConfigError("logit_bias", f"takes TOKEN=BIAS with a finite bias, got {pair!r}")
         self.sampler_order()
         self.schedule()
         return self
@@ -219,14 +271,14 @@ class SampleConfig:
         names = [n.strip().replace("-", "_") for n in self.samplers.split(",") if n.strip()]
         for n in names:
             if n not in SAMPLER_STAGES:
-                raise ConfigError("samplers", f"unknown sampler {n!r} in --samplers; use some of {DEFAULT_SAMPLERS}")
+                raise ConfigError("samplers", f"unknown sampler {n!r}; use some of {DEFAULT_SAMPLERS}")
         if len(set(names)) != len(names):
-            raise ConfigError("samplers", f"--samplers lists a stage twice: {self.samplers!r}")
+            raise ConfigError("samplers", f"lists a stage twice: {self.samplers!r}")
         active = {"top_k": self.top_k > 0, "top_p": self.top_p < 1, "min_p": self.min_p > 0, "typical_p": self.typical_p < 1,
                   "penalties": self.has_penalties, "temperature": self.temperature != 1 or bool(self.temperature_schedule)}
         for stage, on in active.items():
             if on and stage not in names:
-                raise ConfigError("samplers", f"{_flag(stage)} is set but --samplers {self.samplers!r} leaves it out; add {stage} to --samplers")
+                raise ConfigError("samplers", f"{_flag(stage)} is set but {self.samplers!r} leaves it out; add {stage} to --samplers")
         return names
 
     @property
@@ -244,39 +296,17 @@ class SampleConfig:
         try:
             values = [float(x) for x in text.split(sep) if x.strip()]
         except ValueError:
-            raise ConfigError("temperature_schedule", f"cannot read --temperature-schedule {text!r}; write 1.0,0.5,0.2 or 1.2:0.2") from None
+            raise ConfigError("temperature_schedule", f"cannot read {text!r}; write 1.0,0.5,0.2 or 1.2:0.2") from None
         if not values or (kind == "ramp" and len(values) != 2):
-            raise ConfigError("temperature_schedule", f"cannot read --temperature-schedule {text!r}; write 1.0,0.5,0.2 or 1.2:0.2")
+            raise ConfigError("temperature_schedule", f"cannot read {text!r}; write 1.0,0.5,0.2 or 1.2:0.2")
         for v in values:
             check_temperature(v, "temperature_schedule")
         return kind, values
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not _is_number(value) or not math.isfinite(value):
-            raise ConfigError(name, f"{_flag(name)} must be a finite number, got {value!r}")
-
-
-def _unit_interval(obj: Any, name: str, low_open: bool) -> None:
-    value = getattr(obj, name)
-    ok = _is_number(value) and not math.isnan(value) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
-    if not ok:
-        raise ConfigError(name, f"{_flag(name)} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
-
-
 def check_temperature(value: Any, field_name: str = "temperature") -> float:
-    """Return ``value`` as a float if it is a usable temperature (finite, >= 0), else raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(field_name, f"temperature must be a number, got {value!r}")
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise ConfigError(field_name, f"temperature must be a finite number >= 0 (0 = greedy), got {value}")
-    return float(value)
+    """Return ``value`` as a float if it is a usable temperature (SampleConfig.temperature's bound), else raise."""
+    return float(TEMPERATURE.check(field_name, value, " (0 = greedy)"))
 
 
 def _flag(name: str) -> str:

@@ -26,7 +26,8 @@ from .config import (
     from_dict,
 )
 from .errors import CharloomError, CheckpointError
-from .generation.completion import Completion, make_plan, run, run_beams, sample_config
+from .generation.completion import Completion, complete, make_plan, run
+from .generation.options import sample_config
 from .generation.light import encode_prompt
 from .generation.processors import build_pipeline, process
 from .metrics import (
@@ -89,10 +90,15 @@ class Model:
         Takes the keywords of :meth:`generate` (one temperature, one sample, no beams). Text that
         may be the start of a stop string is held back until it is known not to be one.
         """
-        plan = make_plan(self, prompt, temperature, length, 1, seed, unknown, stop, max_time, 1, None, options)
-        for _, piece in run(plan, pieces=True):
+        for name in ("num_samples", "num_beams", "logprobs"):
+            if name in options:
+                raise CharloomError(f"stream({name}=...)", "streams one sample", "use generate() for several samples, beams or log-probabilities")
+        plan = make_plan(self, prompt, temperature=temperature, length=length, seed=seed, unknown=unknown, stop=stop,
+                         max_time=max_time, **options)
+        drawn = run(plan, pieces=True)
+        for _, piece in drawn:
             yield piece
-        self.last_completion = plan["results"][0]
+        self.last_completion = drawn.completions[0]
 
     def generate(self, prompt: str = "", *, length: int = 400, temperature: float | Sequence[float] = 1.0,
                  num_samples: int = 1, seed: int | None = None, unknown: str = "error", stop: Sequence[str] = (),
@@ -109,12 +115,9 @@ class Model:
         adds log-probabilities (of the model's own distribution) with the K likeliest tokens per step.
         """
         many = not isinstance(temperature, (int, float)) or num_samples > 1 or num_beams > 1
-        plan = make_plan(self, prompt, temperature, length, num_samples, seed, unknown, stop, max_time, num_beams, logprobs, options)
-        if num_beams > 1:
-            return run_beams(plan)
-        for _ in run(plan, pieces=False):
-            pass
-        out = plan["results"]
+        plan = make_plan(self, prompt, temperature=temperature, length=length, num_samples=num_samples, seed=seed,
+                         unknown=unknown, stop=stop, max_time=max_time, num_beams=num_beams, logprobs=logprobs, **options)
+        out = complete(plan)
         return out if many else out[0]
 
     @torch.inference_mode()
@@ -125,7 +128,7 @@ class Model:
         One forward pass through the model contract (``net(idx) -> logits``), then the same
         processors generation uses, so ``reweighted`` is exactly what a draw at these settings uses.
         """
-        config = sample_config(temperature, top_k, top_p)
+        config = sample_config(temperature, top_k=top_k, top_p=top_p)
         ids = self.encode_prompt(text, unknown)
         window = self.train_config.generation_window
         idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long)  # (1, T)

@@ -26,6 +26,7 @@ from ..config import (
     TrainConfig,
     parse_duration,
 )
+from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
 
 CACHE_HELP = ("mix a continuous cache of the text already read into predictions (a test-time option; "
               "default: only if the run was trained with --cache-size)")
@@ -128,23 +129,29 @@ def _shown(value: Any) -> str:
 BOOK = {**RECIPES["book"]["model"], **RECIPES["book"]["train"]}
 
 
-def field_help(f: Field) -> str:
+def field_help(f: Field, ranged: bool = False) -> str:
     """A config field's help: its text, then its default -- or, for a field the size preset sets, the rule
-    ('auto: ...') -- and the book recipe's value where that differs."""
+    ('auto: ...') -- and the book recipe's value where that differs; ``ranged`` adds the field's bound."""
     meta = f.metadata
     default = f.default if f.default is not MISSING else None
     note = f"auto: {meta['auto']}" if "auto" in meta else f"default: {meta.get('shown', _shown(default))}"
     if f.name in BOOK and BOOK[f.name] != default:
         note += f"; book recipe: {_shown(BOOK[f.name])}"
+    if ranged and "bound" in meta:
+        note += f"; {meta['bound'].describe()}"
     return f"{meta['help']} ({note})"
 
 
-def _add_field(group: Any, f: Field) -> None:
+def _add_field(group: Any, f: Field, *, with_default: bool = False, ranged: bool = False) -> None:
     """One config field as an option. Its default is SUPPRESS: a flag not given is absent from the
-    namespace, so the library's own defaults, recipe and size preset decide it."""
-    kind = str(f.type)
-    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field_help(f), "dest": f.name}
-    if f.metadata.get("kind") == "duration":
+    namespace, so the library's own defaults, recipe and size preset decide it; ``with_default`` puts the
+    field's default in the namespace instead (a list for a repeatable option)."""
+    kind = str(f.type).replace(" | None", "")
+    default = (list(f.default) if isinstance(f.default, tuple) else f.default) if with_default else argparse.SUPPRESS
+    kwargs: dict[str, Any] = {"default": default, "help": field_help(f, ranged), "dest": f.name}
+    if "choices" in f.metadata:
+        kwargs.update(choices=list(f.metadata["choices"]))
+    elif f.metadata.get("kind") == "duration":
         kwargs.update(type=_duration, metavar="DURATION")
     elif f.metadata.get("kind") == "strings":
         kwargs.update(action="append", metavar="TEXT")
@@ -160,6 +167,8 @@ def _add_field(group: Any, f: Field) -> None:
         kwargs.update(type=float, metavar="X")
     else:
         kwargs.update(metavar="NAME")
+    if "metavar" in f.metadata:
+        kwargs.update(metavar=f.metadata["metavar"])
     group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -213,29 +222,23 @@ def _add_generate_parser(sub: Any) -> None:
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file, UTF-8 (default: none)")
     g.add_argument("--temperature", type=_float_list, default=(1.0,), metavar="T[,T...]",
                    help="softmax temperature; 0 = greedy, <1 conservative, >1 surprising; a list gives one labelled sample each (default: 1.0)")
-    g.add_argument("--length", type=int, default=400, metavar="N", help="characters (tokens) to generate (default: 400)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="random seed; the same seed gives the same text (default: random)")
-    g.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per temperature, drawn in one batch (default: 1)")
-    g.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
-                   help="prompt characters (words, for a word model) the model never saw: error, skip them, or replace them "
-                        "with a space (<unk> for a word model) (default: error)")
+    for f in fields(GenerateConfig):
+        if f.name not in ("stop", "max_time", "num_beams", "logprobs"):  # those follow, by the output options
+            _add_field(g, f, with_default=True)
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     _checkpoint_option(g)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample at this string (not printed; repeat for more; \\n is a newline) (default: none)")
-    g.add_argument("--max-time", type=_duration, default=0.0, metavar="DURATION", help="stop generating after this long, e.g. 2s (default: 0 = no limit)")
-    g.add_argument("--num-beams", type=int, default=1, metavar="K",
-                   help="beam search: print the K likeliest continuations with their log-probabilities (default: 1 = sample)")
+    for f in fields(GenerateConfig):
+        if f.name in ("stop", "max_time", "num_beams"):
+            _add_field(g, f, with_default=True)
     g.add_argument("--format", choices=["text", "jsonl"], default="text", help="text, or one JSON object per sample (default: text)")
-    g.add_argument("--logprobs", type=int, default=None, metavar="K",
-                   help="with --format jsonl: each token's log-probability and the K likeliest tokens at each step (default: off)")
+    _add_field(g, GENERATE_FIELDS["logprobs"], with_default=True)
     g.add_argument("--interactive", action="store_true",
                    help="a loop: type a prompt, the continuation streams back; empty line continues, /temp T, /length N, /reset, /quit")
     sampling = g.add_argument_group("sampling (applied in --samplers order)")
     for f in fields(SampleConfig):
         if f.name != "temperature":
-            _add_field(sampling, f)
+            _add_field(sampling, f, ranged=True)
 
 
 def _add_evaluate_serve_export(sub: Any) -> None:
@@ -312,7 +315,7 @@ def _add_insight_parsers(sub: Any) -> None:
         p.add_argument("--max-chars", type=int, default=20_000 if name == "score" else 5_000, metavar="N",
                        help=f"characters shown on the page (default: {20_000 if name == 'score' else 5_000})"
                        + ("; the score covers the whole file" if name == "score" else "; the text is cut there"))
-        p.add_argument("--unknown", choices=["error", "skip", "replace"], default="error",
+        p.add_argument("--unknown", choices=list(UNKNOWN_CHOICES), default="error",
                        help="characters the model never saw: error, skip them, or replace them with a space (default: error)")
         p.add_argument("--encoding", default="utf-8", help="text encoding of FILE (default: utf-8)")
         _checkpoint_option(p)

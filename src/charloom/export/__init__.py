@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CharloomError
+from ..generation.options import sampler_bounds
 from ..models import MODELS, LanguageModel
 from ..models.base import ExportSpec
 from . import npsampler
@@ -141,6 +142,16 @@ def _write_onnx(step: OneStep, spec: ExportSpec, vocab: int, meta: dict[str, Any
         tmp.unlink(missing_ok=True)
 
 
+def sampler_source() -> str:
+    """The NumPy sampler's source with its ``BOUNDS`` line written from charloom's option table."""
+    text = Path(npsampler.__file__).read_text(encoding="utf-8")
+    head, found, rest = text.partition("\nBOUNDS = ")
+    if not found:
+        raise CharloomError("export --format numpy", "the sampler file has no BOUNDS line",
+                            "this is a bug in charloom's exporter; please report it")
+    return f"{head}\nBOUNDS = {sampler_bounds()!r}{rest[rest.index(chr(10)):]}"
+
+
 def _write_numpy(step: OneStep, spec: ExportSpec, vocab: int, meta: dict[str, Any], path: Path) -> tuple[float, int]:
     arrays = spec.numpy_arrays()  # type: ignore[misc]
     meta = {"format": npsampler.FORMAT, "network": spec.numpy_kind, **meta}
@@ -149,7 +160,7 @@ def _write_numpy(step: OneStep, spec: ExportSpec, vocab: int, meta: dict[str, An
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta, ensure_ascii=False)), **arrays)
-        sampler_tmp.write_text(Path(npsampler.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+        sampler_tmp.write_text(sampler_source(), encoding="utf-8")
         try:
             sampler = npsampler.Sampler.load(str(tmp))
         except ValueError as exc:

@@ -17,12 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
 FORMAT = 1
+# Each option's range as (whole number?, low, high, low open?, high open?), None = unbounded. charloom
+# writes this line from its option table (charloom.generation.options) into every export; a test checks
+# that this copy matches it.
+BOUNDS = {'temperature': (False, 0.0, None, False, False), 'top_k': (True, 0, None, False, False), 'top_p': (False, 0.0, 1.0, True, False), 'length': (True, 1, None, False, False)}
+
+
+def check(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is within option ``name``'s range (BOUNDS)."""
+    whole, low, high, low_open, high_open = BOUNDS[name]
+    ok = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        ends = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name.replace('_', '-')} must be {'a whole' if whole else 'a finite'} number in {ends}, got {value!r}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -156,8 +172,8 @@ class Sampler:
     def stream(self, prompt: str = "", *, length: int = 400, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, unknown: str = "error") -> Iterator[str]:
         """Yield the continuation of ``prompt`` one character at a time."""
-        if temperature < 0 or not np.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("length", length)):
+            check(name, value)
         ids = self.encode(prompt, unknown) or [self.index.get("\n", self.index[self.replacement])]
         rng = np.random.default_rng(seed)
         history = list(ids)

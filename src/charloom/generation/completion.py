@@ -1,26 +1,27 @@
-"""From a prompt to finished texts: options checked, processors built, tokens decoded, stop strings,
-time limits, log-probabilities and beams, as :class:`Completion` objects.
+"""From a prompt to finished texts: a checked, frozen :class:`Plan`, then a run that decodes tokens, cuts at
+stop strings, keeps time limits, log-probabilities and beams, and returns :class:`Completion` objects.
 
-``generate.py`` draws token ids; this module turns them into text for :class:`charloom.Model`'s
-``generate`` and ``stream`` (and so for the CLI and the server), keeping those methods thin.
+:mod:`.engine` draws token ids; this module turns them into text for :class:`charloom.Model`'s
+``generate`` and ``stream`` (and so for the CLI and the server), keeping those methods thin. The options
+and their ranges are :mod:`.options`'.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import fields
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..config import MAX_GENERATED_TOKENS, ConfigError, SampleConfig
+from ..config import SampleConfig
 from ..errors import CharloomError
+from ..text.tokenizers import Tokenizer, UnknownSymbolsError
 from .engine import Step, StopText, beam_search, generate_steps
 from .light import resolve_seed
-from .processors import Noise, build_pipeline
-from ..text.tokenizers import Tokenizer, UnknownSymbolsError
+from .options import GenerateConfig, generate_config, sample_config, split_options
+from .processors import Noise, Processor, build_pipeline
 
 
 class Completion(str):
@@ -65,44 +66,6 @@ class Completion(str):
         return out
 
 
-SAMPLE_FIELDS = {f.name for f in fields(SampleConfig)}
-
-
-def sample_config(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, **options: Any) -> SampleConfig:
-    """A validated SampleConfig (any of its fields as keywords), with bad values turned into CharloomErrors."""
-    unknown = sorted(set(options) - SAMPLE_FIELDS)
-    if unknown:
-        raise CharloomError(f"option {unknown[0]!r}", "unknown", f"use one of {', '.join(sorted(SAMPLE_FIELDS | GENERATE_KEYWORDS))}")
-    if isinstance(options.get("ban"), str):
-        options["ban"] = (options["ban"],)
-    if isinstance(options.get("logit_bias"), dict):
-        options["logit_bias"] = tuple(options["logit_bias"].items())
-    try:
-        return SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, **options).validate()
-    except ConfigError as exc:
-        raise CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom generate --help") from None
-
-
-
-# Generation keywords beside SampleConfig's fields; each is also a `charloom generate` flag.
-GENERATE_KEYWORDS = {"length", "num_samples", "seed", "unknown", "stop", "max_time", "num_beams", "logprobs"}
-
-
-def check_options(length: int, num_samples: int, num_beams: int, logprobs: int | None,
-                  max_time: float, stop: Sequence[str]) -> None:
-    """Refuse generation settings that have no meaning, naming the flag."""
-    for name, value, low in (("length", length, 1), ("num_samples", num_samples, 1), ("num_beams", num_beams, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise CharloomError("--" + name.replace("_", "-"), f"must be a whole number >= {low}, got {value!r}",
-                                f"ask for at least {low}")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
-        raise CharloomError("--logprobs", f"must be a whole number >= 0, got {logprobs!r}", "give how many top tokens to report, e.g. 5")
-    if isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or not (max_time >= 0) or math.isinf(max_time):
-        raise CharloomError("--max-time", f"must be a finite number of seconds >= 0, got {max_time!r}", "use e.g. 2.5 (0 = no limit)")
-    if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
-        raise CharloomError("--stop", f"takes a list of non-empty strings, got {stop!r}", "give e.g. stop=['\\n\\n']")
-
-
 def token_options(tokenizer: Tokenizer, cfg: SampleConfig, lowercase: bool) -> tuple[list[list[int]], dict[int, float]]:
     """``ban`` and ``logit_bias`` as token ids."""
     ban_ids = []
@@ -122,128 +85,192 @@ def token_options(tokenizer: Tokenizer, cfg: SampleConfig, lowercase: bool) -> t
     return ban_ids, bias
 
 
-def make_plan(model: Any, prompt: str, temperature: float | Sequence[float], length: int, num_samples: int,
-              seed: int | None, unknown: str, stop: Sequence[str], max_time: float, num_beams: int,
-              logprobs: int | None, options: dict[str, Any]) -> dict[str, Any]:
-    """Check every option and build what a run of ``model`` (a :class:`charloom.Model`) needs:
-    prompt ids, rows, pipeline, seeds."""
-    temps = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+@dataclass(frozen=True)
+class Plan:
+    """One generation run, checked and ready: the prompt's ids and a row per (temperature, sample).
+
+    Row ``r`` samples at ``row_temps[r]`` with noise lane ``lanes[r]`` (seed ``seed + lanes[r]``): sample
+    ``s`` uses lane ``s`` at every temperature, so a seed gives each temperature the text it gives alone.
+    """
+
+    request: GenerateConfig
+    ids: tuple[int, ...]
+    temps: tuple[float, ...]
+    row_temps: tuple[float, ...]
+    lanes: tuple[int, ...]
+    pipeline: tuple[Processor, ...]
+    seed: int
+    net: Any  # the model's LanguageModel
+    tokenizer: Tokenizer
+    window: int  # generation_window: re-read the last N tokens each step (0 = carry state)
+
+    @property
+    def rows(self) -> int:
+        """Texts drawn side by side."""
+        return len(self.row_temps)
+
+    @property
+    def deadline(self) -> float | None:
+        """The monotonic time at which a run started now must end (None: no limit)."""
+        return time.monotonic() + self.request.max_time if self.request.max_time else None
+
+
+def make_plan(model: Any, prompt: str = "", *, temperature: float | Sequence[float] = 1.0, **options: Any) -> Plan:
+    """Check every option and plan a run of ``model`` (a :class:`charloom.Model`) on ``prompt``.
+
+    ``temperature``: one, or a list drawn side by side; ``options``: :class:`GenerateConfig` and
+    :class:`~charloom.config.SampleConfig` fields as keywords (``length``, ``num_samples``, ``top_k``...).
+    """
+    generating, sampling = split_options(options)
+    temps = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
     if not temps:
         raise CharloomError("--temperature", "no temperature given", "give one or more, e.g. 0.5 or 0.2,0.5,1.0")
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    check_options(length, num_samples, num_beams, logprobs, max_time, stop)
-    if len(temps) * max(num_samples, num_beams) * length > MAX_GENERATED_TOKENS:
-        raise CharloomError("--length", f"length x samples x temperatures is more than {MAX_GENERATED_TOKENS:,} tokens",
-                            "ask for fewer characters or samples")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63 - num_samples):
-        raise CharloomError("--seed", f"must be a whole number between -2**63 and 2**63 - 1, got {seed!r}", "use e.g. --seed 42")
+    request = generate_config(len(temps), **generating)
     for t in temps:
-        sample_config(t, **options)
-    cfg = sample_config(temps[0], **options)
-    if num_beams > 1:
-        warpers = cfg.top_k or cfg.top_p < 1 or cfg.min_p > 0 or cfg.typical_p < 1 or cfg.temperature_schedule
-        if warpers or len(temps) > 1 or temps[0] != 1.0 or num_samples > 1:
-            raise CharloomError("--num-beams", "beam search finds the likeliest text; temperature, top-k/p, min-p, typical-p "
-                                "and --num-samples do not apply", "drop them, or use --num-beams 1 to sample")
-        if num_beams > model.tokenizer.vocab_size:
-            raise CharloomError("--num-beams", f"{num_beams} beams for a vocabulary of {model.tokenizer.vocab_size}",
-                                f"use at most {model.tokenizer.vocab_size}")
-    seed = resolve_seed(seed)
-    ids = model.encode_prompt(prompt, unknown)
+        sample_config(t, **sampling)
+    cfg = sample_config(temps[0], **sampling)
+    if request.num_beams > 1:
+        _check_beams(request, cfg, temps, model.tokenizer.vocab_size)
+    seed = resolve_seed(request.seed)
+    ids = model.encode_prompt(prompt, request.unknown)
     ban_ids, bias = token_options(model.tokenizer, cfg, bool(model.train_config.lowercase))
-    # Row (t, s) = temperature t, sample s; sample s uses noise lane s (seed + s) at every temperature.
-    row_temps = [t for t in temps for _ in range(num_samples)]
+    row_temps = tuple(t for t in temps for _ in range(request.num_samples))  # temperature-major
     try:
         pipeline = build_pipeline(cfg, temperatures=row_temps, banned=model.tokenizer.banned_ids, ban_ids=ban_ids,
-                                  bias_ids=bias, vocab_size=model.tokenizer.vocab_size, prompt_length=len(ids), length=length)
+                                  bias_ids=bias, vocab_size=model.tokenizer.vocab_size, prompt_length=len(ids),
+                                  length=request.length)
     except ValueError as exc:
         raise CharloomError("--samplers", str(exc), "see charloom generate --help") from None
-    return dict(ids=ids, temps=temps, row_temps=row_temps, lanes=[s for _ in temps for s in range(num_samples)],
-                pipeline=pipeline, seed=seed, num_samples=num_samples, length=length, stop=stop,
-                max_time=float(max_time), logprobs=logprobs, num_beams=num_beams,
+    return Plan(request=request, ids=tuple(ids), temps=temps, row_temps=row_temps,
+                lanes=tuple(s for _ in temps for s in range(request.num_samples)), pipeline=tuple(pipeline), seed=seed,
                 net=model.net, tokenizer=model.tokenizer, window=model.train_config.generation_window)
 
 
-def run(plan: dict[str, Any], pieces: bool) -> Iterator[tuple[int, str]]:
-    """Drive generation; yields ``(row, text)`` as text becomes safe to show (when ``pieces``) and
-    leaves the finished rows in ``plan["results"]``."""
-    rows = len(plan["row_temps"])
-    deadline = time.monotonic() + plan["max_time"] if plan["max_time"] else None
-    steps = generate_steps(plan["net"], plan["ids"], rows=rows, max_new_tokens=plan["length"], pipeline=plan["pipeline"],
-                           noise=Noise([plan["seed"] + s for s in range(plan["num_samples"])],
-                                       chunk=min(max(plan["length"], 64), 4096)),  # one torch call per lane if it fits
-                           lanes=plan["lanes"],
-                           window=plan["window"], logprobs=plan["logprobs"])
-    matchers = [StopText(plan["stop"]) for _ in range(rows)]
-    # Byte-level tokens may end inside a character: each row's decoder holds such bytes back.
-    decoders = [plan["tokenizer"].stream_decoder() for _ in range(rows)]
-    decode_each = pieces or bool(plan["stop"])
-    drawn: list[torch.Tensor] = []
-    texts: list[list[str]] = [[] for _ in range(rows)]
-    lengths = [0] * rows  # tokens kept per row
-    reasons: list[str | None] = [None] * rows
-    lps: list[Step] = []
-    for i, step in enumerate(steps):
-        drawn.append(step.ids)
-        if plan["logprobs"] is not None:
-            lps.append(step)
-        if decode_each:
-            for r, tok in enumerate(step.ids.tolist()):
-                if reasons[r] is not None:
-                    continue
-                lengths[r] = i + 1
-                shown, hit = matchers[r].feed(decoders[r].push(tok))
-                if shown:
-                    texts[r].append(shown)
-                    if pieces:
-                        yield r, shown
-                if hit:
-                    reasons[r] = "stop"
-            if all(reasons):
+def _check_beams(request: GenerateConfig, cfg: SampleConfig, temps: Sequence[float], vocab_size: int) -> None:
+    warpers = cfg.top_k or cfg.top_p < 1 or cfg.min_p > 0 or cfg.typical_p < 1 or cfg.temperature_schedule
+    if warpers or len(temps) > 1 or temps[0] != 1.0 or request.num_samples > 1:
+        raise CharloomError("--num-beams", "beam search finds the likeliest text; temperature, top-k/p, min-p, typical-p "
+                            "and --num-samples do not apply", "drop them, or use --num-beams 1 to sample")
+    if request.num_beams > vocab_size:
+        raise CharloomError("--num-beams", f"{request.num_beams} beams for a vocabulary of {vocab_size}",
+                            f"use at most {vocab_size}")
+
+
+class Run:
+    """A sampling run of a plan, as an iterator of ``(row, text)`` pieces (shown as soon as they are safe
+    to show, when ``pieces``); once exhausted, ``completions`` holds every row's :class:`Completion`."""
+
+    def __init__(self, plan: Plan, pieces: bool) -> None:
+        self.plan = plan
+        self.completions: list[Completion] = []
+        self._steps = self._drive(pieces)
+
+    def __iter__(self) -> "Run":
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop drawing (a client went away); ``completions`` stays empty."""
+        self._steps.close()
+
+    def _drive(self, pieces: bool) -> Iterator[tuple[int, str]]:
+        plan, rows, n = self.plan, self.plan.rows, self.plan.request.length
+        deadline = plan.deadline
+        logprobs = plan.request.logprobs
+        steps = generate_steps(plan.net, plan.ids, rows=rows, max_new_tokens=n, pipeline=plan.pipeline,
+                               noise=Noise([plan.seed + s for s in range(plan.request.num_samples)],
+                                           chunk=min(max(n, 64), 4096)),  # one torch call per lane if it fits
+                               lanes=plan.lanes, window=plan.window, logprobs=logprobs)
+        matchers = [StopText(plan.request.stop) for _ in range(rows)]
+        # Byte-level tokens may end inside a character: each row's decoder holds such bytes back.
+        decoders = [plan.tokenizer.stream_decoder() for _ in range(rows)]
+        decode_each = pieces or bool(plan.request.stop)
+        drawn: list[torch.Tensor] = []
+        texts: list[list[str]] = [[] for _ in range(rows)]
+        lengths = [0] * rows  # tokens kept per row
+        reasons: list[str | None] = [None] * rows
+        lps: list[Step] = []
+        for i, step in enumerate(steps):
+            drawn.append(step.ids)
+            if logprobs is not None:
+                lps.append(step)
+            if decode_each:
+                for r, tok in enumerate(step.ids.tolist()):
+                    if reasons[r] is not None:
+                        continue
+                    lengths[r] = i + 1
+                    shown, hit = matchers[r].feed(decoders[r].push(tok))
+                    if shown:
+                        texts[r].append(shown)
+                        if pieces:
+                            yield r, shown
+                    if hit:
+                        reasons[r] = "stop"
+                if all(reasons):
+                    break
+            if deadline is not None and time.monotonic() > deadline and i + 1 < n:
+                reasons = [reason or "time" for reason in reasons]
                 break
-        if deadline is not None and time.monotonic() > deadline and i + 1 < plan["length"]:
-            for r in range(rows):
-                reasons[r] = reasons[r] or "time"
-            break
-    id_array = torch.stack(drawn, dim=1).cpu().numpy() if drawn else np.zeros((rows, 0), dtype=np.int64)  # (rows, n)
-    ids = id_array.tolist()
-    texts_whole = None if decode_each else plan["tokenizer"].decode_rows(id_array)
-    results = []
-    for r in range(rows):
-        n = lengths[r] if decode_each else len(ids[r])
-        if decode_each:
-            held, _ = matchers[r].feed(decoders[r].flush()) if reasons[r] is None else ("", False)
-            tail = held + matchers[r].flush()
-            if tail:
-                texts[r].append(tail)
-                if pieces:
-                    yield r, tail
-            text = "".join(texts[r])
-        else:
-            text = texts_whole[r]  # type: ignore[index]
-        extra: dict[str, Any] = {}
-        if plan["logprobs"] is not None:
-            token_lp = [float(s.logprob[r]) for s in lps[:n]]  # type: ignore[index]
-            extra = {"logprob": sum(token_lp), "token_logprobs": token_lp}
-            if plan["logprobs"] > 0:
-                extra["top_logprobs"] = [{plan["tokenizer"].decode([int(i)]): float(v) for i, v in
-                                          zip(s.top_ids[r].tolist(), s.top_logprobs[r].tolist())} for s in lps[:n]]  # type: ignore[index]
-        s = plan["lanes"][r]
-        results.append(Completion(text, ids[r][:n], float(plan["row_temps"][r]), plan["seed"] + s,
-                                  reasons[r] or "length", **extra))
-    plan["results"] = results
+        id_array = torch.stack(drawn, dim=1).cpu().numpy() if drawn else np.zeros((rows, 0), dtype=np.int64)  # (rows, n)
+        ids = id_array.tolist()
+        texts_whole = None if decode_each else plan.tokenizer.decode_rows(id_array)
+        results = []
+        for r in range(rows):
+            kept = lengths[r] if decode_each else len(ids[r])
+            if decode_each:
+                held, _ = matchers[r].feed(decoders[r].flush()) if reasons[r] is None else ("", False)
+                tail = held + matchers[r].flush()
+                if tail:
+                    texts[r].append(tail)
+                    if pieces:
+                        yield r, tail
+                text = "".join(texts[r])
+            else:
+                text = texts_whole[r]  # type: ignore[index]
+            results.append(Completion(text, ids[r][:kept], float(plan.row_temps[r]), plan.seed + plan.lanes[r],
+                                      reasons[r] or "length", **self._logprobs(lps[:kept], r)))
+        self.completions = results
+
+    def _logprobs(self, steps: list[Step], r: int) -> dict[str, Any]:
+        """Row ``r``'s log-probability fields of :class:`Completion` (none unless the plan asks for them)."""
+        k = self.plan.request.logprobs
+        if k is None:
+            return {}
+        token_lp = [float(s.logprob[r]) for s in steps]  # type: ignore[index]
+        extra: dict[str, Any] = {"logprob": sum(token_lp), "token_logprobs": token_lp}
+        if k > 0:
+            decode = self.plan.tokenizer.decode
+            extra["top_logprobs"] = [{decode([int(i)]): float(v) for i, v in zip(s.top_ids[r].tolist(), s.top_logprobs[r].tolist())}  # type: ignore[index]
+                                     for s in steps]
+        return extra
 
 
-def run_beams(plan: dict[str, Any]) -> list[Completion]:
+def run(plan: Plan, pieces: bool = True) -> Run:
+    """Start sampling ``plan``: iterate the returned :class:`Run` for its pieces, then read ``.completions``."""
+    return Run(plan, pieces)
+
+
+def complete(plan: Plan) -> list[Completion]:
+    """Every completion of ``plan``, drawn to the end: its samples, or with ``num_beams > 1`` its beams, best first."""
+    if plan.request.num_beams > 1:
+        return run_beams(plan)
+    drawn = run(plan, pieces=False)
+    for _ in drawn:
+        pass
+    return drawn.completions
+
+
+def run_beams(plan: Plan) -> list[Completion]:
     """Beam search for ``plan``: its ``num_beams`` likeliest continuations, best first."""
-    deadline = time.monotonic() + plan["max_time"] if plan["max_time"] else None
-    found = beam_search(plan["net"], plan["ids"], beams=plan["num_beams"], max_new_tokens=plan["length"],
-                        pipeline=plan["pipeline"], window=plan["window"],
+    deadline = plan.deadline
+    found = beam_search(plan.net, plan.ids, beams=plan.request.num_beams, max_new_tokens=plan.request.length,
+                        pipeline=plan.pipeline, window=plan.window,
                         out_of_time=(lambda: time.monotonic() > deadline) if deadline is not None else None)
     out = []
     for ids, score, token_lp in zip(found.ids.tolist(), found.scores.tolist(), found.token_logprobs.tolist()):
-        matcher = StopText(plan["stop"])
-        text, hit = matcher.feed(plan["tokenizer"].decode(ids))
+        text, hit = StopText(plan.request.stop).feed(plan.tokenizer.decode(ids))
         reason = "stop" if hit else ("time" if found.timed_out else "length")
-        out.append(Completion(text, ids, 1.0, plan["seed"], reason, float(score), token_lp))
+        out.append(Completion(text, ids, 1.0, plan.seed, reason, float(score), token_lp))
     return out

@@ -2,7 +2,8 @@
 
 A processor is ``(history: LongTensor[B, t], logits: FloatTensor[B, V]) -> FloatTensor[B, V]`` and
 never changes its input in place. Removed tokens get ``-inf``; every processor keeps at least one
-token per row. The definitions follow Hugging Face transformers' logits processors (temperature,
+token per row. A factory accepts exactly the values its SampleConfig field accepts (the field's bound,
+:mod:`.options`), with the same "off" value (``top_k(0)`` keeps every token). The definitions follow Hugging Face transformers' logits processors (temperature,
 top-k, top-p, min-p, typical-p, repetition penalty, no-repeat n-gram, bad words) and OpenAI's
 frequency/presence penalties and logit bias; tests check them against independent numpy code.
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import SampleConfig, check_temperature
+from .options import option
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = float("-inf")
@@ -52,6 +54,15 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+def _checked(name: str, value: object) -> object:
+    """``value`` if SampleConfig's field ``name`` accepts it (the option table's bound), else a ConfigError."""
+    return option(name).metadata["bound"].check(name, value)
+
+
+def _identity(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
 # -- warpers: reshape the distribution ------------------------------------------------------------
 
 class Temperature:
@@ -63,7 +74,7 @@ class Temperature:
 
     def __init__(self, values: float | Sequence[float], schedule: Callable[[int], float] | None = None,
                  start: int = 0) -> None:
-        self.temps = [check_temperature(v) for v in ([values] if _number(values) else values)]  # type: ignore[union-attr]
+        self.temps = [check_temperature(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
         self.schedule, self.start = schedule, start
         self._cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
@@ -123,8 +134,9 @@ def schedule_fn(kind: str, values: Sequence[float], length: int) -> Callable[[in
 
 
 def top_k(k: int) -> Processor:
-    """Keep the k highest logits (ties at the k-th value kept, as Hugging Face does)."""
-    _check(not isinstance(k, bool) and isinstance(k, int) and k >= 1, f"top-k must be a whole number >= 1, got {k!r}")
+    """Keep the k highest logits (ties at the k-th value kept, as Hugging Face does); k = 0 keeps all."""
+    if not _checked("top_k", k):
+        return _identity
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         kk = min(k, logits.shape[-1])
@@ -136,7 +148,7 @@ def top_k(k: int) -> Processor:
 
 def top_p(p: float) -> Processor:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p."""
-    _check(_number(p) and 0.0 < p <= 1.0, f"top-p must be in (0, 1], got {p!r}")
+    _checked("top_p", p)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # Hugging Face's definition: sort ascending, drop tokens whose cumulative mass stays
@@ -153,7 +165,7 @@ def top_p(p: float) -> Processor:
 
 def min_p(p: float) -> Processor:
     """Drop tokens whose probability is below ``p`` times the likeliest token's (the top one always stays)."""
-    _check(_number(p) and 0.0 <= p <= 1.0, f"min-p must be in [0, 1], got {p!r}")
+    _checked("min_p", p)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=-1)  # (B, V)
@@ -167,7 +179,7 @@ def min_p(p: float) -> Processor:
 def typical_p(mass: float) -> Processor:
     """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprisal is closest to
     the entropy, in that order, until their probability reaches ``mass``."""
-    _check(_number(mass) and 0.0 < mass <= 1.0, f"typical-p must be in (0, 1], got {mass!r}")
+    _checked("typical_p", mass)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         logp = logits.log_softmax(dim=-1)  # (B, V)
@@ -195,7 +207,8 @@ def _recent(history: torch.Tensor, last_n: int) -> torch.Tensor:
 
 def repetition_penalty(penalty: float, last_n: int = 0) -> Processor:
     """Tokens seen in the last ``last_n`` ids (0 = all): positive logits / penalty, negative * penalty (CTRL, Keskar et al. 2019)."""
-    _check(_number(penalty) and math.isfinite(penalty) and penalty > 0, f"repetition penalty must be > 0, got {penalty!r}")
+    _checked("repetition_penalty", penalty)
+    _checked("penalty_last_n", last_n)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         seen = _recent(history, last_n)  # (B, n)
@@ -216,8 +229,9 @@ def _counts(history: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tens
 
 def frequency_presence_penalty(frequency: float, presence: float, last_n: int = 0) -> Processor:
     """OpenAI's penalties: ``logit - frequency * count - presence * (count > 0)`` over the last ``last_n`` ids."""
-    _check(_number(frequency) and _number(presence) and math.isfinite(frequency) and math.isfinite(presence),
-           f"frequency and presence penalties must be finite numbers, got {frequency!r}, {presence!r}")
+    _checked("frequency_penalty", frequency)
+    _checked("presence_penalty", presence)
+    _checked("penalty_last_n", last_n)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         seen = _recent(history, last_n)
@@ -230,8 +244,9 @@ def frequency_presence_penalty(frequency: float, presence: float, last_n: int = 
 
 
 def no_repeat_ngram(n: int) -> Processor:
-    """Ban every token that would complete an n-gram already in the history (prompt included)."""
-    _check(not isinstance(n, bool) and isinstance(n, int) and n >= 1, f"no-repeat n-gram size must be >= 1, got {n!r}")
+    """Ban every token that would complete an n-gram already in the history (prompt included); n = 0 bans none."""
+    if not _checked("no_repeat_ngram_size", n):
+        return _identity
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         t = history.shape[1]

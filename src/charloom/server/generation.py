@@ -1,0 +1,127 @@
+"""A request's generation in a worker thread, and the streaming response that cancels it when the
+client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ..errors import CharloomError
+from ..generation.completion import Completion, Plan, run
+from .openai import ApiError
+
+log = logging.getLogger("charloom.server")
+
+
+class Generation:
+    """One request's samples, drawn as one batch in a worker thread.
+
+    :func:`charloom.generation.completion.run` hands back text as each token is drawn; between two pieces
+    the thread checks the cancel flag (client gone). The plan's ``max_time`` ends the run with finish
+    reason ``time``. Events: ``("text", i, s)``, ``("finish", i, completion)``, ``("error", message)``
+    and finally ``("end",)``. They pile up in a deque and the event loop is woken once per pile, not
+    once per token, so a fast model cannot flood the loop: a reader that falls behind gets several
+    tokens per read. ``results`` holds the completions once the run has finished.
+    """
+
+    def __init__(self, plan: Plan, on_exit: Callable[[], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.plan, self.on_exit = plan, on_exit
+        self.results: list[Completion] = []
+        self.cancelled = threading.Event()
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._notified = False  # a wake-up is scheduled or the reader is awake
+        self._ready = asyncio.Event()
+
+    def start(self) -> None:
+        """Start drawing in a daemon thread."""
+        threading.Thread(target=self._run, name="charloom-generation", daemon=True).start()
+
+    def cancel(self) -> None:
+        """Stop before the next token (idempotent)."""
+        self.cancelled.set()
+
+    def _emit(self, *event: Any) -> None:
+        self._pending.append(event)
+        if not self._notified:
+            self._notified = True
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                self.cancelled.set()
+
+    async def events(self) -> list[tuple[Any, ...]]:
+        """Every event since the last call, waiting until there is at least one (event loop side)."""
+        while not self._pending:
+            self._notified = False
+            if self._pending:  # appended while the flag was still set: no wake-up is coming
+                break
+            self._ready.clear()
+            await self._ready.wait()
+        out = []
+        while self._pending:
+            out.append(self._pending.popleft())
+        return out
+
+    async def finish(self, disconnected: Callable[[], Any]) -> bool:
+        """Wait for the end of the run (for a non-streamed answer); False if ``await disconnected()`` turned
+        true first. An error event becomes a 500."""
+        while True:
+            try:
+                events = await asyncio.wait_for(self.events(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await disconnected():
+                    return False
+                continue
+            for event in events:
+                if event[0] == "error":
+                    raise ApiError(500, event[1], kind="server_error")
+                if event[0] == "end":
+                    return True
+
+    def _run(self) -> None:
+        pieces = run(self.plan, pieces=True)
+        try:
+            for row, text in pieces:
+                if self.cancelled.is_set():
+                    return
+                self._emit("text", row, text)
+                time.sleep(0)  # let the event loop thread take the GIL between tokens
+            if not self.cancelled.is_set():
+                self.results = pieces.completions
+                for i, completion in enumerate(self.results):
+                    self._emit("finish", i, completion)
+        except CharloomError as exc:
+            self._emit("error", exc.message)
+        except Exception:  # noqa: BLE001 - reported to the client as a 500-style error event
+            log.exception("generation failed")
+            self._emit("error", "internal error during generation")
+        finally:
+            pieces.close()
+            self._emit("end")
+            try:
+                self.loop.call_soon_threadsafe(self.on_exit)
+            except RuntimeError:
+                pass
+
+
+class GuardedStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends (done, error or client gone)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

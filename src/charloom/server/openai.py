@@ -1,0 +1,169 @@
+"""The server's side of OpenAI's completions API: request schemas, errors and response shapes.
+
+Every sampling and generation field's default, help and range comes from the option table
+(:mod:`charloom.generation.options`); where OpenAI's range is narrower (``temperature`` up to 2,
+penalties -2..2, ``logprobs`` up to 5, four stop strings) the table says so in its ``api`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CharloomError
+from ..generation.completion import Completion
+from ..generation.options import UNKNOWN_CHOICES, option
+from ..text.tokenizers import Tokenizer
+
+MAX_STOPS: int = option("stop").metadata["api_count"]
+# The API's names of the library's options (the rest are the same).
+API_NAMES = {"length": "max_tokens", "num_samples": "n"}
+
+
+def limited(name: str, default: Any = MISSING) -> Any:
+    """A pydantic Field for option ``name``: its default (or ``default``), help and bound (the ``api`` one if any)."""
+    f = option(name)
+    bound = f.metadata.get("api") or f.metadata["bound"]
+    return Field(f.default if default is MISSING else default, description=f.metadata["help"], **bound.limits())
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: OpenAI's shape, {"error": {"message", "type", "param", "code"}}
+# ----------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered as JSON in OpenAI's shape; ``param`` names the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers or {}
+
+    def response(self) -> JSONResponse:
+        """The error as a JSON response with its status and headers."""
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def invalid(param: str, why: str) -> ApiError:
+    """A 422 naming ``param``."""
+    return ApiError(422, f"{param}: {why}", param)
+
+
+def from_charloom_error(exc: CharloomError) -> ApiError:
+    """A library error (naming a CLI flag, ``--top-k``) as a 422 naming the API field (``top_k``)."""
+    param = exc.what.lstrip("-").replace("-", "_")
+    param = API_NAMES.get(param, param)
+    return ApiError(422, param + exc.message[len(exc.what):], param)
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    # strict: no "1" -> 1 or true -> 1; forbid: a misspelt option is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class CompletionRequest(_Strict):
+    """OpenAI's completion request, plus ``top_k``, ``min_p``, ``repetition_penalty``, ``penalty_last_n``
+    and ``unknown`` (prompt characters the model never saw)."""
+
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int = limited("length", 16)  # OpenAI's default; the server's --max-tokens caps it
+    temperature: float = limited("temperature")
+    top_p: float = limited("top_p")
+    top_k: int = limited("top_k")
+    min_p: float = limited("min_p")
+    seed: int | None = limited("seed")
+    stop: str | list[str] | None = None
+    n: int = limited("num_samples")
+    logprobs: int | None = limited("logprobs")
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    unknown: Literal[UNKNOWN_CHOICES] = "error"  # type: ignore[valid-type]
+    # OpenAI's range and formula, but OpenAI counts the tokens sampled so far, charloom the last
+    # penalty_last_n of prompt + text (docs/serving.md).
+    presence_penalty: float = limited("presence_penalty")
+    frequency_penalty: float = limited("frequency_penalty")
+    repetition_penalty: float = limited("repetition_penalty")
+    penalty_last_n: int = limited("penalty_last_n")
+    best_of: int | None = None
+    user: str | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The request's SampleConfig fields beside temperature, as keywords of the library's plan."""
+        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "penalty_last_n": self.penalty_last_n}
+
+    def stops(self) -> list[str]:
+        """``stop`` as a list, refused (422) beyond MAX_STOPS or with an empty string."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise invalid("stop", f"give up to {MAX_STOPS} non-empty stop strings")
+        return stops
+
+    def one_prompt(self) -> str:
+        """The prompt; a list must hold exactly one."""
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise invalid("prompt", f"give one prompt per request, got {len(self.prompt)}")
+            return self.prompt[0]
+        return self.prompt
+
+
+class NextRequest(_Strict):
+    """Ask for the next-token distribution after ``prompt``."""
+
+    model: str | None = None
+    prompt: str = ""
+    temperature: float = limited("temperature")
+    top_k: int = limited("top_k")
+    top_p: float = limited("top_p")
+    unknown: Literal[UNKNOWN_CHOICES] = "error"  # type: ignore[valid-type]
+    top: int | None = Field(None, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses
+# ----------------------------------------------------------------------------------------------
+
+def openai_logprobs(tokenizer: Tokenizer, completion: Completion, offset: int) -> dict[str, Any]:
+    """``completion``'s log-probabilities in OpenAI's completions shape; ``offset``: where its text starts
+    in the choice's text (after an echoed prompt). Every drawn token is listed, a stop string's too."""
+    tokens = [tokenizer.decode([i]) for i in completion.tokens]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": completion.token_logprobs, "top_logprobs": completion.top_logprobs,
+            "text_offset": offsets}
+
+
+def sse(data: Any) -> str:
+    """One Server-Sent Event carrying ``data`` (JSON, or a string such as ``[DONE]`` as it is)."""
+    return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+def usage(prompt_tokens: int, completions: list[Completion]) -> dict[str, int]:
+    """OpenAI's ``usage`` block."""
+    completion_tokens = sum(len(c.tokens) for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
