@@ -31,7 +31,7 @@ except ImportError:  # run from a checkout without installing
 
 import torch
 
-from charloom.api import available_cores
+from charloom.kernels.threads import available_cores
 from charloom.text.sources import load_corpus
 from charloom.models import MODELS
 

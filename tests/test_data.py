@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from charloom.text.encode import StreamBatcher, WindowBatcher, open_ids, write_ids
+from charloom.text.encode import open_ids, write_ids
+from charloom.training.batches import StreamBatcher, WindowBatcher
 
 
 def test_streams_continue_row_by_row():

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charloom.text.sources import load_corpus, resolve_sources, stream_text
-from charloom.text.encode import StreamBatcher, WindowBatcher, encode_to_disk, scan_corpus
+from charloom.text.encode import encode_to_disk, scan_corpus
+from charloom.training.batches import StreamBatcher, WindowBatcher
 from charloom.errors import CharloomError
 from charloom.text.tokenizers import CharTokenizer
 
@@ -175,3 +176,61 @@ def test_windows_cover_the_split_without_crossing_into_validation() -> None:
         assert int(y.max()) < split
         starts.extend(x[:, 0].tolist())
     assert sorted(starts) == list(range(0, split - seq_len, step))  # every window exactly once
+
+
+# -- prepare: each step once ---------------------------------------------------------------------
+
+def _count_opens(monkeypatch) -> list[Path]:
+    """Every file the text modules open (the streaming reads and the sha256 checks both go through open)."""
+    import builtins
+
+    from charloom.text import sources as sources_module
+
+    opened: list[Path] = []
+
+    def counting(file, *args, **kwargs):
+        opened.append(Path(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(sources_module, "open", counting, raising=False)
+    return opened
+
+
+@pytest.mark.parametrize("tokens, reads", [("word", 1), ("char", 2)])
+def test_prepare_reads_a_named_corpus_once_per_pass(tmp_path, monkeypatch, tokens, reads):
+    from charloom.config import TrainConfig
+    from charloom.text.prepare import prepare
+
+    opened = _count_opens(monkeypatch)
+    vocab = 100_000 if tokens == "word" else 0  # every training word in the vocabulary
+    prepared = prepare("nietzsche", TrainConfig(tokens=tokens, vocab_size=vocab).validate())
+    prepared.write(tmp_path / "ids.bin")
+    # word: one pass that scans, hashes and keeps the text; char: the scan, then the encoding to disk.
+    assert opened == [prepared.sources.paths[0]] * reads
+    text = load_corpus("nietzsche").text.lower()
+    assert prepared.chars == len(text) and prepared.train_chars == len(text) - round(len(text) * 0.1)
+    ids = np.fromfile(tmp_path / "ids.bin", dtype=prepared.dtype)
+    assert len(ids) == prepared.n_tokens
+    assert prepared.tokenizer.decode(ids[:prepared.split].tolist()) == text[:prepared.train_chars]
+
+
+def test_prepare_checks_a_named_copy_while_reading_it(tmp_path, monkeypatch):
+    from charloom.config import TrainConfig
+    from charloom.text.prepare import prepare
+
+    config = TrainConfig().validate()
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path / "cache"))
+    good = load_corpus("nietzsche").text
+    # A damaged cached copy is rebuilt from the package and read again.
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("CHARLOOM_DATA", str(data))
+    cached = resolve_sources("nietzsche").paths[0]
+    assert cached.parent == tmp_path / "cache"
+    cached.write_bytes(cached.read_bytes()[:1001])  # cut inside a line, as a full disk would leave it
+    assert prepare("nietzsche", config).chars == len(good)
+    assert cached.read_text(encoding="utf-8") == good
+    # A wrong copy in $CHARLOOM_DATA is refused, as named_corpus_path refuses it.
+    (data / "nietzsche.txt").write_text(good[:5000] + "x", encoding="utf-8")
+    with pytest.raises(CharloomError, match="sha256 does not match the nietzsche corpus"):
+        prepare("nietzsche", config)

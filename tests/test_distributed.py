@@ -18,7 +18,7 @@ import charloom
 from charloom.training import distributed
 from charloom.cli.commands import main
 from charloom.config import ModelConfig, TrainConfig
-from charloom.text.encode import StreamBatcher, WindowBatcher, shard_rows
+from charloom.training.batches import StreamBatcher, WindowBatcher, shard_rows
 from charloom.errors import CharloomError
 from charloom.models import build_model
 from tests.conftest import REPO, TINY_TEXT

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charloom.generation import engine as generate, processors as sampling
+from charloom.kernels import choice
 from charloom.api import Completion, Model
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
@@ -59,8 +60,8 @@ def test_fast_paths_give_the_reference_text(arch, inp, layers, rows):
 
 def torch_only(monkeypatch):
     """Keep generation in torch for the rest of the test (no native kernel at any size)."""
-    monkeypatch.setattr(generate, "NATIVE_MAX_MATRIX", 0)
-    monkeypatch.setattr(generate, "NATIVE_MAX_WORK", 0)
+    monkeypatch.setattr(choice, "NATIVE_MAX_MATRIX", 0)
+    monkeypatch.setattr(choice, "NATIVE_MAX_WORK", 0)
 
 
 @pytest.mark.parametrize("prompt_len,window", [(1, 6), (4, 6), (6, 6), (17, 6), (30, 60)])

@@ -1,4 +1,4 @@
-"""Training one-layer LSTMs with bf16 recurrent products (charloom.models.lstm_bf16): outputs and
+"""Training one-layer LSTMs with bf16 recurrent products (charloom.kernels.lstm_bf16): outputs and
 gradients close to nn.LSTM's in float32, and the trainer's choice of kernel by precision."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import charloom
-from charloom.models import lstm_bf16
-from charloom.models.lstm_bf16 import bf16_lstm
+from charloom.kernels import lstm_bf16
+from charloom.kernels.lstm_bf16 import bf16_lstm
 from tests.test_native_training import against_nn_lstm
 
 
@@ -61,7 +61,7 @@ def test_the_trainer_uses_the_kernel_as_precision_and_the_probe_say(corpus, tmp_
     model = charloom.train(corpus, out=tmp_path / "run", precision=precision, **SETTINGS)
     assert len(calls) == (6 if used else 0)  # every training step, never an evaluation
     assert bool(asked) == (precision == "auto")  # the probe decides only under auto
-    assert model.net.bf16_recurrence is False  # switched off once fit returns
+    assert (model.config["recurrent_kernel"] == "bf16") == used  # the kind the run's config records
     # It learns: below the uniform guess log(V) and lower after 6 steps than after 3.
     assert model.history[-1]["val_loss"] < model.history[0]["val_loss"] < math.log(model.net.vocab_size)
 

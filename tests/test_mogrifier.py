@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import charloom
-from charloom.kernels import native
+from charloom.kernels.choice import Recurrence
+from charloom.kernels.native import build
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
 from charloom.models import build_model
@@ -69,8 +70,7 @@ def test_the_model_on_the_kernel_equals_the_model_in_torch(kernel, inp):  # noqa
     ids = torch.randint(0, 13, (4, 10))
     net.train()
     want, (wh, wc) = net(ids)
-    net.native_threads = 2
-    got, (gh, gc) = net(ids)
+    got, (gh, gc) = net(ids, recurrence=Recurrence("native", 2))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gh, wh, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gc, wc, atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_training_is_the_same_with_and_without_the_kernel(kernel, tmp_path, tiny
     monkeypatch.setattr(charloom.kernels.native.lstm._MogrifierLSTM, "apply", lambda *a: calls.append(1) or real(*a))
     with_kernel = charloom.train(corpus, out=tmp_path / "native", **settings)
     assert len(calls) == 6  # every training step, no evaluation
-    monkeypatch.setattr(native, "_loaded", {"lib": None})  # as without a compiler
+    monkeypatch.setattr(build, "_loaded", {"lib": None})  # as without a compiler
     without = charloom.train(corpus, out=tmp_path / "torch", **settings)
     assert len(calls) == 6
     for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from charloom.generation import engine as generate, processors as sampling
-from charloom.kernels import native
+from charloom.generation import processors as sampling
+from charloom.kernels import choice, native
+from charloom.kernels.native import build
 from charloom.config import ModelConfig
 from charloom.models import build_model
 from charloom.generation.steppers import make_stepper
@@ -112,13 +113,13 @@ def test_native_numpy_and_torch_paths_give_the_same_text(kernel, arch, inp, laye
     monkeypatch.setenv("CHARLOOM_NATIVE", "0")  # numpy for a few rows, torch beyond
     assert native.library() is None
     assert torch.equal(one, ids_of(model, [1, 2, 3], 400, [0.5]))
-    monkeypatch.setattr(generate, "NUMPY_MAX_ROWS", 0)  # torch only
+    monkeypatch.setattr(choice, "NUMPY_MAX_ROWS", 0)  # torch only
     assert torch.equal(fast, ids_of(model, [1, 2, 3], 400, temps))
     assert torch.equal(one, ids_of(model, [1, 2, 3], 400, [0.5]))
 
 
 def test_without_a_compiler_there_is_no_kernel_and_generation_still_works(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path / "cache"))
     assert native.library() is None
@@ -127,14 +128,32 @@ def test_without_a_compiler_there_is_no_kernel_and_generation_still_works(monkey
 
 
 def test_the_kernel_is_built_once_into_the_cache(kernel, monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path))
     assert native.library() is not None
     built = list((tmp_path / "native").glob("rnn-*.so"))
     assert len(built) == 1 and not [p for p in (tmp_path / "native").iterdir() if p not in built]  # no temp files left
-    monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_compile", lambda cc, out: pytest.fail("compiled again"))
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_compile", lambda cc, out: pytest.fail("compiled again"))
     assert native.library() is not None
+
+
+def test_a_library_of_another_abi_version_is_rebuilt_then_refused_in_one_line(kernel, monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setenv("CHARLOOM_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "ABI_VERSION", build.ABI_VERSION + 1)  # as a stale build would disagree
+    compiled = []
+    real = build._compile
+    monkeypatch.setattr(build, "_compile", lambda cc, out: compiled.append(out) or real(cc, out))
+    assert build.library() is None and len(compiled) == 2  # built, refused, built once more, refused
+    line = native.describe()
+    assert "\n" not in line and f"ABI version {build.ABI_VERSION - 1}, this charloom speaks {build.ABI_VERSION}" in line
+
+
+def test_the_constants_python_uses_come_from_the_library(kernel):
+    lim = native.limits()
+    assert lim.max_layers >= 1 and lim.lstm_block >= 1 and lim.mog_max_rounds >= 1
+    assert lim.vector_bits in (0, 128, 256, 512)
 
 
 def test_a_stop_string_in_a_native_chunk_cuts_the_text_as_without_the_kernel(kernel, monkeypatch):
@@ -173,7 +192,7 @@ def test_threads_split_the_rows_and_draw_the_same_tokens(kernel, vocab):
 
 
 def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
-    # rnn.c's coefficients come from tools/fit_tanh.py; refitting gives the same numbers and error.
+    # fastmath.h's coefficients come from tools/fit_tanh.py; refitting gives the same numbers and error.
     import importlib.util
     import re
     from pathlib import Path
@@ -183,7 +202,7 @@ def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
     fit_tanh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit_tanh)
     p, q, _ = fit_tanh.fit()
-    source = (root / "src" / "charloom" / "kernels" / "native" / "rnn.c").read_text()
+    source = (root / "src" / "charloom" / "kernels" / "native" / "fastmath.h").read_text()
     # The two polynomials are macros that the scalar fast_tanh and the 512-bit tanh16 both expand.
     body = source[source.index("#define TANH_P(s)"):source.index("static inline float fast_tanh")]
     numbers = [float(n) for n in re.findall(r"([0-9.]+(?:e-?[0-9]+)?)f", body)]

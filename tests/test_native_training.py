@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import charloom
-from charloom.kernels import native
+from charloom.kernels.native import build
 from charloom.config import ModelConfig
 from charloom.models import build_model
 from charloom.kernels.native.lstm import kernel_order, onehot_lstm
@@ -108,7 +108,7 @@ def book_like(tmp_path, tiny_text):
 def test_the_book_recipe_trains_the_same_with_and_without_the_kernel(kernel, book_like, tmp_path, monkeypatch):  # noqa: F811
     corpus, settings = book_like
     with_kernel = charloom.train(corpus, out=tmp_path / "native", seed=3, **settings)
-    monkeypatch.setattr(native, "_loaded", {"lib": None})  # as without a compiler
+    monkeypatch.setattr(build, "_loaded", {"lib": None})  # as without a compiler
     without = charloom.train(corpus, out=tmp_path / "torch", seed=3, **settings)
     for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
@@ -126,7 +126,7 @@ def test_the_default_recipe_trains_the_same_with_and_without_the_kernel(kernel, 
     monkeypatch.setattr(charloom.kernels.native.lstm._OneHotLSTM, "apply", lambda *a: calls.append(1) or real(*a))
     with_kernel = charloom.train(corpus, out=tmp_path / "native", **settings)
     assert len(calls) == 6  # every training step, no evaluation
-    monkeypatch.setattr(native, "_loaded", {"lib": None})
+    monkeypatch.setattr(build, "_loaded", {"lib": None})
     without = charloom.train(corpus, out=tmp_path / "torch", **settings)
     assert len(calls) == 6
     for (name, a), b in zip(with_kernel.net.named_parameters(), without.net.parameters()):
@@ -139,15 +139,15 @@ def test_fit_gives_torch_its_threads_back_and_turns_the_kernel_off(kernel, book_
     seen = []
     real = charloom.models.rnn.RecurrentLM.forward
 
-    def forward(self, idx, state=None, last_only=False):
+    def forward(self, idx, state=None, last_only=False, recurrence=None):
         if self.training and torch.is_grad_enabled():
-            seen.append((self.native_threads, torch.get_num_threads()))
-        return real(self, idx, state, last_only)
+            seen.append((recurrence.kind, recurrence.threads, torch.get_num_threads()))
+        return real(self, idx, state, last_only, recurrence)
 
     monkeypatch.setattr(charloom.models.rnn.RecurrentLM, "forward", forward)
     model = charloom.train(corpus, out=tmp_path / "run", **settings)
-    assert seen and set(seen) == {(2, 1)}  # steps: the kernel on 2 threads, torch on 1
-    assert torch.get_num_threads() == 2 and model.net.native_threads == 0
+    assert seen and set(seen) == {("native", 2, 1)}  # steps: the kernel on 2 threads, torch on 1
+    assert torch.get_num_threads() == 2 and model.config["recurrent_kernel"] == "native"
 
 
 @pytest.mark.parametrize("arch,inp", [("lstm", "onehot"), ("gru", "embedding"), ("conv", "embedding"),

@@ -22,7 +22,8 @@ from charloom.generation import engine as generate_module
 from charloom.text import preflight
 from charloom.cli.commands import main
 from charloom.text.tokenizers import Tokenizer
-from tests.conftest import TINY_SETTINGS, TINY_TEXT
+from charloom.text.sources import resolve_sources
+from tests.conftest import SHARED_CORPORA, TINY_SETTINGS, TINY_TEXT
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -148,12 +149,24 @@ def test_preflight_refuses_with_the_amount_needed(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_preflight_refuses_a_named_corpus_too(tmp_path, monkeypatch):
+    # A named corpus is counted by the file it resolves to (it once counted 0 bytes, so nothing was refused).
+    size = (SHARED_CORPORA / "nietzsche.txt").stat().st_size
+    need = preflight.BASE_BYTES + preflight.STREAMING_BYTES_PER_BYTE * size
+    monkeypatch.setattr(preflight, "available_memory", lambda: (need - 1, "a test limit"))
+    code, _, err = _cli("train", "nietzsche", "--out", str(tmp_path / "run"), *TRAIN_FLAGS)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"charloom: {SHARED_CORPORA / 'nietzsche.txt'}: preparing this {size / 2**10:.1f} KiB corpus "
+                          f"needs about {need / 2**20:.1f} MiB of memory"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_preflight_counts_folders_and_reads_limits(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"x" * 1000)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_bytes(b"x" * 500)
     (tmp_path / "c.bin").write_bytes(b"x" * 7)
-    assert preflight.corpus_bytes([tmp_path, tmp_path / "a.txt", tmp_path / "missing"]) == 2500
+    assert preflight.corpus_bytes(resolve_sources([tmp_path, tmp_path / "a.txt"]).paths) == 2500
     have, what = preflight.available_memory()
     free = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
     assert 0 < have <= free and what

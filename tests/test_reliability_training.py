@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import charloom
 from charloom import checkpoint
 from charloom.cli.commands import main
-from charloom.text.encode import Batcher
+from charloom.training.batches import Batcher
 from charloom.errors import CheckpointError
 from charloom.training.trainer import Listener, StopFlag
 from tests.conftest import TINY_SETTINGS
@@ -298,8 +298,8 @@ def test_injected_nan_losses_are_skipped_then_stop(tmp_path, tiny_file, monkeypa
     calls = {"n": 0}
     original = RecurrentLM.forward
 
-    def forward(self, idx, state=None):
-        logits, state = original(self, idx, state)
+    def forward(self, idx, state=None, **kernels):
+        logits, state = original(self, idx, state, **kernels)
         if self.training:
             calls["n"] += 1
             if calls["n"] in (4, 5, 6) or calls["n"] >= 12:
@@ -339,7 +339,7 @@ def test_divergence_before_any_checkpoint_is_a_clean_error(tmp_path, tiny_file, 
     from charloom.models.rnn import RecurrentLM
 
     original = RecurrentLM.forward
-    monkeypatch.setattr(RecurrentLM, "forward", lambda self, idx, state=None: (
+    monkeypatch.setattr(RecurrentLM, "forward", lambda self, idx, state=None, **kernels: (
         original(self, idx, state)[0] * (float("nan") if self.training else 1.0), None))
     out, err = _io()
     args = [a for k, v in dict(TINY_SETTINGS, sample_temperatures="").items() for a in (f"--{k.replace('_', '-')}", str(v))]

@@ -1,7 +1,7 @@
-"""Fit the rational tanh in src/charloom/kernels/native/rnn.c: tanh(x) ~ x P(x^2) / Q(x^2), P and Q of degree 4.
+"""Fit the rational tanh in src/charloom/kernels/native/fastmath.h: tanh(x) ~ x P(x^2) / Q(x^2), P and Q of degree 4.
 
 Weighted linear least squares on 200,000 points of [1e-4, 9], reweighted (Lawson's iteration) toward
-the least maximum relative error; then the float32 error of the Horner evaluation rnn.c does. Prints
+the least maximum relative error; then the float32 error of the Horner evaluation fastmath.h does. Prints
 the coefficients (constant term first) and the errors. Run: python tools/fit_tanh.py
 """
 

@@ -8,13 +8,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TextIO
 
 from .generation.completion import Completion
 from .model import Model, NextTokens, load
-from .training.run import train
+from .training.run import ModelFactory, run_training
+from .training.trainer import StopFlag
 
 __all__ = ["Completion", "Model", "NextTokens", "export", "load", "train"]
+
+# The run driver makes and loads models through this, so it never imports charloom.model (no import back up).
+_MODELS = ModelFactory(make=Model, load_last=lambda path: load(path, which="last"))
+
+
+def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *, out: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, encoding: str = "utf-8", errors: str = "strict",
+          verbose: bool = False, progress: bool | None = None, stream: TextIO | None = None,
+          stop: StopFlag | None = None, **settings: Any) -> Model:
+    """Train a model on ``corpus`` (a named corpus, file(s) or folder(s); default: nietzsche) and return it.
+
+    ``settings`` are ModelConfig and TrainConfig fields (``recipe="book"``, ``hidden=256``,
+    ``max_time=60``...). ``resume=RUN_DIR`` continues a run from its last checkpoint. The run
+    directory (``out``, default ``runs/<corpus>-<time>``) is created only once every input is valid.
+    Under ``torchrun`` every process calls this and they train as one job (see charloom.training.distributed).
+    ``progress``: a progress bar; None shows one in a Jupyter notebook, with the loss curve at the end.
+    """
+    return run_training(corpus, _MODELS, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
+                        progress=progress, stream=stream, stop=stop, **settings)
 
 
 def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathLike | None = None,

@@ -6,7 +6,8 @@ lane of :class:`~charloom.generation.processors.Noise`, so row results do not de
 Two ways of reading the context:
 
 - carried state (our default): one model step per token, through a fused stepper
-  (``models/stepper.py``) when the architecture has one;
+  (``generation/steppers.py``) when the architecture has one, run by the native kernel, NumPy or
+  torch as :func:`charloom.kernels.choice.generation_stepper` decides;
 - a window (the book's recipe): the model is re-run from zero state on the last ``W`` tokens for
   every new token. Re-running the window equals keeping ``W`` staggered runs that each advance one
   token per step in one batched call: run ``j`` started at a position ``= j (mod W)``; the run that
@@ -19,18 +20,19 @@ be starting.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..kernels import native
+from ..kernels.choice import Stepping, generation_stepper
+from ..kernels.native import NativeStepper, sample_chunks
+from ..kernels.threads import one_torch_thread
 from ..models import LanguageModel
 from ..models.base import tree_map
 from .steppers import CachedStepper, NumpyStepper, make_stepper
-from ..kernels.native import THREADED_CHUNK, NativeStepper, sample_chunks
 from .processors import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
@@ -45,59 +47,11 @@ class Step:
     top_logprobs: torch.Tensor | None = None
 
 
-# Steps run outside torch where that is faster. First choice: the native kernel (charloom.kernels.native, one
-# C call per chunk of tokens) for any number of rows while every weight matrix has at most
-# NATIVE_MAX_MATRIX elements (a 512 x 2048 LSTM matrix; measured with 64-1024 rows of 1x128-2x512
-# LSTMs on 2 threads: 1.1-1.5x torch), and for larger matrices up to NATIVE_MAX_WORK multiply-adds
-# per step over all rows (a 1024-wide LSTM at 64 rows ran at 0.55-0.67x torch). Without a compiler:
-# numpy, up to NUMPY_MAX_ROWS rows and weight matrices of NUMPY_MAX_MATRIX elements (beyond,
-# OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
-NATIVE_MAX_MATRIX = 1 << 20
-NATIVE_MAX_WORK = 1 << 23
-NUMPY_MAX_ROWS = 4
-NUMPY_MAX_MATRIX = 1 << 18
-
-
-_one_thread_lock = threading.Lock()
-_one_thread_users = [0, 0]  # setups running now, torch threads to restore when the last one ends
-
-
-@contextlib.contextmanager
-def _one_torch_thread(device: torch.device) -> Iterator[None]:
-    """Run the setup (stepper tables, the one-row prefill) on one torch thread on a CPU.
-
-    After a parallel region torch's OpenMP workers keep spinning on the other cores for a while
-    (libgomp's default wait policy), where the native kernel's threads then start: the first 100
-    steps of 64 rows of a book-size LSTM ran up to twice as slow. The setup is one row and small tables,
-    so one thread costs it little. torch's thread count is process-wide: concurrent setups (the
-    server's generation threads) share one change, undone when the last of them ends."""
-    if device.type != "cpu":
-        yield
-        return
-    with _one_thread_lock:
-        if _one_thread_users[0] == 0:
-            _one_thread_users[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _one_thread_users[0] += 1
-    try:
-        yield
-    finally:
-        with _one_thread_lock:
-            _one_thread_users[0] -= 1
-            if _one_thread_users[0] == 0:
-                torch.set_num_threads(_one_thread_users[1])
-
-
-def _native_fits(stepper: Any, rows: int) -> bool:
-    """Whether the native kernel should run ``rows`` rows of ``stepper``'s model (see NATIVE_MAX_MATRIX)."""
-    largest = stepper.largest_matrix()
-    return largest <= NATIVE_MAX_MATRIX or rows * largest <= NATIVE_MAX_WORK
-
-
 class _Carried:
     """Carried state: prefill the prompt once, then one step per token."""
 
-    def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False) -> None:
+    def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False,
+                 threads: int = 1) -> None:
         self.model = model
         self.stepper = make_stepper(model) if fast else None
         logits, state = model(prompt)  # (1, p, V): prefill once for one row
@@ -105,13 +59,16 @@ class _Carried:
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
         self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
+        self.stepping = Stepping()
         # The native and NumPy loops know no continuous cache: a model with one steps in torch.
         if (not allow_numpy or self.stepper is None or isinstance(self.stepper, CachedStepper)
                 or self.first.device.type != "cpu"):
             return
-        if _native_fits(self.stepper, rows):
-            self.numpy = NativeStepper.create(self.stepper, rows)
-        if self.numpy is None and rows <= NUMPY_MAX_ROWS and self.stepper.largest_matrix() <= NUMPY_MAX_MATRIX:
+        self.stepping = generation_stepper(self.stepper.largest_matrix(), rows, native_runs=native.runs(self.stepper),
+                                           threads=threads)
+        if self.stepping.kind == "native":
+            self.numpy = NativeStepper(native.library(), self.stepper, rows)
+        elif self.stepping.kind == "numpy":
             self.numpy = NumpyStepper(self.stepper)
         if self.numpy is not None:
             self.state = self.numpy.from_torch(self.state)
@@ -155,10 +112,11 @@ class _Staggered:
         self.first = logits[p % w].expand(rows, -1)  # (rows, V)
         # All rows * W runs advance together: the native kernel when the step is small enough.
         self.native = None
-        if (self.stepper is not None and logits.device.type == "cpu"
-                and _native_fits(self.stepper, rows * w)):
-            self.native = NativeStepper.create(self.stepper, rows * w)
-            if self.native is not None:
+        if self.stepper is not None and logits.device.type == "cpu":
+            runs = native.runs(self.stepper)
+            if generation_stepper(self.stepper.largest_matrix(), rows * w, native_runs=runs,
+                                  numpy_allowed=False).kind == "native":
+                self.native = NativeStepper(native.library(), self.stepper, rows * w)
                 self.state = self.native.from_torch(self.state)  # (slots, rows * W, H)
                 self.run_rows_np = [r.numpy() for r in self.run_rows]
 
@@ -215,9 +173,10 @@ class _Reread:
         return logits[:, -1]
 
 
-def _reader(model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool) -> Any:
+def _reader(model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool,
+            threads: int = 1) -> Any:
     if not window:
-        return _Carried(model, history[:1, :p], rows, fast, allow_numpy=True)
+        return _Carried(model, history[:1, :p], rows, fast, allow_numpy=True, threads=threads)
     if fast and _Staggered.exact_for(model, history[:1, :1]):
         return _Staggered(model, history, p, rows, window, fast)
     return _Reread(model, history, p, rows, window)
@@ -244,8 +203,9 @@ def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int
         device = next(model.parameters(), torch.empty(0)).device  # generate where the model is (CPU or GPU)
         history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
         history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-        with torch.inference_mode(), _one_torch_thread(device):
-            read = _reader(model, history, p, rows, window, fast)
+        threads = torch.get_num_threads()  # the native kernel's, read before the setup runs torch on one
+        with torch.inference_mode(), one_torch_thread(device.type == "cpu"):
+            read = _reader(model, history, p, rows, window, fast, threads)
         if getattr(read, "numpy", None) is not None:
             # numpy needs no inference mode: the loop stays free of torch's per-resume context switch.
             yield from _numpy_steps(read, history, p, max_new_tokens, pipeline, noise, lane_index, logprobs)
@@ -281,7 +241,7 @@ def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline
     logits = read.first.float().contiguous().numpy().copy()  # (rows, V) float32, a fresh contiguous copy
     divisor = _plain_divisor(pipeline, len(hist))
     if divisor is not None and logprobs is None and isinstance(read.numpy, NativeStepper):
-        yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, noise.take_numpy(lanes))
+        yield from _native_runs(read.numpy, state, logits, hist, p, n, divisor, noise.take_numpy(lanes), read.stepping)
         return
     uniforms = noise.rows_numpy(lanes)
     for i in range(n):
@@ -312,17 +272,15 @@ def _plain_divisor(pipeline: Sequence[Processor], rows: int) -> np.ndarray | Non
     return None
 
 
-def _native_runs(native: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
-                 uniforms: Callable[[int], Any]) -> Iterator[Step]:
+def _native_runs(stepper: NativeStepper, state: Any, logits: Any, hist: Any, p: int, n: int, temps: Any,
+                 uniforms: Callable[[int], Any], stepping: Stepping) -> Iterator[Step]:
     """Draw and feed whole chunks of tokens in C (plain temperature), in the sizes of
-    :func:`charloom.kernels.native.sample_chunks`."""
+    :func:`charloom.kernels.native.sample_chunks`, on the threads ``stepping`` gives each chunk."""
     done = 0
     for k in sample_chunks(n, len(hist)):
         block = uniforms(k)  # (k, rows) float64, the same numbers per step as the other paths
-        # Threads (one per torch thread, over ranges of rows) pay off on longer chunks: starting one
-        # costs tens of microseconds, and the first steps on a core that was idle run slowly.
-        threads = torch.get_num_threads() if k >= THREADED_CHUNK else 1
-        ids = native.sample(state, logits, block, temps, feed_last=done + k < n, threads=threads)  # (k, rows)
+        ids = stepper.sample(state, logits, block, temps, feed_last=done + k < n,
+                             threads=stepping.threads_for(k))  # (k, rows)
         hist[:, p + done:p + done + k] = ids.T
         for row in ids:
             yield Step(torch.from_numpy(row))

@@ -154,7 +154,7 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
     except (KeyError, ValueError, TypeError):
         return None  # the full path says what is wrong
     if (cfg.model not in ("lstm", "gru") or cfg.cache_size or cfg.tie_weights or train.get("generation_window")
-            or tok_data.get("kind") != "char" or cfg.layers > native.MAX_LAYERS):
+            or tok_data.get("kind") != "char" or cfg.layers > native.limits().max_layers):
         return None
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

@@ -7,12 +7,18 @@ not halve the whole run: :class:`CoreWatch` looks again every few seconds, from 
 time less this process's own CPU time, and the trainer takes the new count.
 
 Reads ``/proc/stat`` (Linux); where it is missing every available core counts as free.
+
+Also here: :func:`one_torch_thread`, the process-wide switch of torch to one thread around work that
+must leave the cores to the native kernel's threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from typing import Iterator
 
 WATCH_EVERY_S = 5.0  # seconds between looks: ~50 us each, and a load that comes and goes faster is noise
 
@@ -78,3 +84,35 @@ class CoreWatch:
         # total is summed over every core: busy share * machine cores = busy cores.
         others = max(0.0, machine * (total - idle) / total - machine * own / total)
         return max(1, min(self.cores, int(machine - others + 0.5)))
+
+
+_one_thread_lock = threading.Lock()
+_one_thread_users = [0, 0]  # setups running now, torch threads to restore when the last one ends
+
+
+@contextlib.contextmanager
+def one_torch_thread(on_cpu: bool) -> Iterator[None]:
+    """Run the body (a generation's setup: stepper tables, the one-row prefill) on one torch thread on a CPU.
+
+    After a parallel region torch's OpenMP workers keep spinning on the other cores for a while
+    (libgomp's default wait policy), where the native kernel's threads then start: the first 100
+    steps of 64 rows of a book-size LSTM ran up to twice as slow. The setup is one row and small tables,
+    so one thread costs it little. torch's thread count is process-wide: concurrent setups (the
+    server's generation threads) share one change, undone when the last of them ends."""
+    if not on_cpu:
+        yield
+        return
+    import torch  # here, not at the top: the torch-free generate path reads this module too
+
+    with _one_thread_lock:
+        if _one_thread_users[0] == 0:
+            _one_thread_users[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_users[0] += 1
+    try:
+        yield
+    finally:
+        with _one_thread_lock:
+            _one_thread_users[0] -= 1
+            if _one_thread_users[0] == 0:
+                torch.set_num_threads(_one_thread_users[1])

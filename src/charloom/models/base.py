@@ -106,6 +106,12 @@ class LanguageModel(nn.Module):
         the others is skipped where the model can)."""
         raise NotImplementedError
 
+    def recurrent_kernels(self) -> tuple[str, ...]:
+        """The kernels other than torch that this model's training steps can run here (``bf16``,
+        ``native``; see :mod:`charloom.kernels.choice`, which picks one and passes it to ``forward`` as
+        ``recurrence``). None by default: the model's own torch layers."""
+        return ()
+
     def detach_state(self, state: State) -> State:
         """Cut the graph behind ``state`` (truncated back-propagation through time)."""
         return tree_map(lambda t: t.detach(), state)

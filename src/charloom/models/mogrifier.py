@@ -26,9 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from ..kernels.choice import Recurrence
 from ..kernels.native import lstm as native_lstm
 from .base import ExportSpec, State, register
 from .rnn import RecurrentLM
+
+
+# The architecture's range of rounds, whatever the machine: a config valid here is valid everywhere. The
+# native training kernel runs up to its own exported limit (native.limits().mog_max_rounds), and the
+# model trains in torch beyond it.
+MAX_ROUNDS = 8
 
 
 def transposed_rounds(rounds: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -66,8 +73,8 @@ class MogrifierLM(RecurrentLM):
     @classmethod
     def check_config(cls, model: ModelConfig, train: TrainConfig | None = None) -> None:
         super().check_config(model, train)
-        if not 1 <= model.rounds <= native_lstm.MOG_MAX_ROUNDS:
-            raise ConfigError("rounds", f"a mogrifier needs 1 to {native_lstm.MOG_MAX_ROUNDS} rounds, got {model.rounds}")
+        if not 1 <= model.rounds <= MAX_ROUNDS:
+            raise ConfigError("rounds", f"a mogrifier needs 1 to {MAX_ROUNDS} rounds, got {model.rounds}")
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__(config, vocab_size)
@@ -83,18 +90,23 @@ class MogrifierLM(RecurrentLM):
                 rounds.append(nn.Parameter(torch.randn(shape) * (0.1 / shape[1] ** 0.5)))
             self.mog.append(rounds)
 
-    def supports_bf16_training(self) -> bool:
-        """No: the rounds run on the native kernel in float32 (models/lstm_bf16.py knows no rounds)."""
-        return False
+    def recurrent_kernels(self) -> tuple[str, ...]:
+        """One layer on the native kernel, where it is built and runs this many rounds; never bf16
+        (charloom.kernels.lstm_bf16 knows no rounds)."""
+        limits = native_lstm.limits()
+        fits = limits is not None and len(self.mog[0]) <= limits.mog_max_rounds
+        return ("native",) if self.config.layers == 1 and fits else ()
 
-    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False,
+                recurrence: Recurrence | None = None) -> tuple[torch.Tensor, State]:
+        """As :meth:`RecurrentLM.forward`; the native ``recurrence`` runs the rounds too."""
         state, cache = self.split_state(state)
         prev_h = self.last_hidden(state)
-        if (self.native_threads and self.training and native_lstm.usable(self.rnn, idx)
-                and len(self.mog[0]) <= native_lstm.MOG_MAX_ROUNDS):
+        native = recurrence is not None and recurrence.kind == "native" and self.training
+        if native and native_lstm.usable(self.rnn, idx) and "native" in self.recurrent_kernels():
             table = torch.eye(self.vocab_size) if self.embed is None else self.embed.weight  # (V, E)
             out, state = native_lstm.mogrifier_lstm(self.rnn, list(self.mog[0]), idx, table, state,
-                                                    self.native_threads)  # (B, T, H)
+                                                    recurrence.threads)  # (B, T, H)
         else:
             out, state, _ = self._run(self._inputs(idx), state)
         return self._readout(out, idx, prev_h, state, cache, last_only)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import lstm_bf16
+from ..kernels.choice import Recurrence
 from ..kernels.native import lstm as native_lstm
-from . import lstm_bf16
 from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
 from .cache import Cache
 
@@ -25,12 +26,6 @@ class RecurrentLM(LanguageModel):
     """A stack of LSTM or GRU layers over characters; ``cell`` is set by the registered subclasses."""
 
     cell: type[nn.LSTM] | type[nn.GRU] = nn.LSTM
-    # Threads for training steps on the native LSTM kernel (charloom.kernels.native.lstm); 0 = off. The
-    # trainer sets it for one-layer LSTMs on a CPU (see supports_native_training).
-    native_threads = 0
-    # Whether training steps run the recurrence with bf16 products (models/lstm_bf16.py) instead; the
-    # trainer sets it where that is faster on this CPU, or asked for (see Trainer.fit).
-    bf16_recurrence = False
     state_batch_dim = 1  # nn.LSTM / nn.GRU keep state as (layers, B, H); the cache's tensors follow suit
     supports_cache = True
 
@@ -69,24 +64,25 @@ class RecurrentLM(LanguageModel):
             nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def supports_native_training(self) -> bool:
-        """Whether training steps can run on the native kernel: a one-layer LSTM (the book's model,
-        and the default recipe's on corpora under 5M chars), with the kernel built."""
-        return self.cell is nn.LSTM and self.config.layers == 1 and native_lstm.library() is not None
+    def recurrent_kernels(self) -> tuple[str, ...]:
+        """A one-layer LSTM (the book's model, and the default recipe's on corpora under 5M chars) trains
+        with bf16 products (charloom.kernels.lstm_bf16), or on the native kernel where it is built."""
+        if self.cell is not nn.LSTM or self.config.layers != 1:
+            return ()
+        return ("bf16", "native") if native_lstm.library() is not None else ("bf16",)
 
-    def supports_bf16_training(self) -> bool:
-        """Whether training steps can run the recurrence with bf16 products (models/lstm_bf16.py): a
-        one-layer LSTM."""
-        return self.cell is nn.LSTM and self.config.layers == 1
-
-    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+    def forward(self, idx: torch.Tensor, state: State = None, last_only: bool = False,
+                recurrence: Recurrence | None = None) -> tuple[torch.Tensor, State]:
+        """Logits (B, T, V) and the state after ``idx`` (B, T); ``recurrence``: the training kernel
+        chosen for this run (charloom.kernels.choice), used for training steps it can run."""
         state, cache = self.split_state(state)
         prev_h = self.last_hidden(state)
         table = None if self.embed is None else self.embed.weight  # (V, E)
-        if self.bf16_recurrence and self.training and lstm_bf16.usable(self.rnn, idx):
+        kind = recurrence.kind if recurrence is not None and self.training else "torch"
+        if kind == "bf16" and lstm_bf16.usable(self.rnn, idx):
             out, state = lstm_bf16.bf16_lstm(self.rnn, idx, state, table)  # (B, T, H)
-        elif self.native_threads and self.training and native_lstm.usable(self.rnn, idx):
-            out, state = native_lstm.onehot_lstm(self.rnn, idx, state, self.native_threads, table)  # (B, T, H)
+        elif kind == "native" and native_lstm.usable(self.rnn, idx):
+            out, state = native_lstm.onehot_lstm(self.rnn, idx, state, recurrence.threads, table)  # (B, T, H)
         else:
             out, state = self.rnn(self._inputs(idx), state)  # (B, T, H)
         return self._readout(out, idx, prev_h, state, cache, last_only)

@@ -1,26 +1,8 @@
-"""Token ids on disk and the two batching regimes.
+"""Token ids on disk: one streaming scan of a corpus, its encoding to a flat ids file, and that file mapped.
 
 The corpus is encoded once to a flat file of ids (1 byte per token for most alphabets) and
-memory-mapped, so batches are cut from disk and memory does not grow with the corpus.
-
-Contiguous streams (``batching=stream``), after pytorch/examples' word_language_model: the split
-is cut into B equal streams laid side by side, and each step takes the next T columns, so row b of
-step k+1 continues row b of step k and the recurrent state can be carried across steps::
-
-    ids:   a b c d e f g h i j k l m n o p q r s t u v w x      (B = 3 streams of L = 8)
-    row 0: a b c d | e f g h        step 0 = columns 0..3, step 1 = columns 4..7
-    row 1: i j k l | m n o p        targets are the same columns shifted by one id
-    row 2: q r s t | u v w x
-
-Each epoch starts at a random offset in [0, T) so batch boundaries move between epochs.
-
-Random windows (``batching=windows``): windows of T ids starting every ``step`` ids, shuffled each
-epoch (the book's recipe takes one every 3 chars and learns only the id after each window).
-
-Data-parallel training (``rank``, ``world``): every rank computes the same global plan from the
-same seed and cuts only its own contiguous share of the B rows out of the memory map, so
-N ranks x B/N rows take exactly the ids that 1 rank x B rows takes, and the saved cursor means the
-same thing whatever the number of ranks that resumes it.
+memory-mapped, so batches (:mod:`charloom.training.batches`) are cut from disk and memory does not
+grow with the corpus. The scan and the encoding read the text in blocks, so neither holds it whole.
 """
 
 from __future__ import annotations
@@ -29,12 +11,11 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
-import torch
 
 from .sources import stream_text
 from .tokenizers import CharTokenizer, id_dtype, text_codes
@@ -58,129 +39,6 @@ def open_ids(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
-def shard_rows(rows: int, rank: int, world: int) -> tuple[np.ndarray, float]:
-    """Rank ``rank``'s contiguous share of ``rows`` batch rows, and that share as a fraction.
-
-    A rank left without a row (fewer rows than ranks) gets row 0 with fraction 0, so it still runs
-    a step that contributes nothing to the gradient.
-    """
-    lo, hi = rows * rank // world, rows * (rank + 1) // world
-    if hi > lo:
-        return np.arange(lo, hi), (hi - lo) / rows
-    return np.zeros(1, dtype=np.int64), 0.0
-
-
-class Batcher:
-    """Yields ``(x, y)`` LongTensors of shape (B, T) and keeps a resumable cursor.
-
-    With ``world > 1`` each batch holds only this rank's rows (see :func:`shard_rows`), and
-    ``share`` says which fraction of the global batch they are.
-    """
-
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.ids, self.batch_size, self.seq_len = ids, batch_size, seq_len
-        self.rank, self.world = rank, world
-        self.share = 1.0  # this rank's fraction of the rows of the last batch
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch = 0
-        self.index = 0  # batches already taken in this epoch
-        self._epoch_rng_state = self.generator.get_state()
-        self._plan: Any = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        raise NotImplementedError
-
-    def _make_plan(self) -> Any:
-        raise NotImplementedError
-
-    def _starts(self, k: int) -> np.ndarray:
-        """Where the rows of global batch ``k`` start in ``ids``, (B,)."""
-        raise NotImplementedError
-
-    def _batch(self, k: int) -> np.ndarray:
-        starts = self._starts(k)  # (B,) global
-        if self.world > 1:
-            rows, self.share = shard_rows(len(starts), self.rank, self.world)
-            starts = starts[rows]  # (B / world,) this rank's rows only
-        return self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # (B, T + 1)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The next batch and whether it starts a new epoch (the caller then resets its state)."""
-        if self.index >= self.steps_per_epoch:
-            self.epoch += 1
-            self.index = 0
-            self._plan = None
-        if self._plan is None:
-            self._epoch_rng_state = self.generator.get_state()
-            self._plan = self._make_plan()
-        first = self.index == 0
-        block = torch.from_numpy(self._batch(self.index).astype(np.int64))  # (B, T + 1)
-        self.index += 1
-        return block[:, :-1], block[:, 1:], first
-
-    def state_dict(self) -> dict[str, Any]:
-        """The cursor, as tensors and ints (safe for ``torch.load(weights_only=True)``)."""
-        state = self._epoch_rng_state if self._plan is not None else self.generator.get_state()
-        return {"epoch": self.epoch, "index": self.index, "rng": state.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state_dict`` was taken."""
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self.generator.set_state(state["rng"])
-        self._epoch_rng_state = state["rng"].clone()
-        self._plan = self._make_plan()
-
-
-class StreamBatcher(Batcher):
-    """B contiguous streams, T columns per step, random start offset per epoch."""
-
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        super().__init__(ids, batch_size, seq_len, seed, rank, world)
-        if (len(ids) - seq_len) // batch_size < seq_len + 1:
-            # Too few ids for B streams of one window each: use fewer streams.
-            self.batch_size = max(1, (len(ids) - seq_len - 1) // (seq_len + 1))
-
-    @property
-    def stream_len(self) -> int:
-        return (len(self.ids) - self.seq_len - 1) // self.batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.stream_len // self.seq_len)
-
-    def _make_plan(self) -> Any:
-        offset = int(torch.randint(0, self.seq_len, (1,), generator=self.generator))
-        return offset + np.arange(self.batch_size) * self.stream_len  # stream starts, (B,)
-
-    def _starts(self, k: int) -> np.ndarray:
-        return self._plan + k * self.seq_len  # (B,)
-
-
-class WindowBatcher(Batcher):
-    """Windows of T (+1 target) ids starting every ``step`` ids, in a fresh random order each epoch."""
-
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int = 1,
-                 rank: int = 0, world: int = 1) -> None:
-        super().__init__(ids, batch_size, seq_len, seed, rank, world)
-        self.step = step
-        self.num_windows = max(0, (len(ids) - seq_len - 1) // step + 1)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, -(-self.num_windows // self.batch_size))
-
-    def _make_plan(self) -> Any:
-        return torch.randperm(self.num_windows, generator=self.generator).numpy() * self.step
-
-    def _starts(self, k: int) -> np.ndarray:
-        return self._plan[k * self.batch_size:(k + 1) * self.batch_size]  # (B,), last batch may be short
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding a corpus to ids on disk, in constant memory, with a cache key
-# --------------------------------------------------------------------------------------------------
-
 @dataclass
 class CorpusScan:
     """What one streaming pass over a corpus learns: its size, alphabet, notes and content hash."""
@@ -191,6 +49,8 @@ class CorpusScan:
     sha256: str  # of the raw files, in order, each hashed on its own
     notes: list[str]
     settings: dict[str, Any]  # how the text was read: encoding, errors, lowercase
+    text: str | None = None  # the whole text as read (lowercased if asked), when the scan was asked to keep it
+    file_sha256: dict[Path, str] = field(default_factory=dict)  # of each file the scan was asked to hash
 
 
 # str.lower is slow on non-ASCII text (~25 MB/s), so lowercasing is done on code points through
@@ -227,15 +87,29 @@ def _id_table(tokenizer: Any, lower: bool) -> np.ndarray:
 
 
 def scan_corpus(paths: list[Path], *, encoding: str = "utf-8", errors: str = "strict", lowercase: bool = False,
-                block: int = 1 << 20) -> CorpusScan:
-    """Read the corpus once: count characters, find its alphabet, hash its files; raises on unreadable text."""
+                block: int = 1 << 20, keep: bool = False, hash_files: Collection[Path] = ()) -> CorpusScan:
+    """Read the corpus once: count characters, find its alphabet, hash its files; raises on unreadable text.
+
+    ``keep`` also keeps the text (``scan.text``) for a tokenizer fitted in memory, and ``hash_files``
+    are hashed one by one (``scan.file_sha256``, to check a named corpus), so the text is read only once.
+    """
     raw_seen = np.zeros(1 << 16, dtype=np.int64)  # per BMP code point, before lowercasing
     seen = np.zeros(1 << 16, dtype=np.int64)  # per BMP code point of pieces lowercased by str.lower
     astral: set[int] = set()  # the rare code points above the BMP (emoji...)
     notes: list[str] = []
     digest = hashlib.sha256()
     chars = 0
-    for piece in stream_text(paths, encoding=encoding, errors=errors, notes=notes, block=block, on_bytes=digest.update):
+    kept: list[str] = []
+    files = {path: hashlib.sha256() for path in hash_files}
+
+    def take(path: Path, raw: bytes) -> None:
+        digest.update(raw)
+        if path in files:
+            files[path].update(raw)
+
+    for piece in stream_text(paths, encoding=encoding, errors=errors, notes=notes, block=block, on_bytes=take):
+        if keep:
+            kept.append(piece.lower() if lowercase else piece)
         codes, lowered = _piece_codes(piece, lowercase)
         chars += len(codes)
         if codes.dtype == np.uint32:
@@ -251,7 +125,8 @@ def scan_corpus(paths: list[Path], *, encoding: str = "utf-8", errors: str = "st
     # The file sizes go into the hash too, so moving text from one file to the next changes it.
     digest.update(repr([os.path.getsize(p) for p in paths]).encode())
     return CorpusScan(list(paths), chars, alphabet, digest.hexdigest(), notes,
-                      {"encoding": encoding, "errors": errors, "lowercase": bool(lowercase)})
+                      {"encoding": encoding, "errors": errors, "lowercase": bool(lowercase)},
+                      "".join(kept) if keep else None, {path: h.hexdigest() for path, h in files.items()})
 
 
 @dataclass(frozen=True)

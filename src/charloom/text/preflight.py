@@ -1,15 +1,16 @@
 """Pre-flight checks: refuse work that cannot fit in memory before anything starts.
 
-Preparing a corpus today reads it whole, decodes it, and encodes it with NumPy: the peak is
-about :data:`PREPARE_BYTES_PER_BYTE` times the file size (measured on a 20 MB English corpus,
+Preparing a corpus for word or BPE tokens reads it whole, decodes it, and encodes it with NumPy: the
+peak is about :data:`PREPARE_BYTES_PER_BYTE` times the file size (measured on a 20 MB English corpus,
 2026-11-29: 22 bytes per byte above the interpreter, plus a lowercased copy). A process that asks
 for more than it may have is either refused by the kernel mid-way (``RLIMIT_AS``: a MemoryError
 after minutes of work) or killed outright (a cgroup limit or the OOM killer). So we compare the
 estimate with what this process may still use and stop at once with the amount needed.
 
-Character tokens are prepared streaming (two passes over the files, ids written to disk in
-blocks) and then memory-mapped: for them the estimate is :data:`STREAMING_BYTES_PER_BYTE`, the
-address space of the mapped ids (up to 2 bytes per character).
+Character tokens are prepared streaming (two passes over the files, ids written to disk in blocks;
+see :mod:`charloom.text.prepare`) and then memory-mapped: for them the estimate is
+:data:`STREAMING_BYTES_PER_BYTE`, the address space of the mapped ids (up to 2 bytes per character).
+The check runs on the files a corpus argument resolves to, so a named corpus counts like any file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Sequence
 
 resource: ModuleType | None
 try:
@@ -26,27 +27,16 @@ except ImportError:  # Windows: no resource module and no address-space limit to
     resource = None
 
 from ..errors import CharloomError
+from .sources import Sources
 
 PREPARE_BYTES_PER_BYTE = 26  # peak bytes of memory per corpus byte while reading and encoding in memory
 STREAMING_BYTES_PER_BYTE = 2  # the memory-mapped ids of a streamed char corpus (uint8 or uint16 per char)
 BASE_BYTES = 128 << 20  # the model, optimiser and batches of a small run, on top of the corpus
 
 
-def corpus_bytes(sources: Any) -> int:
-    """Total size in bytes of the files that ``load_corpus(sources)`` would read (0 for what it will refuse)."""
-    if sources is None or isinstance(sources, (str, os.PathLike)):
-        sources = [sources] if sources else []
-    total = 0
-    for source in sources:
-        path = Path(os.fspath(source))
-        try:
-            if path.is_dir():
-                total += sum(p.stat().st_size for p in path.rglob("*.txt") if p.is_file())
-            elif path.is_file():
-                total += path.stat().st_size
-        except OSError:  # unreadable: load_corpus gives the message
-            pass
-    return total
+def corpus_bytes(paths: Sequence[Path]) -> int:
+    """Total size in bytes of the resolved corpus files ``paths`` (those of :func:`resolve_sources`)."""
+    return sum(os.path.getsize(p) for p in paths)
 
 
 def _read_int(path: str) -> int | None:
@@ -102,13 +92,12 @@ def needed_memory(n_bytes: int, per_byte: int = PREPARE_BYTES_PER_BYTE) -> int:
     return BASE_BYTES + per_byte * n_bytes
 
 
-def check_memory_for(sources: Any, per_byte: int = PREPARE_BYTES_PER_BYTE) -> None:
+def check_memory_for(sources: Sources, per_byte: int = PREPARE_BYTES_PER_BYTE) -> None:
     """Raise a CharloomError (exit 2) naming the amount needed when the corpus cannot fit in memory."""
-    size = corpus_bytes(sources)
+    size = corpus_bytes(sources.paths)
     need = needed_memory(size, per_byte)
     have, what = available_memory()
     if need > have:
-        where = ", ".join(os.fspath(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources]))
-        raise CharloomError(where, f"preparing this {fmt_bytes(size)} corpus needs about {fmt_bytes(need)} of memory, "
+        raise CharloomError(sources.label, f"preparing this {fmt_bytes(size)} corpus needs about {fmt_bytes(need)} of memory, "
                             f"but only {fmt_bytes(max(0, have))} is left under {what}",
                             "raise the limit, free memory, or train on a smaller part of the corpus")

@@ -104,8 +104,13 @@ class Corpus:
 
     def split(self, val_fraction: float) -> tuple[str, str]:
         """Contiguous split: the first part trains, the last ``val_fraction`` validates."""
-        cut = len(self.text) - int(round(len(self.text) * val_fraction))
+        cut = split_point(len(self.text), val_fraction)
         return self.text[:cut], self.text[cut:]
+
+
+def split_point(n_chars: int, val_fraction: float) -> int:
+    """Characters of a corpus of ``n_chars`` that train: the last ``val_fraction`` (rounded) validates."""
+    return n_chars - int(round(n_chars * val_fraction))
 
 
 def cache_dir() -> Path:
@@ -129,11 +134,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def named_corpus_path(name: str) -> Path:
+def named_corpus_path(name: str, verify: bool = True) -> Path:
     """The verified local file of a named corpus: ``$CHARLOOM_DATA``'s copy, else the cached bundled one.
 
     Never touches the network. Raises a CharloomError for an unknown name, a ``$CHARLOOM_DATA`` copy
     whose sha256 is wrong, a damaged installation, or a cache folder that cannot be written.
+    ``verify=False`` returns an existing copy unread: the caller checks it (see :meth:`Sources.confirm`).
     """
     canonical = corpus_name(name)
     if canonical is None:
@@ -143,17 +149,21 @@ def named_corpus_path(name: str) -> Path:
     data_dir = os.environ.get("CHARLOOM_DATA")
     if data_dir and (Path(data_dir) / spec.filename).is_file():
         path = Path(data_dir) / spec.filename
-        if sha256_file(path) != spec.sha256:
-            raise CharloomError(
-                str(path), f"sha256 does not match the {canonical} corpus",
-                "replace it with the original or unset CHARLOOM_DATA to use the copy bundled with charloom")
+        if verify and sha256_file(path) != spec.sha256:
+            raise _not_the_corpus(path, canonical)
         return path
     target = cache_dir() / spec.filename
-    if target.is_file() and sha256_file(target) == spec.sha256:
+    if target.is_file() and (not verify or sha256_file(target) == spec.sha256):
         return target
     # Missing, or damaged (a full disk, an edit by hand): the cache is ours, so rebuild it from the package.
     _unpack_bundled(spec, target)
     return target
+
+
+def _not_the_corpus(path: Path, canonical: str) -> CharloomError:
+    """The error for a ``$CHARLOOM_DATA`` copy whose sha256 is not the named corpus's."""
+    return CharloomError(str(path), f"sha256 does not match the {canonical} corpus",
+                         "replace it with the original or unset CHARLOOM_DATA to use the copy bundled with charloom")
 
 
 def _unpack_bundled(spec: NamedCorpus, target: Path) -> None:
@@ -278,11 +288,30 @@ class Sources:
     name: str
     paths: list[Path]
     lowercase_default: bool
+    unverified: dict[Path, str] = field(default_factory=dict)  # named copies not yet hashed: path -> corpus name
+
+    @property
+    def label(self) -> str:
+        """What an error about the whole corpus names: its one file, else the corpus name."""
+        return str(self.paths[0]) if len(self.paths) == 1 else self.name
+
+    def confirm(self, sha256: dict[Path, str]) -> bool:
+        """Check the unverified named copies against their ``sha256`` as read; False for a damaged cached copy
+        (resolve again with ``verify=True`` to rebuild it); a wrong ``$CHARLOOM_DATA`` copy raises."""
+        for path, name in self.unverified.items():
+            if sha256.get(path) != NAMED_CORPORA[name].sha256:
+                if path.parent != cache_dir():
+                    raise _not_the_corpus(path, name)
+                return False
+        return True
 
 
 def resolve_sources(sources: str | os.PathLike | list[str | os.PathLike] | None = None,
-                    errors: str = "strict") -> Sources:
-    """The files behind a named corpus, a file, several files, or folders of .txt files (sorted)."""
+                    errors: str = "strict", verify: bool = True) -> Sources:
+    """The files behind a named corpus, a file, several files, or folders of .txt files (sorted).
+
+    ``verify=False`` leaves existing named copies unread, listed in ``unverified`` for the one pass
+    that reads them anyway to check (:func:`charloom.text.prepare.prepare`)."""
     if sources is None or sources == [] or sources == "":
         sources = [DEFAULT_CORPUS]
     if isinstance(sources, (str, os.PathLike)):
@@ -292,28 +321,31 @@ def resolve_sources(sources: str | os.PathLike | list[str | os.PathLike] | None 
     paths: list[Path] = []
     names: list[str] = []
     lowercase_default = False
+    unverified: dict[Path, str] = {}
     for source in sources:
         source_str = os.fspath(source)
         named = corpus_name(source_str)
         if named is not None and not Path(source_str).exists():  # a file of that name in the cwd wins
-            paths.append(named_corpus_path(named))
+            paths.append(named_corpus_path(named, verify))
+            if not verify:
+                unverified[paths[-1]] = named
             lowercase_default = lowercase_default or NAMED_CORPORA[named].lowercase
             names.append(named)
         else:
             paths.extend(_text_files(Path(source_str)))
             names.append(Path(source_str).stem or source_str)
-    return Sources("+".join(names), paths, lowercase_default)
+    return Sources("+".join(names), paths, lowercase_default, unverified)
 
 
 def stream_text(paths: list[Path], *, encoding: str = "utf-8", errors: str = "strict", lowercase: bool = False,
                 notes: list[str] | None = None, block: int = 1 << 20,
-                on_bytes: Callable[[bytes], None] | None = None) -> Iterator[str]:
+                on_bytes: Callable[[Path, bytes], None] | None = None) -> Iterator[str]:
     """The text ``load_corpus`` would return (lowercased if asked), in pieces of about ``block`` chars.
 
     Memory stays at a few blocks whatever the corpus size; errors and notes are those of
     :func:`decode_file`. A piece ends after a newline (or, in a line longer than 4 blocks, a space),
     so neither a CRLF pair nor a word (``str.lower`` reads a word's context for a final sigma) is split. ``on_bytes``
-    is given every raw block read, so the files can be hashed in the same pass.
+    is given every raw block read (with its file), so the files can be hashed in the same pass.
     """
     notes = notes if notes is not None else []
     last = ""  # the last character yielded
@@ -347,7 +379,7 @@ def _normalise(piece: str, lowercase: bool) -> str:
 
 
 def _decode_blocks(path: Path, encoding: str, errors: str, notes: list[str], block: int,
-                   on_bytes: Callable[[bytes], None] | None) -> Iterator[str]:
+                   on_bytes: Callable[[Path, bytes], None] | None) -> Iterator[str]:
     """Decoded text of one file, block by block (BOM dropped; CRLF left for the caller)."""
     try:
         fh = open(path, "rb")
@@ -367,7 +399,7 @@ def _decode_blocks(path: Path, encoding: str, errors: str, notes: list[str], blo
         fed, data, produced = 0, raw[skip:], False  # fed: bytes already given to the decoder
         while True:
             if on_bytes is not None and raw:
-                on_bytes(raw)
+                on_bytes(path, raw)
             pending = len(decoder.getstate()[0])  # bytes of an unfinished character held from the last block
             try:
                 text = decoder.decode(data, final=not raw)

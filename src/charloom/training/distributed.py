@@ -10,7 +10,7 @@ that form one job with PyTorch's DistributedDataParallel (NCCL between GPUs, Glo
 
 Every rank builds the same model from the same seed and takes the same optimiser step, so the
 replicas never drift apart. Each rank reads only its own rows from the memory-mapped ids
-(:func:`charloom.text.encode.shard_rows`). The gradients are summed with each rank's share of the rows
+(:func:`charloom.training.batches.shard_rows`). The gradients are summed with each rank's share of the rows
 as its weight (a DDP communication hook), so N ranks x B/N rows give the gradient that 1 rank x B
 rows gives, even when the last batch of an epoch does not split evenly. Rank 0 alone logs, samples
 and writes checkpoints; validation is sharded (each rank scores a contiguous 1/N of the split) and
@@ -90,7 +90,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """What ``precision`` means on ``device``. CUDA: ``auto`` = bf16 autocast. CPU: ``bf16`` = one-layer
-    LSTMs train with bf16 recurrent products (models/lstm_bf16.py), ``auto`` = the same where measured
+    LSTMs train with bf16 recurrent products (kernels/lstm_bf16.py), ``auto`` = the same where measured
     faster on this CPU (decided per run by the trainer), everything else in fp32. Elsewhere fp32
     (MPS autocast is partial: bf16 is refused there)."""
     if precision not in ("auto", "fp32", "bf16"):

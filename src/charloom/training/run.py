@@ -1,19 +1,20 @@
 """The run driver: a corpus and settings into a run directory that holds checkpoints, metrics and samples.
 
-``charloom.train`` calls :func:`train`; it resolves the settings, prepares the corpus, builds or resumes
-the model, and wires the :class:`~charloom.training.trainer.Trainer`'s events to the run directory, the
-console and the progress bar.
+``charloom.train`` (api.py) calls :func:`run_training` with a :class:`ModelFactory`; the driver checks
+the settings, prepares the corpus (:func:`charloom.text.prepare.prepare`), builds or resumes the
+network, and wires the :class:`~charloom.training.trainer.Trainer`'s events to the run directory, the
+console and the progress bar. It makes and loads models only through the factory, so nothing here
+imports ``charloom.model`` or ``charloom.api`` (no import back up the graph).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Generic, Protocol, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -30,16 +31,10 @@ from ..config import (
 )
 from ..errors import CharloomError
 from ..kernels.threads import CoreWatch, available_cores, idle_cores
-from ..model import Model, load
-from ..models import build_model, model_class
-from ..text.encode import encode_to_disk, open_ids, scan_corpus, write_ids
-from ..text.preflight import (
-    PREPARE_BYTES_PER_BYTE,
-    STREAMING_BYTES_PER_BYTE,
-    check_memory_for,
-)
-from ..text.sources import resolve_sources, stream_text
-from ..text.tokenizers import CharTokenizer, Tokenizer, fit_tokenizer, id_dtype
+from ..models import LanguageModel, build_model, model_class
+from ..text.encode import open_ids
+from ..text.prepare import CorpusArg, prepare
+from ..text.tokenizers import Tokenizer
 from .distributed import Runtime
 from .trainer import Listener, StopFlag, Trainer, graceful_interrupt
 
@@ -54,44 +49,77 @@ def _config_error(exc: ConfigError) -> CharloomError:
     return CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom train --help")
 
 
-def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tuple[ModelConfig, TrainConfig]:
-    """Defaults, then the recipe, then the size preset (default recipe), then explicit settings."""
-    if "arch" in settings and "model" not in settings:  # the name before --model
-        settings = {**settings, "model": settings["arch"]}
-        settings.pop("arch")
-    unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
-    if unknown:
-        raise CharloomError(f"setting {unknown[0]!r}", "unknown", "see charloom train --help for the settings")
-    recipe = settings.get("recipe", "default")
-    if recipe not in RECIPES:
-        raise CharloomError("--recipe", f"unknown recipe {recipe!r}", f"use one of {', '.join(RECIPES)}")
-    layers: list[dict[str, dict[str, Any]]] = [RECIPES[recipe]]
-    arch = settings.get("model", RECIPES[recipe]["model"].get("model", ModelConfig.model))
-    try:
-        cls = model_class(arch)
-    except ValueError as exc:
-        raise CharloomError("--model", str(exc), "pick one of the listed architectures") from None
-    if recipe == "default" and n_train_chars is not None:
-        max_time = settings.get("max_time", 0.0)
-        layers.append(cls.preset(n_train_chars, max_time if isinstance(max_time, (int, float)) else 0.0))
+@dataclass(frozen=True)
+class RunSettings:
+    """A new run's settings, checked once before the corpus is read; :meth:`sized` adds what its size decides.
+
+    Layers, later ones winning: the dataclass defaults, the recipe, the size preset (default recipe
+    only, once the corpus is counted), then the settings given explicitly.
+    """
+
+    arch: type[LanguageModel]
+    recipe: str
+    given: dict[str, Any]  # the explicit settings, ``arch`` renamed to ``model``
+    train: TrainConfig  # without the size preset: what preparing the corpus reads (tokens, lowercase, ...)
+
+    @classmethod
+    def check(cls, settings: dict[str, Any]) -> "RunSettings":
+        """Refuse unknown names, recipes, architectures and out-of-range values, naming the flag."""
+        if "arch" in settings and "model" not in settings:  # the name before --model
+            settings = {**settings, "model": settings["arch"]}
+            settings.pop("arch")
+        unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
+        if unknown:
+            raise CharloomError(f"setting {unknown[0]!r}", "unknown", "see charloom train --help for the settings")
+        recipe = settings.get("recipe", "default")
+        if recipe not in RECIPES:
+            raise CharloomError("--recipe", f"unknown recipe {recipe!r}", f"use one of {', '.join(RECIPES)}")
+        try:
+            arch = model_class(settings.get("model", RECIPES[recipe]["model"].get("model", ModelConfig.model)))
+        except ValueError as exc:
+            raise CharloomError("--model", str(exc), "pick one of the listed architectures") from None
+        _, train = _build([RECIPES[recipe]], settings)
+        return cls(arch, recipe, dict(settings), train)
+
+    def sized(self, n_train_chars: int | None, **fixed: Any) -> tuple[ModelConfig, TrainConfig]:
+        """The run's configs for a training split of ``n_train_chars`` (None: no size preset), with
+        ``fixed`` (what preparing the corpus decided, e.g. ``lowercase``) set as if given."""
+        layers: list[dict[str, dict[str, Any]]] = [RECIPES[self.recipe]]
+        if self.recipe == "default" and n_train_chars is not None:
+            max_time = self.given.get("max_time", 0.0)
+            layers.append(self.arch.preset(n_train_chars, max_time if isinstance(max_time, (int, float)) else 0.0))
+        mcfg, tcfg = _build(layers, {**self.given, **fixed})
+        if not mcfg.context:  # "the training window", fixed now so the checkpoint records it
+            mcfg.context = tcfg.seq_len
+        try:
+            self.arch.check_config(mcfg, tcfg)
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        return mcfg, tcfg
+
+
+
+def _build(layers: list[dict[str, dict[str, Any]]], given: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Validated configs from ``layers`` of defaults, each overriding the last, then the ``given`` settings."""
     model_values: dict[str, Any] = {}
     train_values: dict[str, Any] = {}
     for layer in layers:
         model_values.update(layer.get("model", {}))
         train_values.update(layer.get("train", {}))
-    model_values.update({k: v for k, v in settings.items() if k in MODEL_FIELDS})
-    train_values.update({k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    model_values.update({k: v for k, v in given.items() if k in MODEL_FIELDS})
+    train_values.update({k: v for k, v in given.items() if k in TRAIN_FIELDS})
     try:
-        mcfg = apply_overrides(ModelConfig(), model_values).validate()
-        tcfg = apply_overrides(TrainConfig(), train_values).validate()
-        if not mcfg.context:  # "the training window", fixed now so the checkpoint records it
-            mcfg.context = tcfg.seq_len
-        cls.check_config(mcfg, tcfg)
+        return (apply_overrides(ModelConfig(), model_values).validate(),
+                apply_overrides(TrainConfig(), train_values).validate())
     except ConfigError as exc:
         raise _config_error(exc) from None
     except TypeError as exc:
         raise CharloomError("settings", str(exc), "see charloom train --help") from None
-    return mcfg, tcfg
+
+
+def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tuple[ModelConfig, TrainConfig]:
+    """Defaults, then the recipe, then the size preset (default recipe), then explicit settings."""
+    return RunSettings.check(settings).sized(n_train_chars)
 
 
 def default_run_dir(corpus_name: str) -> Path:
@@ -105,10 +133,35 @@ def default_run_dir(corpus_name: str) -> Path:
     return path
 
 
+class TrainedModel(Protocol):
+    """What the driver needs of a model (``charloom.Model`` is one): its parts, its record, and samples."""
+
+    net: LanguageModel
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    path: Path | None
+    train_config: TrainConfig
+    stop_reason: str
+    history: list[dict[str, float]]
+
+    def generate(self, prompt: str = "", **options: Any) -> Any: ...
+
+
+M = TypeVar("M", bound=TrainedModel)
+
+
+@dataclass(frozen=True)
+class ModelFactory(Generic[M]):
+    """How the driver makes and loads models without importing them: api.py passes ``charloom.Model`` and ``load``."""
+
+    make: Callable[[LanguageModel, Tokenizer, dict[str, Any]], M]  # a model around a fresh network
+    load_last: Callable[[Path], M]  # the last checkpoint of a run directory, on the CPU
+
+
 class _RunListener(Listener):
     """Wires trainer events to the run directory, the console and the progress bar."""
 
-    def __init__(self, run: RunDir, model: Model, config: dict[str, Any], verbose: bool, progress: bool | None,
+    def __init__(self, run: RunDir, model: TrainedModel, config: dict[str, Any], verbose: bool, progress: bool | None,
                  stream: TextIO, train_ids: np.ndarray) -> None:
         self.run, self.model, self.config = run, model, config
         self.verbose, self.stream, self.train_ids = verbose, stream, train_ids
@@ -193,18 +246,12 @@ class _WorkerListener(_RunListener):
         return self.run.path
 
 
-def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *, out: str | os.PathLike | None = None,
-          resume: str | os.PathLike | None = None, encoding: str = "utf-8", errors: str = "strict",
-          verbose: bool = False, progress: bool | None = None, stream: TextIO | None = None,
-          stop: StopFlag | None = None, **settings: Any) -> Model:
-    """Train a model on ``corpus`` (a named corpus, file(s) or folder(s); default: nietzsche) and return it.
-
-    ``settings`` are ModelConfig and TrainConfig fields (``recipe="book"``, ``hidden=256``,
-    ``max_time=60``...). ``resume=RUN_DIR`` continues a run from its last checkpoint. The run
-    directory (``out``, default ``runs/<corpus>-<time>``) is created only once every input is valid.
-    Under ``torchrun`` every process calls this and they train as one job (see charloom.training.distributed).
-    ``progress``: a progress bar; None shows one in a Jupyter notebook, with the loss curve at the end.
-    """
+def run_training(corpus: CorpusArg, models: ModelFactory[M], *, out: str | os.PathLike | None = None,
+                 resume: str | os.PathLike | None = None, encoding: str = "utf-8", errors: str = "strict",
+                 verbose: bool = False, progress: bool | None = None, stream: TextIO | None = None,
+                 stop: StopFlag | None = None, **settings: Any) -> M:
+    """Train (see :func:`charloom.train`, whose arguments these are) and return the model ``models`` made or loaded,
+    holding the weights of the run's last checkpoint (its best when training diverged)."""
     from ..notebook import in_notebook, show_loss_curve
 
     notebook = progress is None and in_notebook()
@@ -213,7 +260,7 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         settings.setdefault("device", "auto")  # a resumed run may run on other hardware
     runtime = Runtime.start(settings.get("device", "auto"), settings.get("precision", "auto"))
     try:
-        model = _train(runtime, corpus, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
+        model = _train(runtime, corpus, models, out=out, resume=resume, encoding=encoding, errors=errors, verbose=verbose,
                        progress=progress, stream=stream, stop=stop, **settings)
     finally:
         runtime.close()
@@ -222,20 +269,23 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     return model
 
 
-def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: str, errors: str, verbose: bool,
-           progress: bool | None, stream: TextIO | None, stop: StopFlag | None, **settings: Any) -> Model:
+def _train(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], *, out: Any, resume: Any, encoding: str,
+           errors: str, verbose: bool, progress: bool | None, stream: TextIO | None, stop: StopFlag | None,
+           **settings: Any) -> M:
     stream = stream or sys.stdout
     verbose, progress = verbose and runtime.is_main, progress if runtime.is_main else False
     if resume is not None:
-        run, model, trainer_state, tcfg, ids, split, val_chars = _prepare_resume(Path(resume), settings)
+        run, model, trainer_state, tcfg, ids, split, val_chars = _resume(Path(resume), settings, models)
     else:
-        run, model, tcfg, ids, split, val_chars = _prepare_new(corpus, out, encoding, errors, settings, verbose, stream, runtime)
+        run, model, tcfg, ids, split, val_chars = _start(corpus, out, encoding, errors, settings, verbose, stream,
+                                                          runtime, models)
         trainer_state = None
     torch.set_num_threads(tcfg.threads or runtime.default_threads(idle_cores()))
     # Threads left to us follow the machine as the run goes (a busy moment at start must not halve it);
     # ranks sharing a machine keep their share (each would count the others' work as load).
     watch = None if tcfg.threads or runtime.local_world_size > 1 else CoreWatch(available_cores())
-    listener = (_RunListener if runtime.is_main else _WorkerListener)(run, model, model.config, verbose, progress, stream, ids[:split])
+    listener_class = _RunListener if runtime.is_main else _WorkerListener
+    listener = listener_class(run, model, model.config, verbose, progress, stream, ids[:split])
     stop = stop or StopFlag()
     trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime,
                       cores=watch)
@@ -270,85 +320,37 @@ def _train(runtime: Runtime, corpus: Any, *, out: Any, resume: Any, encoding: st
     return model
 
 
-def _prepare_new(corpus: Any, out: Any, encoding: str, errors: str, settings: dict[str, Any],
-                 verbose: bool, stream: TextIO, runtime: Runtime | None = None) -> tuple[RunDir, Model, TrainConfig, np.ndarray, int, int]:
-    """Read and check everything; only then create the run directory and the id cache.
-
-    Character tokens stream the corpus twice (alphabet and size, then ids to disk) and never hold it
-    whole in memory; word and BPE tokenizers are fitted on the training text in memory.
-    """
-    _, tcfg0 = resolve_configs({k: v for k, v in settings.items() if k in ("recipe",)}, None)
-    streaming = settings.get("tokens", tcfg0.tokens) == "char"
-    check_memory_for(corpus, STREAMING_BYTES_PER_BYTE if streaming else PREPARE_BYTES_PER_BYTE)
-    sources = resolve_sources(corpus, errors)
-    lowercase = settings.get("lowercase")
-    if lowercase is None:
-        lowercase = tcfg0.lowercase if tcfg0.lowercase is not None else sources.lowercase_default
-    val_fraction = settings.get("val_fraction", tcfg0.val_fraction)
-    if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
-        raise CharloomError("--val-fraction", f"must be between 0 and 1, got {val_fraction!r}", "use e.g. 0.1")
-    scan = scan_corpus(sources.paths, encoding=encoding, errors=errors, lowercase=bool(lowercase))
-    n_chars = scan.chars
-    n_train_chars = n_chars - int(round(n_chars * val_fraction))  # the same cut as Corpus.split
-    n_val = n_chars - n_train_chars
-    mcfg, tcfg = resolve_configs({**settings, "lowercase": lowercase}, n_train_chars)
-    need = tcfg.seq_len + 2
-    where = str(sources.paths[0]) if len(sources.paths) == 1 else sources.name
-    if n_train_chars < need or n_val < 2:
-        raise CharloomError(where, f"too short for one training sequence ({n_chars} characters; need about "
-                            f"{math.ceil(need / (1 - val_fraction))} with --seq-len {tcfg.seq_len})",
-                            "use a longer text or a smaller --seq-len")
-    ids: np.ndarray | None = None
-    if tcfg.tokens == "char":
-        tokenizer: Tokenizer = CharTokenizer(scan.alphabet)
-        n_train = n_train_chars
-    else:
-        text = "".join(stream_text(sources.paths, encoding=encoding, errors=errors, lowercase=bool(lowercase)))
-        train_text, val_text = text[:n_train_chars], text[n_train_chars:]
-        try:
-            tokenizer = fit_tokenizer(tcfg.tokens, train_text, text, tcfg.vocab_size)
-        except ValueError as exc:
-            raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
-        # Encoded split by split, so the validation split starts at a token boundary.
-        train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
-        if len(train_ids) < need or len(val_ids) < 2:
-            raise CharloomError(where, f"too short for one training sequence ({len(train_ids)} training tokens of "
-                                f"{tcfg.tokens}; need {need} with --seq-len {tcfg.seq_len})", "use a longer text or a smaller --seq-len")
-        ids = np.concatenate([train_ids, val_ids])
-        n_train = len(train_ids)
-    runtime = runtime or Runtime()
-    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(sources.name)))
+def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: dict[str, Any], verbose: bool,
+           stream: TextIO, runtime: Runtime, models: ModelFactory[M]) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
+    """Check the settings, prepare the corpus, size the configs; only then create the run directory and its ids."""
+    checked = RunSettings.check(settings)
+    prepared = prepare(corpus, checked.train, encoding=encoding, errors=errors)
+    mcfg, tcfg = checked.sized(prepared.train_chars, lowercase=prepared.lowercase)
+    prepared.require(tcfg.seq_len)
+    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(prepared.sources.name)))
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
-    net = build_model(mcfg, tokenizer.vocab_size)
+    net = build_model(mcfg, prepared.tokenizer.vocab_size)
     if runtime.is_main:
-        if ids is None:
-            encode_to_disk(scan, tokenizer, run.ids_path)
-        else:
-            write_ids(ids, run.ids_path)
+        prepared.write(run.ids_path)
     runtime.barrier()  # every rank maps the ids rank 0 wrote
-    dtype = id_dtype(tokenizer.vocab_size).name
     config = {
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
-        "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-        "corpus": {"name": sources.name, "files": [str(p) for p in sources.paths], "chars": n_chars, "lowercase": lowercase,
-                   "split": n_train, "train_chars": n_train_chars, "val_chars": n_val, "dtype": dtype, "sha256": scan.sha256},
+        "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": prepared.tokenizer.kind,
+        "vocab_size": prepared.tokenizer.vocab_size, "corpus": prepared.record(),
     }
-    model = Model(net, tokenizer, config)
-    all_ids = open_ids(run.ids_path, dtype)
+    model = models.make(net, prepared.tokenizer, config)
     if verbose:
-        for note in scan.notes:
-            print(f"note: {note}", file=stream)
-        print(f"corpus {sources.name}: {n_chars:,} chars ({n_train_chars:,} train, {n_val:,} validation), "
-              f"{len(scan.alphabet)} distinct characters{' after lowercasing' if lowercase else ''}", file=stream)
-        print(f"{tcfg.tokens} tokens: {tokenizer.vocab_size:,} in the vocabulary, {len(all_ids):,} in the corpus", file=stream)
+        for line in prepared.describe():
+            print(line, file=stream)
         print(f"model {mcfg.model} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
               f"run directory {run.path}", file=stream)
-    return run, model, tcfg, all_ids, n_train, n_val
+    return run, model, tcfg, open_ids(run.ids_path, prepared.dtype), prepared.split, prepared.val_chars
 
 
-def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model, dict[str, Any], TrainConfig, np.ndarray, int, int]:
+def _resume(path: Path, settings: dict[str, Any],
+            models: ModelFactory[M]) -> tuple[RunDir, M, dict[str, Any], TrainConfig, np.ndarray, int, int]:
     """Load the last checkpoint of a run with its training state; allow only the stopping settings to change."""
     fixed = sorted(set(settings) - RESUMABLE_FIELDS)
     if fixed:
@@ -357,7 +359,7 @@ def _prepare_resume(path: Path, settings: dict[str, Any]) -> tuple[RunDir, Model
     run = RunDir(path)
     if not run.index():
         raise CharloomError(str(path), "holds no checkpoint to resume", "give the run directory that charloom train printed")
-    model = load(path, which="last")
+    model = models.load_last(path)
     state = load_training_state(model.path)  # type: ignore[arg-type]
     try:
         tcfg = apply_overrides(model.train_config, settings).validate()

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..text.encode import Batcher, StreamBatcher, WindowBatcher
+from .batches import Batcher, StreamBatcher, WindowBatcher
 from .distributed import Runtime, resolve_device
+from ..kernels.choice import Recurrence, training_recurrence
 from ..kernels.threads import CoreWatch
 from ..metrics import stateful_nats, windowed_nats
-from ..models import LanguageModel, lstm_bf16
+from ..models import LanguageModel
 
 
 @dataclass
@@ -128,11 +129,10 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.progress = Progress()
         self.rnn_state: Any = None  # the recurrent state carried between stream batches, (layers, B, H)
-        self._threads_between_steps: int | None = None  # set while steps run torch on one thread (see fit)
         self.threads_used: list[tuple[int, int]] = []  # (step, threads) each time fit starts or changes them
-        # What runs the recurrence in training steps, once fit has chosen: "bf16" (models/lstm_bf16.py),
-        # "native" (charloom.kernels.native.lstm, float32) or "torch" (the model's own layers).
-        self.recurrent_kernel = "torch"
+        # What runs the recurrence in training steps and on how many threads, once fit has chosen
+        # (charloom.kernels.choice); handed to the model with every step.
+        self.recurrence = Recurrence()
         self.diverge_above = max(10.0, DIVERGED_FACTOR * math.log(max(2, model.vocab_size)))
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
         if cfg.max_steps:
@@ -281,37 +281,27 @@ class Trainer:
         return (f"diverged at step {self.progress.step}: {what}; lower the learning rate "
                 f"(e.g. --lr {self.cfg.lr / 10:g}) and train again (the best checkpoint is kept)")
 
+    @property
+    def recurrent_kernel(self) -> str:
+        """What runs the recurrence in training steps: "bf16", "native" or "torch" (recorded in the run's config)."""
+        return self.recurrence.kind
+
     def fit(self) -> Progress:
         """Train until epochs, steps, time, patience or a stop request end it."""
         threads = torch.get_num_threads()
         self.threads_used.append((self.progress.step, threads))
-        model = self.model
-        param = next(model.parameters(), None)
+        param = next(self.model.parameters(), None)
         on_cpu = not self.cfg.compile and param is not None and param.device.type == "cpu"
-        if on_cpu and self._bf16_recurrence(threads):
-            # The recurrence's products in bf16 (models/lstm_bf16.py), all in torch on all threads.
-            model.bf16_recurrence, self.recurrent_kernel = True, "bf16"  # type: ignore[assignment]
-            try:
-                return self._fit()
-            finally:
-                model.bf16_recurrence = False  # type: ignore[assignment]
-        native = on_cpu and bool(getattr(model, "supports_native_training", lambda: False)())
-        if not native:
-            return self._fit()
-        # One-layer LSTMs (the book's, and the default preset's below 5M chars) train on the native
-        # kernel (charloom.kernels.native.lstm), whose threads need the cores: torch runs the rest of each
-        # step on one thread, since its OpenMP workers keep spinning on the other cores after every
-        # parallel op (whole steps ran 20-50% slower).
-        # Evaluations and the epoch's end (samples, checkpoints) get all threads back.
-        model.native_threads, self._threads_between_steps = threads, threads
-        self.recurrent_kernel = "native"
-        torch.set_num_threads(1)
+        self.recurrence = training_recurrence(self.model, on_cpu=on_cpu, precision=self.runtime.precision,
+                                              batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
+                                              threads=threads)
+        # Beside the native kernel torch runs the rest of each step on one thread; evaluations and the
+        # epoch's end (samples, checkpoints) get all threads back (see _all_threads).
+        torch.set_num_threads(self.recurrence.torch_threads())
         try:
             return self._fit()
         finally:
-            threads = self._threads_between_steps or threads  # as the run left them (see _follow_cores)
-            model.native_threads, self._threads_between_steps = 0, None
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.recurrence.threads)  # as the run left them (see _follow_cores)
 
     def _follow_cores(self) -> None:
         """Take the thread count the core watch finds free now, where it changed."""
@@ -320,36 +310,22 @@ class Trainer:
         threads = self.cores.free_cores()
         if threads == self.threads_used[-1][1]:
             return
-        if self._threads_between_steps:  # the native kernel's threads; torch stays on one between steps
-            self.model.native_threads = self._threads_between_steps = threads  # type: ignore[assignment]
-        else:
-            torch.set_num_threads(threads)
+        self.recurrence = self.recurrence.with_threads(threads)
+        torch.set_num_threads(self.recurrence.torch_threads())
         self.threads_used.append((self.progress.step, threads))
-
-    def _bf16_recurrence(self, threads: int) -> bool:
-        """Whether this CPU run's LSTM trains with bf16 recurrent products: asked for (precision bf16),
-        or with precision auto where a probe of the run's shapes finds it 20% faster than float32."""
-        model, cfg = self.model, self.cfg
-        if not getattr(model, "supports_bf16_training", lambda: False)() or self.runtime.precision == "fp32":
-            return False
-        if self.runtime.precision == "bf16":
-            return True
-        native = bool(getattr(model, "supports_native_training", lambda: False)())
-        return lstm_bf16.faster_than_float32(cfg.batch_size, cfg.seq_len, model.config.hidden, model.vocab_size,
-                                             threads, native)
 
     @contextmanager
     def _all_threads(self) -> Iterator[None]:
-        """The body with torch's full thread count when steps run it on one (see :meth:`fit`)."""
-        threads = self._threads_between_steps
-        if not threads:
+        """The body with torch's full thread count when steps run it on fewer (see :meth:`fit`)."""
+        between = self.recurrence.torch_threads()
+        if between == self.recurrence.threads:
             yield
             return
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.recurrence.threads)
         try:
             yield
         finally:
-            torch.set_num_threads(1)
+            torch.set_num_threads(between)
 
     def _fit(self) -> Progress:
         cfg, p, model = self.cfg, self.progress, self.model
@@ -380,9 +356,10 @@ class Trainer:
             lr = self.lr_at(p.step, elapsed)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            kernel = {"recurrence": self.recurrence} if self.recurrence.kind != "torch" else {}
             with self.runtime.autocast():
                 # The book's objective scores the last position only: the head skips the others.
-                logits, state = self.step_model(x, state, **last_only)  # (B, T, V), or (B, 1, V)
+                logits, state = self.step_model(x, state, **last_only, **kernel)  # (B, T, V), or (B, 1, V)
             logits = logits.float()  # the loss in fp32 whatever precision the forward ran in
             if cfg.objective == "last":
                 loss = F.cross_entropy(logits[:, -1], y[:, -1])

@@ -1,7 +1,7 @@
 """Training one-layer LSTMs on the native kernel, in C: over one-hot input (the book's model) or an embedding.
 
 torch's CPU LSTM spends a step on many small per-step products and elementwise ops (and, for the
-book's one-hot input, a dense product with it). ``rnn.c`` runs the layer's whole recurrence forward,
+book's one-hot input, a dense product with it). ``lstm.c`` runs the layer's whole recurrence forward,
 and backward with every gradient, in one call each, the hidden units split over threads, the one-hot
 product read as a lookup. Its threads need the cores to themselves: a large torch op just before
 leaves torch's OpenMP workers spinning on them, so the step's other large ops (the one-hot product
@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import LSTM_BLOCK, LSTM_CHUNK, LSTM_PAD, library
-
-MOG_MAX_ROUNDS = 8  # as in rnn.c
+from .build import library, limits
 
 
 def gate_order(hidden: int) -> torch.Tensor:
@@ -39,11 +37,12 @@ def gate_order(hidden: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def kernel_order(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices taking torch's LSTM gate rows (i, f, g, o, each H) to the training kernel's, and back:
-    blocks of LSTM_BLOCK hidden units, each block's gates in the order (i, f, o, g) (see rnn.c), so a
-    thread's share of the units is one run of rows. Cached: the caller must not modify them."""
-    h, rows = hidden, []
-    for u in range(0, h, LSTM_BLOCK):
-        units = torch.arange(u, min(u + LSTM_BLOCK, h))
+    blocks of the kernel's ``lstm_block`` hidden units, each block's gates in the order (i, f, o, g) (see
+    lstm.c), so a thread's share of the units is one run of rows. Needs the library. Cached: the caller
+    must not modify them."""
+    h, rows, block = hidden, [], limits().lstm_block  # type: ignore[union-attr]
+    for u in range(0, h, block):
+        units = torch.arange(u, min(u + block, h))
         rows += [units, h + units, 3 * h + units, 2 * h + units]
     order = torch.cat(rows)
     return order, torch.argsort(order)
@@ -86,7 +85,7 @@ class _OneHotLSTM(torch.autograd.Function):
         bias = (b_ih + b_hh).detach().index_select(0, order)
         w_hh_rows = w_hh.detach().index_select(0, order)  # (4H, H)
         h, c = h0.detach().contiguous().clone(), c0.detach().contiguous().clone()  # (B, H): receive the last state
-        # Time-major inside the kernel (see rnn.c): out (T, B, H), acts (T, B, 4H) gates after their
+        # Time-major inside the kernel (see lstm.c): out (T, B, H), acts (T, B, 4H) gates after their
         # activations and cs (T, B, H) c_t, both kept for the backward pass.
         out = w_ih.new_empty(t, b, hidden)
         acts = w_ih.new_empty(t, b, g)
@@ -113,9 +112,10 @@ class _OneHotLSTM(torch.autograd.Function):
         dh = out.new_zeros(b, hidden) if dh_last is None else dh_last.contiguous().clone()
         dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
         grads = out.new_empty((v + hidden + 1) * g)  # dW_ih^T (V, 4H), dW_hh^T (H, 4H), db (4H)
-        work = out.new_empty(b * LSTM_CHUNK * (5 * hidden + 1 + LSTM_PAD))
+        lib = library()
+        work = out.new_empty(lib.charloom_lstm_scratch_floats(b, hidden))
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
-        if library().charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),
+        if lib.charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),
                                             _p(cs), _p(h0c), _p(c0c), dout_at, dout_ts, dout_rs, _p(dh), _p(dc),
                                             _p(grads), _p(work), ctx.threads):
             raise MemoryError("no memory for the LSTM kernel's packed weights")
@@ -144,7 +144,7 @@ def onehot_lstm(rnn: nn.LSTM, ids: torch.Tensor, state: Any = None, threads: int
 
 class _MogrifierLSTM(torch.autograd.Function):
     """(ids (B, T), emb (V, D), mog (the rounds' matrices, flat), w_ih (4H, D), w_hh (4H, H), b_ih, b_hh
-    (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT): a Mogrifier LSTM layer (see rnn.c)."""
+    (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT): a Mogrifier LSTM layer (see mogrifier.c)."""
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, emb: torch.Tensor, mog: torch.Tensor, w_ih: torch.Tensor,
@@ -185,10 +185,10 @@ class _MogrifierLSTM(torch.autograd.Function):
         dc = out.new_zeros(b, hidden) if dc_last is None else dc_last.contiguous().clone()
         g_w = out.new_empty(hidden + d + 1, g)  # dW_hh^T, dW_ih^T, db
         g_mog, g_emb = torch.empty_like(mog), out.new_empty(v, d)
-        k = LSTM_CHUNK * b
-        work = out.new_empty(k * (g + LSTM_PAD + hidden + d + 1) + 2 * b * max(hidden, d) + b * d)
+        lib = library()
+        work = out.new_empty(lib.charloom_mog_scratch_floats(b, hidden, d))
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
-        if library().charloom_mog_backward(b, t, hidden, d, v, ctx.rounds, _p(ids), _p(mog), _p(w_ih_k), _p(w_hh_k),
+        if lib.charloom_mog_backward(b, t, hidden, d, v, ctx.rounds, _p(ids), _p(mog), _p(w_ih_k), _p(w_hh_k),
                                            _p(out), _p(acts), _p(cs), _p(rec), _p(h0c), _p(c0c), _p(dout), _p(dh),
                                            _p(dc), _p(g_w), _p(g_mog), _p(g_emb), _p(work), ctx.threads):
             raise MemoryError("no memory for the Mogrifier kernel's packed weights")
@@ -204,8 +204,9 @@ def mogrifier_lstm(rnn: nn.LSTM, rounds: list[torch.Tensor], ids: torch.Tensor, 
     """A one-layer Mogrifier LSTM over ``embedding[ids]`` (embedding (V, D)) on the native kernel: the
     LSTM's weights in ``rnn``, the rounds' matrices (Q_0 (D, H), R_1 (H, D), Q_2, ...) in ``rounds``.
     Returns out (B, T, H) and the last state ((1, B, H), (1, B, H))."""
-    if not 1 <= len(rounds) <= MOG_MAX_ROUNDS:
-        raise ValueError(f"the Mogrifier kernel runs 1 to {MOG_MAX_ROUNDS} rounds, got {len(rounds)}")
+    most = limits().mog_max_rounds  # type: ignore[union-attr]
+    if not 1 <= len(rounds) <= most:
+        raise ValueError(f"the Mogrifier kernel runs 1 to {most} rounds, got {len(rounds)}")
     b, hidden = ids.shape[0], rnn.hidden_size
     if state is None:
         h0 = c0 = torch.zeros(b, hidden)

@@ -13,8 +13,8 @@ is one bf16 product over all steps. Against ``nn.LSTM`` in float32
 the outputs differ by < 1e-3 and the weight gradients by ~0.2% (relative norm), well under the noise
 of a minibatch (``tests/test_lstm_bf16.py``). Evaluation and generation run in float32 as always.
 
-The trainer picks this kernel where it is measured faster than the float32 one for the run's
-shapes (:func:`faster_than_float32`), or always with ``precision="bf16"``.
+The kernel choice (``charloom.kernels.choice``) picks it where it is measured faster than the float32
+one for the run's shapes (:func:`faster_than_float32`), or always with ``precision="bf16"``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.native import lstm as native_lstm
+from .native import lstm as native_lstm
 
 BF16 = torch.bfloat16
 

@@ -1,0 +1,138 @@
+"""A corpus argument into token ids, reading the text as few times as its tokens allow.
+
+:func:`prepare` takes the steps in this order, each once: resolve the sources (a named corpus,
+files, folders), check that preparing them fits in memory, scan the text (size, alphabet, hash),
+fit the tokenizer, encode. Nothing reads the text after it::
+
+    char tokens:      scan (pass 1: alphabet)  ->  encode while writing the ids file (pass 2)
+    word/bpe tokens:  scan keeping the text (the only pass)  ->  fit on the training part  ->  encode
+
+The scan also checks a named corpus's copy against its sha256 (no separate read to verify it).
+Character ids never sit in memory: :meth:`PreparedCorpus.write` streams them to the run's ids file
+once the run directory is chosen. Word and BPE ids are encoded split by split in memory, so the
+validation split starts at a token boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import CharloomError
+from .encode import CorpusScan, encode_to_disk, scan_corpus, write_ids
+from .preflight import PREPARE_BYTES_PER_BYTE, STREAMING_BYTES_PER_BYTE, check_memory_for
+from .sources import Sources, resolve_sources, split_point
+from .tokenizers import CharTokenizer, Tokenizer, fit_tokenizer, id_dtype
+
+CorpusArg = str | os.PathLike | Sequence[str | os.PathLike] | None  # what charloom.train takes as ``corpus``
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """A corpus read, tokenized and (word/bpe) encoded: what a run needs, with nothing left to read."""
+
+    sources: Sources
+    scan: CorpusScan
+    tokens: str  # char, word or bpe
+    lowercase: bool
+    val_fraction: float
+    tokenizer: Tokenizer
+    train_chars: int  # characters before the train/validation cut
+    split: int  # training tokens: ids[:split] train, ids[split:] validate
+    n_tokens: int  # tokens in the whole corpus
+    ids: np.ndarray | None  # word/bpe: every id, in memory; char: None (encoded by write)
+
+    @property
+    def chars(self) -> int:
+        """Characters in the whole corpus (after lowercasing)."""
+        return self.scan.chars
+
+    @property
+    def val_chars(self) -> int:
+        """Characters after the cut, held out for validation."""
+        return self.scan.chars - self.train_chars
+
+    @property
+    def dtype(self) -> str:
+        """The numpy dtype of the ids on disk (uint8 for a vocabulary of up to 256)."""
+        return id_dtype(self.tokenizer.vocab_size).name
+
+    def require(self, seq_len: int) -> None:
+        """Raise a CharloomError when the corpus holds less than one training sequence of ``seq_len``."""
+        need = seq_len + 2
+        if self.train_chars < need or self.val_chars < 2:
+            raise CharloomError(self.sources.label, f"too short for one training sequence ({self.chars} characters; need about "
+                                f"{math.ceil(need / (1 - self.val_fraction))} with --seq-len {seq_len})",
+                                "use a longer text or a smaller --seq-len")
+        if self.tokens != "char" and (self.split < need or self.n_tokens - self.split < 2):
+            raise CharloomError(self.sources.label, f"too short for one training sequence ({self.split} training tokens of "
+                                f"{self.tokens}; need {need} with --seq-len {seq_len})",
+                                "use a longer text or a smaller --seq-len")
+
+    def write(self, path: Path) -> None:
+        """Write the ids to ``path`` (char tokens: encoded here, streaming, reusing a file with the same cache key)."""
+        if self.ids is None:
+            encode_to_disk(self.scan, self.tokenizer, path)
+        else:
+            write_ids(self.ids, path)
+
+    def record(self) -> dict[str, Any]:
+        """The ``corpus`` entry of a checkpoint's config.json (what a resumed run and ``evaluate`` read)."""
+        return {"name": self.sources.name, "files": [str(p) for p in self.sources.paths], "chars": self.chars,
+                "lowercase": self.lowercase, "split": self.split, "train_chars": self.train_chars,
+                "val_chars": self.val_chars, "dtype": self.dtype, "sha256": self.scan.sha256}
+
+    def describe(self) -> list[str]:
+        """The lines a verbose run prints about its corpus: notes, size, alphabet, tokens."""
+        lower = " after lowercasing" if self.lowercase else ""
+        return [*(f"note: {note}" for note in self.scan.notes),
+                f"corpus {self.sources.name}: {self.chars:,} chars ({self.train_chars:,} train, {self.val_chars:,} validation), "
+                f"{len(self.scan.alphabet)} distinct characters{lower}",
+                f"{self.tokens} tokens: {self.tokenizer.vocab_size:,} in the vocabulary, {self.n_tokens:,} in the corpus"]
+
+
+def prepare(corpus: CorpusArg, config: TrainConfig, *, encoding: str = "utf-8", errors: str = "strict") -> PreparedCorpus:
+    """Resolve ``corpus``, check memory, scan, fit ``config.tokens`` and encode, each once (see the module).
+
+    ``config`` gives ``tokens``, ``vocab_size``, ``val_fraction`` and ``lowercase`` (None: the named
+    corpus's own default); it is taken as validated (:meth:`TrainConfig.validate`).
+    """
+    streaming = config.tokens == "char"
+    for verify in (False, True):
+        # A named corpus's copy is checked against its sha256 by the scan, which reads it anyway.
+        sources = resolve_sources(corpus, errors, verify=verify)
+        check_memory_for(sources, STREAMING_BYTES_PER_BYTE if streaming else PREPARE_BYTES_PER_BYTE)
+        lowercase = bool(sources.lowercase_default if config.lowercase is None else config.lowercase)
+        try:
+            scan = scan_corpus(sources.paths, encoding=encoding, errors=errors, lowercase=lowercase,
+                               keep=not streaming, hash_files=sources.unverified)
+        except CharloomError:
+            if not sources.unverified:
+                raise
+            continue  # a damaged named copy may be what cannot be read: verify it (and rebuild it) first
+        if sources.confirm(scan.file_sha256):
+            break
+        # Else a damaged cached copy (a full disk, an edit by hand): resolving with verify rebuilds it.
+    train_chars = split_point(scan.chars, config.val_fraction)
+    if streaming:
+        tokenizer: Tokenizer = CharTokenizer(scan.alphabet)
+        return PreparedCorpus(sources, scan, config.tokens, lowercase, config.val_fraction, tokenizer, train_chars,
+                              split=train_chars, n_tokens=scan.chars, ids=None)
+    text = scan.text or ""
+    train_text, val_text = text[:train_chars], text[train_chars:]
+    try:
+        tokenizer = fit_tokenizer(config.tokens, train_text, text, config.vocab_size)
+    except ValueError as exc:
+        raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
+    # Encoded split by split, so the validation split starts at a token boundary.
+    train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
+    ids = np.concatenate([train_ids, val_ids])
+    scan = replace(scan, text=None)  # the run keeps the ids, not the text
+    return PreparedCorpus(sources, scan, config.tokens, lowercase, config.val_fraction, tokenizer, train_chars,
+                          split=len(train_ids), n_tokens=len(ids), ids=ids)
