@@ -32,8 +32,8 @@ except ImportError:  # run from a checkout without installing
 import torch
 
 from charloom.kernels.threads import available_cores
-from charloom.text.sources import load_corpus
 from charloom.models import MODELS
+from charloom.text.sources import load_corpus
 
 QUICK_CHARS = 60_000  # --quick trains on the first 60k characters of each corpus
 QUICK_SETTINGS = dict(hidden=64, embedding_dim=32, seq_len=64, batch_size=16)

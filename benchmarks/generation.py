@@ -54,12 +54,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
-from charloom.config import CACHE_SIZE, ModelConfig  # noqa: E402
+from charloom.config import CACHE_SIZE, ModelConfig, SampleConfig  # noqa: E402
 from charloom.generation.engine import generate_ids  # noqa: E402
+from charloom.generation.noise import Noise  # noqa: E402
+from charloom.generation.processors import build_pipeline  # noqa: E402
 from charloom.kernels import native  # noqa: E402
 from charloom.models import build_model  # noqa: E402
-from charloom.config import SampleConfig  # noqa: E402
-from charloom.generation.processors import Noise, build_pipeline  # noqa: E402
 from charloom.text.tokenizers import CharTokenizer  # noqa: E402
 
 ALPHABET = "\n !\"'(),-.0123456789:;=?[]_abcdefghijklmnopqrstuvwxyzäæéë"  # 57 symbols, as lowercased Nietzsche

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from charloom.text.sources import named_corpus_path
+    from charloom.text.named import named_corpus_path
 
     budget = args.budget if args.budget is not None else (10.0 if args.quick else 300.0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

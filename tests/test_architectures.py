@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import charloom
 from charloom.cli.commands import main
-from charloom.text.sources import load_corpus
 from charloom.models import MODELS
+from charloom.text.sources import load_corpus
 from charloom.text.tokenizers import Tokenizer
 from tests.conftest import TINY_SETTINGS, TINY_TEXT
 

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 import charloom
-from charloom.generation import processors as sampling
 from charloom.api import Model
-from charloom.config import ModelConfig, TrainConfig, preset_for
+from charloom.config import ModelConfig, TrainConfig
 from charloom.errors import CharloomError
 from charloom.export import export_model
+from charloom.generation import noise
+from charloom.generation import processors as sampling
 from charloom.generation.engine import beam_search, generate_ids
+from charloom.generation.steppers import CachedStepper, make_stepper
 from charloom.metrics import stateful_nats
 from charloom.models import build_model
 from charloom.models.base import model_class
-from charloom.generation.steppers import CachedStepper, make_stepper
+from charloom.presets import preset_for
 from charloom.text.tokenizers import CharTokenizer
 from tests.conftest import TINY_SETTINGS, TINY_TEXT, run_cli
 
@@ -137,7 +139,7 @@ def test_generation_with_a_cache_fast_equals_the_reference_path_and_beams_run():
 
     def ids(model, fast):
         steps = generate_ids(model, [1, 2, 3], rows=3, max_new_tokens=60, pipeline=pipeline,
-                             noise=sampling.Noise([5]), lanes=[0, 0, 0], fast=fast)
+                             noise=noise.Noise([5]), lanes=[0, 0, 0], fast=fast)
         return torch.stack(list(steps), 1)
 
     fast = ids(cached, True)

@@ -15,9 +15,10 @@ import charloom
 from charloom import api
 from charloom.cli.commands import build_parser, main
 from charloom.cli.parser import EXAMPLES, UsageError
-from charloom.training.run import resolve_configs
-from charloom.config import HELP_GROUPS, ModelConfig, TrainConfig, preset_for
+from charloom.config import HELP_GROUPS, ModelConfig, TrainConfig
 from charloom.models import model_class
+from charloom.presets import preset_for
+from charloom.training.run import resolve_configs
 
 CONFIG_FIELDS = fields(ModelConfig) + fields(TrainConfig)
 FIELD_NAMES = {f.name for f in CONFIG_FIELDS}

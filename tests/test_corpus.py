@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from charloom.text.sources import NAMED_CORPORA, bundled_sha256, cache_dir, load_corpus, named_corpus_path
 from charloom.errors import CharloomError
+from charloom.text.named import NAMED_CORPORA, bundled_sha256, cache_dir, named_corpus_path
+from charloom.text.sources import load_corpus
 from tests.conftest import SHARED_CORPORA
 
 
@@ -172,7 +173,7 @@ def test_data_folder_copy_wins_over_the_bundled_one(offline, tmp_path, monkeypat
 def test_damaged_bundled_copy_is_refused_in_one_line(offline, tmp_path, monkeypatch):
     import lzma
 
-    from charloom.text import sources as corpus_module
+    from charloom.text import named as corpus_module
 
     good = (SHARED_CORPORA / "nietzsche.txt").read_bytes()
     broken = {"truncated": lzma.compress(good)[:5000],  # a cut-off download of the wheel

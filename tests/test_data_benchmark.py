@@ -110,7 +110,7 @@ def test_repeated_file(tmp_path: Path) -> None:
 
 
 def test_preset_scales_with_corpus_and_budget() -> None:
-    from charloom.config import CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
+    from charloom.presets import CHARS_PER_PARAMETER, PRESET_SIZES, SMALL_CORPUS_CHARS_PER_PARAMETER, preset_for
 
     def size(n: int, t: float) -> int:
         m = preset_for(n, t)["model"]

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.text.sources import load_corpus, resolve_sources, stream_text
-from charloom.text.encode import encode_to_disk, scan_corpus
-from charloom.training.batches import StreamBatcher, WindowBatcher
 from charloom.errors import CharloomError
+from charloom.text.encode import encode_to_disk, scan_corpus
+from charloom.text.sources import load_corpus, resolve_sources, stream_text
 from charloom.text.tokenizers import CharTokenizer
+from charloom.training.batches import StreamBatcher, WindowBatcher
 
 
 def reference_ids(text: str) -> np.ndarray:

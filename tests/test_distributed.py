@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import charloom
-from charloom.training import distributed
 from charloom.cli.commands import main
 from charloom.config import ModelConfig, TrainConfig
-from charloom.training.batches import StreamBatcher, WindowBatcher, shard_rows
 from charloom.errors import CharloomError
 from charloom.models import build_model
+from charloom.training import distributed
+from charloom.training.batches import StreamBatcher, WindowBatcher, shard_rows
 from tests.conftest import REPO, TINY_TEXT
 
 # Small enough for a few seconds per run; dropout 0 because every rank draws its own dropout masks.

@@ -81,8 +81,9 @@ def test_numpy_sampler_writes_pytorchs_greedy_text(tmp_path, arch, input_kind, l
 
 def test_numpy_sampler_pipeline_matches_charlooms_processors():
     """Top-k, top-p and temperature of the NumPy sampler against charloom.generation.processors on random logits."""
-    from charloom.generation import processors as sampling
     from charloom.export.npsampler import Sampler
+    from charloom.generation import processors as sampling
+    from charloom.generation.noise import draw
 
     gen = torch.Generator().manual_seed(0)
     for k, p, t in [(0, 1.0, 0.7), (5, 1.0, 1.0), (0, 0.9, 1.3), (3, 0.5, 0.5), (0, 1.0, 0.0)]:
@@ -96,7 +97,7 @@ def test_numpy_sampler_pipeline_matches_charlooms_processors():
         log_p = lambda x: x[kept] - np.log(np.exp(x[kept] - x[kept].max()).sum()) - x[kept].max()  # noqa: E731
         np.testing.assert_allclose(log_p(got), log_p(want), rtol=1e-5, atol=1e-6)
         for u in (0.0, 0.3, 0.999):
-            assert Sampler.draw(got, u) == int(sampling.draw(torch.tensor(want).unsqueeze(0), torch.tensor([u])))
+            assert Sampler.draw(got, u) == int(draw(torch.tensor(want).unsqueeze(0), torch.tensor([u])))
 
 
 def test_sampler_runs_without_torch_or_charloom_and_matches_generate(tiny_run, tmp_path):

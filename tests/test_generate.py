@@ -4,13 +4,14 @@ import torch
 
 from charloom.generation import processors as sampling
 from charloom.generation.engine import generate_ids
+from charloom.generation.noise import Noise
 from tests.conftest import LETTERS
 
 
 def run(model, prompt, n, temps, seeds, lanes=None, window=0, fast=True):
     pipeline = sampling.build_pipeline(sampling.SampleConfig(), temperatures=temps)
     steps = generate_ids(model, prompt, rows=len(temps), max_new_tokens=n, pipeline=pipeline,
-                         noise=sampling.Noise(seeds), lanes=lanes, window=window, fast=fast)
+                         noise=Noise(seeds), lanes=lanes, window=window, fast=fast)
     return torch.stack(list(steps), 1)
 
 

@@ -10,14 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.generation import engine as generate, processors as sampling
-from charloom.kernels import choice
 from charloom.api import Completion, Model
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
+from charloom.generation import engine as generate
+from charloom.generation import noise
+from charloom.generation import processors as sampling
 from charloom.generation.engine import StopText, beam_search, generate_ids
-from charloom.models import build_model
 from charloom.generation.steppers import make_stepper
+from charloom.kernels import choice
+from charloom.models import build_model
 from charloom.text.tokenizers import CharTokenizer
 from tests.conftest import LETTERS, FakeLetters
 
@@ -34,7 +36,7 @@ def small(arch, inp, layers, vocab=20, tie=False):
 def ids_of(model, prompt, n, temps, seed=3, window=0, fast=True, lanes=None):
     pipeline = sampling.build_pipeline(sampling.SampleConfig(), temperatures=temps)
     steps = generate_ids(model, prompt, rows=len(temps), max_new_tokens=n, pipeline=pipeline,
-                         noise=sampling.Noise([seed]), lanes=lanes or [0] * len(temps), window=window, fast=fast)
+                         noise=noise.Noise([seed]), lanes=lanes or [0] * len(temps), window=window, fast=fast)
     return torch.stack(list(steps), 1)
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import charloom
+from charloom.cli.commands import main
 from charloom.generation import light
 from charloom.kernels import native
-from charloom.cli.commands import main
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler for the native kernel")
 TEXT = "the quick brown fox jumps over the lazy dog; then it rests. " * 300
@@ -86,7 +86,8 @@ def test_requests_it_cannot_answer_go_the_full_way(run, monkeypatch):
 def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(run, tmp_path):
     import shutil
 
-    from charloom.checkpoint import MANIFEST_FILE, _sha256, resolve
+    from charloom.checkpoint import MANIFEST_FILE, resolve
+    from charloom.files import sha256_of
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(resolve(run), ckpt)
@@ -94,7 +95,7 @@ def test_a_checkpoint_whose_weights_do_not_match_its_config_is_refused(run, tmp_
     config["model"]["hidden"] += 8  # shapes no longer match the safetensors file; manifest rehashed
     (ckpt / "config.json").write_text(json.dumps(config))
     manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
-    manifest["files"]["config.json"] = _sha256(ckpt / "config.json")
+    manifest["files"]["config.json"] = sha256_of(ckpt / "config.json")
     (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
     code, out, err = _cli("generate", str(ckpt), "--length", "5")
     assert code == 3 and out == "" and "weights do not fit the model in config.json" in err and err.count("\n") == 1

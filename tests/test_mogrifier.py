@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import charloom
-from charloom.kernels.choice import Recurrence
-from charloom.kernels.native import build
 from charloom.config import ModelConfig
 from charloom.errors import CharloomError
-from charloom.models import build_model
+from charloom.kernels.choice import Recurrence
+from charloom.kernels.native import build
 from charloom.kernels.native.lstm import mogrifier_lstm
+from charloom.models import build_model
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from charloom.generation import processors as sampling
+from charloom.config import ModelConfig
+from charloom.generation import noise
+from charloom.generation.steppers import make_stepper
 from charloom.kernels import choice, native
 from charloom.kernels.native import build
-from charloom.config import ModelConfig
 from charloom.models import build_model
-from charloom.generation.steppers import make_stepper
 from tests.test_generate_engine import ids_of, small
 
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
@@ -77,7 +77,7 @@ def test_native_sample_draws_what_numpy_draws_from_the_same_logits(kernel):
     got = nat.sample(state, logits, uniforms, temps, feed_last=True)
     for i in range(n):
         scaled = (ref_logits - ref_logits.max(axis=1, keepdims=True)) / temps[:, None]
-        want = sampling.draw_numpy(scaled, uniforms[i])
+        want = noise.draw_numpy(scaled, uniforms[i])
         assert got[i].tolist() == want.tolist(), f"step {i}"
         ref_logits = nat.step(want, ref_state)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-6)  # feed_last: the last draw was fed too

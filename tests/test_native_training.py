@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import charloom
-from charloom.kernels.native import build
 from charloom.config import ModelConfig
-from charloom.models import build_model
+from charloom.kernels.native import build
 from charloom.kernels.native.lstm import kernel_order, onehot_lstm
+from charloom.models import build_model
 from tests.test_native import kernel  # noqa: F401  (the fixture: skips without a C compiler)
 
 

@@ -172,7 +172,7 @@ class _Payload:
 def _rehash(ckpt: Path) -> None:
     """What an attacker who rewrites files would also do: make manifest.json match them."""
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {f: checkpoint._sha256(ckpt / f) for f in manifest["files"]}
+    manifest["files"] = {f: checkpoint.sha256_of(ckpt / f) for f in manifest["files"]}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 

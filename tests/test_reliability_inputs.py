@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import charloom
+from charloom.cli.commands import main
 from charloom.generation import engine as generate_module
 from charloom.text import preflight
-from charloom.cli.commands import main
-from charloom.text.tokenizers import Tokenizer
 from charloom.text.sources import resolve_sources
+from charloom.text.tokenizers import Tokenizer
 from tests.conftest import SHARED_CORPORA, TINY_SETTINGS, TINY_TEXT
 
 

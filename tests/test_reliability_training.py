@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import charloom
 from charloom import checkpoint
 from charloom.cli.commands import main
-from charloom.training.batches import Batcher
 from charloom.errors import CheckpointError
+from charloom.training.batches import Batcher
 from charloom.training.trainer import Listener, StopFlag
 from tests.conftest import TINY_SETTINGS
 
@@ -138,9 +138,9 @@ def test_weight_averaging_is_what_runs_evaluate_sample_and_save():
         def on_epoch_end(self, trainer):  # where the per-epoch samples are drawn
             seen["epoch", trainer.progress.step] = [p.detach().clone() for p in trainer.model.parameters()]
 
-    from charloom.training.run import resolve_configs
     from charloom.config import TrainConfig, from_dict, to_dict
     from charloom.models import build_model
+    from charloom.training.run import resolve_configs
     from charloom.training.trainer import Trainer
 
     mcfg, tcfg = resolve_configs(dict(TINY_SETTINGS, ema=0.9, dropout=0.2, eval_every=5), 2000)
@@ -273,7 +273,7 @@ def test_huge_learning_rate_stops_with_step_and_hint_and_keeps_best(tmp_path, ti
     (ckpt / "config.json").write_text(json.dumps(config))
     torch.save(state, ckpt / "training_state.pt")
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {f: checkpoint._sha256(ckpt / f) for f in manifest["files"]}
+    manifest["files"] = {f: checkpoint.sha256_of(ckpt / f) for f in manifest["files"]}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
     out, err = _io()

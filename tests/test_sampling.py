@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.generation import processors as sampling
 from charloom.config import ConfigError, SampleConfig
+from charloom.generation import noise
+from charloom.generation import processors as sampling
 
 
 def book_reweight_distribution(original_distribution, temperature=0.5):
@@ -37,7 +38,7 @@ def test_temperature_zero_is_greedy_and_per_row():
     assert torch.equal(out[1], logits[1])
     uniforms = torch.rand(1000)
     for u in uniforms[:50]:
-        assert sampling.draw(out, u.repeat(2))[0] == 1
+        assert noise.draw(out, u.repeat(2))[0] == 1
 
 
 logit_rows = st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=40)
@@ -77,21 +78,21 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
     greedy = logits.argmax(-1)
     u = torch.rand(64)
     for proc in (sampling.top_k(1), sampling.top_p(1e-9)):
-        assert torch.equal(sampling.draw(proc(torch.empty(64, 0), logits), u), greedy)
+        assert torch.equal(noise.draw(proc(torch.empty(64, 0), logits), u), greedy)
 
 
 def test_draw_matches_probabilities():
     probs = torch.tensor([0.1, 0.6, 0.0, 0.3])
     logits = probs.log().unsqueeze(0).expand(20000, -1)
-    ids = sampling.draw(logits, torch.rand(20000, generator=torch.Generator().manual_seed(1)))
+    ids = noise.draw(logits, torch.rand(20000, generator=torch.Generator().manual_seed(1)))
     freq = torch.bincount(ids, minlength=4).float() / 20000
     assert freq[2] == 0
     assert torch.allclose(freq, probs, atol=0.015)
 
 
 def test_noise_lanes_depend_only_on_seed():
-    a = sampling.Noise([5, 6], chunk=7)
-    b = sampling.Noise([5], chunk=3)
+    a = noise.Noise([5, 6], chunk=7)
+    b = noise.Noise([5], chunk=3)
     seq_a = [a.next()[0].item() for _ in range(20)]
     seq_b = [b.next()[0].item() for _ in range(20)]
     assert seq_a == seq_b

@@ -13,8 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.generation import processors as sampling
 from charloom.config import ConfigError, SampleConfig
+from charloom.generation import noise
+from charloom.generation import processors as sampling
 
 NEG = -np.inf
 
@@ -259,7 +260,7 @@ def test_top_k_1_tiny_top_p_min_p_1_and_zero_temperature_are_greedy():
     u = torch.rand(64)
     greedy = logits.argmax(-1)
     for proc in (sampling.top_k(1), sampling.top_p(1e-9), sampling.min_p(1.0), sampling.temperature(0.0)):
-        assert torch.equal(sampling.draw(proc(torch.empty(64, 0, dtype=torch.long), logits), u), greedy)
+        assert torch.equal(noise.draw(proc(torch.empty(64, 0, dtype=torch.long), logits), u), greedy)
 
 
 @pytest.mark.parametrize("cut", [sampling.top_k(5), sampling.top_p(0.6), sampling.min_p(0.2)])
@@ -317,9 +318,9 @@ def test_config_refuses_bad_values_naming_the_field_and_fix(kwargs, field):
 def test_draw_never_picks_a_removed_token_even_at_u_near_one():
     logits = torch.tensor([[0.0, 0.0, NEG, 5.0, NEG]], dtype=torch.float32)
     for u in (0.0, 0.5, 1 - 2 ** -24, np.nextafter(np.float32(1), np.float32(0))):
-        ids = sampling.draw(logits, torch.tensor([float(u)]))
+        ids = noise.draw(logits, torch.tensor([float(u)]))
         assert ids.item() in (0, 1, 3)
-        np_ids = sampling.draw_numpy(logits.numpy(), np.array([float(u)]))
+        np_ids = noise.draw_numpy(logits.numpy(), np.array([float(u)]))
         assert np_ids[0] in (0, 1, 3)
 
 
@@ -327,15 +328,15 @@ def test_numpy_draw_matches_torch_draw():
     torch.manual_seed(3)
     logits = torch.randn(300, 40) * 2
     u = torch.rand(300, dtype=torch.float64)
-    assert (sampling.draw(logits, u).numpy() == sampling.draw_numpy(logits.numpy(), u.numpy())).mean() > 0.99
+    assert (noise.draw(logits, u).numpy() == noise.draw_numpy(logits.numpy(), u.numpy())).mean() > 0.99
 
 
 def test_noise_rows_are_next_by_lane_in_any_chunking():
     lanes = torch.tensor([1, 0, 1])
-    reference = sampling.Noise([11, 12], chunk=7)
-    rows = sampling.Noise([11, 12], chunk=5).rows(lanes)
-    rows_np = sampling.Noise([11, 12], chunk=3).rows_numpy(lanes)
-    take = sampling.Noise([11, 12], chunk=4).take_numpy(lanes)
+    reference = noise.Noise([11, 12], chunk=7)
+    rows = noise.Noise([11, 12], chunk=5).rows(lanes)
+    rows_np = noise.Noise([11, 12], chunk=3).rows_numpy(lanes)
+    take = noise.Noise([11, 12], chunk=4).take_numpy(lanes)
     blocks = [take(n) for n in (1, 3, 6, 0, 2, 13)]  # 25 steps: within, across and over several chunks
     assert all(b.shape == (n, 3) for b, n in zip(blocks, (1, 3, 6, 0, 2, 13)))
     taken = iter(np.concatenate(blocks))

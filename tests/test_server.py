@@ -32,8 +32,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
-from charloom.models import build_model  # noqa: E402
 from charloom.generation.engine import StopText  # noqa: E402
+from charloom.models import build_model  # noqa: E402
 from charloom.server.app import ServeSettings, create_app, listen  # noqa: E402
 
 PROMPT = "the quick "

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charloom.text.tokenizers import BPETokenizer, UnknownSymbolsError, WordTokenizer, fit_tokenizer, tokenizer_from_dict
+from charloom.text.tokenizers import (
+    BPETokenizer,
+    UnknownSymbolsError,
+    WordTokenizer,
+    fit_tokenizer,
+    tokenizer_from_dict,
+)
 from tests.conftest import TINY_TEXT
 
 MIXED = "Der Übermensch — “Ja!”\tsagte er.\n\n日本語のテキスト 😀 ok  done\r\n"

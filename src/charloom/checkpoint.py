@@ -1,6 +1,7 @@
 """The run directory and the checkpoint format: the only code that knows file names on disk.
 
     RUN_DIR/
+      .lock                        held (flock) by the process training the run: one writer at a time
       data/ids.bin                 the corpus as token ids (memory-mapped for training)
       metrics.csv                  one row per evaluation
       samples.jsonl                the per-epoch samples
@@ -27,22 +28,27 @@ ACTION is ``kill`` (SIGKILL, the default), ``enospc`` (raise a disk-full OSError
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
-import hashlib
 import io
 import json
 import os
 import shutil
 import signal
-import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from safetensors import SafetensorError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 from .errors import CharloomError, CheckpointError
+from .files import fsync_dir, read_json, sha256_of, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +61,7 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"  # in the run directory, held by the process that trains it (RunDir.locked)
 FORMAT_VERSION = 1
 FAULT_POINTS = ("after-temp-write", "before-rename", "after-rename", "before-index", "before-prune")
 _saves_started = 0  # saves begun by this process, counted for CHARLOOM_FAULT_AT
@@ -90,75 +97,6 @@ def _non_finite(tensors: Any, prefix: str = "") -> str:
     return ""
 
 
-MAX_JSON_BYTES = 64 << 20  # config, tokenizer (a BPE vocabulary is a few MB), manifest, index
-
-
-def _open_regular(path: Path) -> int:
-    """A read-only descriptor of ``path``, refused (one line, exit 3) unless it is a regular file.
-
-    A FIFO would block the load forever and a link to ``/dev/zero`` would fill memory; a symbolic link
-    as the last component is refused too, so a checkpoint cannot point outside itself. ``O_NONBLOCK``
-    makes opening a FIFO return at once, so the check can refuse it."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise CheckpointError(str(path), "missing", "the checkpoint is incomplete; use another one") from None
-    except OSError as exc:
-        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
-        raise CheckpointError(str(path), why, "a checkpoint holds regular files only; use another one") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(str(path), "is not a regular file", "a checkpoint holds regular files only; use another one")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return fd
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with os.fdopen(_open_regular(path), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _read_json(path: Path) -> Any:
-    with os.fdopen(_open_regular(path), "rb") as fh:
-        raw = fh.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise CheckpointError(str(path), f"is larger than {MAX_JSON_BYTES >> 20} MB, more than charloom ever writes",
-                              "the file is damaged or not charloom's; use another checkpoint")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointError(str(path), "is nested too deeply", "the file is damaged or not charloom's; use another checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(str(path), f"not valid JSON ({exc.__class__.__name__})", "the file is damaged; use another checkpoint") from None
-
-
 class RunDir:
     """A training run's directory: data cache, logs and checkpoints."""
 
@@ -181,12 +119,36 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["RunDir"]:
+        """Hold this run for the process while the block runs: a second process that trains (or resumes)
+        the same run gets a one-line error (exit 2) instead of both writing one directory.
+
+        The lock is an ``flock`` on ``RUN/.lock``, so it goes away with the process however that ends (no
+        stale lock after a kill). While it is held, dot-directories under checkpoints/ can only be
+        leftovers of a dead process, which is what lets ``_prune`` delete them."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    raise CharloomError(str(self.path), f"is being trained by another process{f' (pid {holder})' if holder.isdigit() else ''}",
+                                        "wait for it to finish, or train into another directory (--out)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
+
     def index(self) -> dict[str, Any]:
         """The index of checkpoints, or {} when none has been written yet."""
         path = self.checkpoints / INDEX_FILE
         if not os.path.lexists(path):
             return {}
-        index = _read_json(path)
+        index = read_json(path)
         if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
             raise CheckpointError(str(path), "is not an index of checkpoints", "the run is damaged; give a checkpoint directory instead")
         return index
@@ -250,19 +212,19 @@ class RunDir:
             for fname in files:
                 with open(tmp / fname, "rb") as fh:
                     os.fsync(fh.fileno())
-            manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
-            _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+            manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: sha256_of(tmp / f) for f in files}}
+            write_json_atomic(tmp / MANIFEST_FILE, manifest)
             _fault("before-rename")
             os.rename(tmp, final)
             _fault("after-rename")
-            _fsync_dir(self.checkpoints)
+            fsync_dir(self.checkpoints)
             index = self.index()
             index["last"] = name
             if best or "best" not in index:
                 index["best"] = name
             index.update(extra_index or {})
             _fault("before-index")
-            _write_json_atomic(self.checkpoints / INDEX_FILE, index)
+            write_json_atomic(self.checkpoints / INDEX_FILE, index)
             referenced = True
         except (OSError, SafetensorError) as exc:
             # Disk full or gone: drop the partial write; the index still names the previous checkpoint.
@@ -290,6 +252,20 @@ class RunDir:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
+def new_run_dir(base: Path) -> Path:
+    """Create and return ``base``, or ``base-2``, ``base-3``... if taken: the first this process creates
+    (``mkdir`` is atomic, so runs started in the same second by several processes get a directory each)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
 def resolve(path: str | os.PathLike, which: str = "best") -> Path:
     """The checkpoint directory for a run directory (its ``best`` or ``last``) or a checkpoint directory."""
     p = Path(path)
@@ -307,7 +283,7 @@ def resolve(path: str | os.PathLike, which: str = "best") -> Path:
 
 def verify(ckpt: Path) -> dict[str, Any]:
     """Check every file against the manifest; return the manifest."""
-    manifest = _read_json(ckpt / MANIFEST_FILE)
+    manifest = read_json(ckpt / MANIFEST_FILE)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise CheckpointError(str(ckpt / MANIFEST_FILE), "lists no model file", "the checkpoint is damaged; use another one")
@@ -318,7 +294,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
         fpath = ckpt / fname
         if Path(fname).name != fname or not os.path.lexists(fpath):  # a FIFO or a link is refused when hashed
             raise CheckpointError(str(fpath), "missing", "the checkpoint is incomplete; use another one")
-        if _sha256(fpath) != digest:
+        if sha256_of(fpath) != digest:
             raise CheckpointError(str(fpath), "checksum does not match manifest.json", "the file is damaged; use another checkpoint")
     return manifest
 
@@ -326,10 +302,10 @@ def verify(ckpt: Path) -> dict[str, Any]:
 def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config, tokenizer)`` dicts of a verified checkpoint."""
     verify(ckpt)
-    config = _read_json(ckpt / CONFIG_FILE)
+    config = read_json(ckpt / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
         raise CheckpointError(str(ckpt / CONFIG_FILE), "unknown checkpoint format", "upgrade charloom or use another checkpoint")
-    tokenizer = _read_json(ckpt / TOKENIZER_FILE)
+    tokenizer = read_json(ckpt / TOKENIZER_FILE)
     if not isinstance(tokenizer, dict):
         raise CheckpointError(str(ckpt / TOKENIZER_FILE), "is not a tokenizer description (a JSON object)", "use another checkpoint")
     return config, tokenizer

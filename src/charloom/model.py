@@ -16,27 +16,13 @@ import numpy as np
 import torch
 
 from .checkpoint import RunDir, load_weights, read_config, resolve
-from .config import (
-    CACHE_SIZE,
-    ConfigError,
-    DynamicEval,
-    ModelConfig,
-    SampleConfig,
-    TrainConfig,
-    from_dict,
-)
+from .config import CACHE_SIZE, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, from_dict
 from .errors import CharloomError, CheckpointError
 from .generation.completion import Completion, complete, make_plan, run
-from .generation.options import sample_config
 from .generation.light import encode_prompt
+from .generation.options import sample_config
 from .generation.processors import build_pipeline, process
-from .metrics import (
-    EvalResult,
-    dynamic_nats,
-    gradient_rms,
-    stateful_nats,
-    windowed_nats,
-)
+from .metrics import EvalResult, dynamic_nats, gradient_rms, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .text.encode import open_ids
 from .text.tokenizers import Tokenizer, tokenizer_from_dict

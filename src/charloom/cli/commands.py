@@ -18,11 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from ..config import (
-    DynamicEval,
-    ModelConfig,
-    TrainConfig,
-)
+from ..config import DynamicEval, ModelConfig, TrainConfig
 from ..errors import CharloomError
 from .generate import cmd_generate, is_terminal, say_kernel
 from .parser import UsageError, build_parser

@@ -18,7 +18,6 @@ from .. import __version__
 from ..config import (
     AUTO_HELP,
     HELP_GROUPS,
-    RECIPES,
     ConfigError,
     DynamicEval,
     ModelConfig,
@@ -27,6 +26,7 @@ from ..config import (
     parse_duration,
 )
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
+from ..presets import RECIPES
 
 CACHE_HELP = ("mix a continuous cache of the text already read into predictions (a test-time option; "
               "default: only if the run was trained with --cache-size)")

@@ -20,8 +20,9 @@ from ..errors import CharloomError
 from ..text.tokenizers import Tokenizer, UnknownSymbolsError
 from .engine import Step, StopText, beam_search, generate_steps
 from .light import resolve_seed
+from .noise import Noise
 from .options import GenerateConfig, generate_config, sample_config, split_options
-from .processors import Noise, Processor, build_pipeline
+from .processors import Processor, build_pipeline
 
 
 class Completion(str):

@@ -1,7 +1,7 @@
 """The generation loop: prefill the prompt once, then one model step per token, yielding as it goes.
 
 Several rows (temperatures x samples) run in one batch. Each row draws its randomness from a
-lane of :class:`~charloom.generation.processors.Noise`, so row results do not depend on what else is batched.
+lane of :class:`~charloom.generation.noise.Noise`, so row results do not depend on what else is batched.
 
 Two ways of reading the context:
 
@@ -32,8 +32,9 @@ from ..kernels.native import NativeStepper, sample_chunks
 from ..kernels.threads import one_torch_thread
 from ..models import LanguageModel
 from ..models.base import tree_map
+from .noise import Noise, draw, draw_numpy
+from .processors import Processor, Temperature, process
 from .steppers import CachedStepper, NumpyStepper, make_stepper
-from .processors import Noise, Processor, Temperature, draw, draw_numpy, process
 
 
 @dataclass

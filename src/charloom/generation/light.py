@@ -21,12 +21,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..kernels import native
 from ..checkpoint import MODEL_FILE, read_config, resolve
 from ..config import ModelConfig, from_dict
 from ..errors import CharloomError, CheckpointError
+from ..kernels import native
 from ..text.tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
-
 
 
 def resolve_seed(seed: int | None) -> int:

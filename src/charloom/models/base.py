@@ -23,7 +23,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..presets import preset_for
 
 State = Any
 MODELS: dict[str, type["LanguageModel"]] = {}

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..presets import preset_for
 from .base import Dropout, LanguageModel, State, output_layers, register
 
 DILATION_CYCLE = 8  # dilations k**0 .. k**7, then again (WaveNet repeats 1..512)

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..kernels.choice import Recurrence
 from ..kernels.native import lstm as native_lstm
+from ..presets import preset_for
 from .base import ExportSpec, State, register
 from .rnn import RecurrentLM
-
 
 # The architecture's range of rounds, whatever the machine: a config valid here is valid everywhere. The
 # native training kernel runs up to its own exported limit (native.limits().mog_max_rounds), and the

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, TrainConfig, preset_for
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..presets import preset_for
 from .base import Dropout, LanguageModel, State, output_layers, register
 
 DEFAULT_CONTEXT = 128  # when a config built outside a run leaves context at 0

@@ -35,12 +35,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..api import Model, load
 from ..errors import CharloomError
 from ..generation.completion import Completion, Plan, make_plan
-from ..api import Model, load
 from .generation import Generation, GuardedStream
 from .guard import Gate, Guard, is_loopback
-from .openai import DONE, ApiError, CompletionRequest, NextRequest, from_charloom_error, invalid, openai_logprobs, sse, usage
+from .openai import (
+    DONE,
+    ApiError,
+    CompletionRequest,
+    NextRequest,
+    from_charloom_error,
+    invalid,
+    openai_logprobs,
+    sse,
+    usage,
+)
 
 STATIC = Path(__file__).parent / "static"
 

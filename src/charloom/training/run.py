@@ -9,6 +9,7 @@ imports ``charloom.model`` or ``charloom.api`` (no import back up the graph).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,18 +21,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import RunDir, load_training_state, load_weights
-from ..config import (
-    RECIPES,
-    ConfigError,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    to_dict,
-)
+from ..checkpoint import RunDir, load_training_state, load_weights, new_run_dir
+from ..config import ConfigError, ModelConfig, TrainConfig, apply_overrides, to_dict
 from ..errors import CharloomError
 from ..kernels.threads import CoreWatch, available_cores, idle_cores
 from ..models import LanguageModel, build_model, model_class
+from ..presets import RECIPES
 from ..text.encode import open_ids
 from ..text.prepare import CorpusArg, prepare
 from ..text.tokenizers import Tokenizer
@@ -123,14 +118,9 @@ def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tupl
 
 
 def default_run_dir(corpus_name: str) -> Path:
-    """``runs/<corpus>-<date>-<time>`` under the working directory, never an existing one."""
+    """``runs/<corpus>-<date>-<time>`` under the working directory, created now (``-2``, ``-3``... if taken)."""
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in corpus_name)[:40] or "run"
-    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    return new_run_dir(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class TrainedModel(Protocol):
@@ -274,11 +264,19 @@ def _train(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], *, out:
            **settings: Any) -> M:
     stream = stream or sys.stdout
     verbose, progress = verbose and runtime.is_main, progress if runtime.is_main else False
+    with contextlib.ExitStack() as hold:  # the run's lock (RunDir.locked), from before its first write to the end
+        return _run(runtime, corpus, models, hold, out=out, resume=resume, encoding=encoding, errors=errors,
+                    verbose=verbose, progress=progress, stream=stream, stop=stop, **settings)
+
+
+def _run(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], hold: contextlib.ExitStack, *, out: Any,
+         resume: Any, encoding: str, errors: str, verbose: bool, progress: bool | None, stream: TextIO,
+         stop: StopFlag | None, **settings: Any) -> M:
     if resume is not None:
-        run, model, trainer_state, tcfg, ids, split, val_chars = _resume(Path(resume), settings, models)
+        run, model, trainer_state, tcfg, ids, split, val_chars = _resume(Path(resume), settings, models, runtime, hold)
     else:
         run, model, tcfg, ids, split, val_chars = _start(corpus, out, encoding, errors, settings, verbose, stream,
-                                                          runtime, models)
+                                                          runtime, models, hold)
         trainer_state = None
     torch.set_num_threads(tcfg.threads or runtime.default_threads(idle_cores()))
     # Threads left to us follow the machine as the run goes (a busy moment at start must not halve it);
@@ -321,13 +319,19 @@ def _train(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], *, out:
 
 
 def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: dict[str, Any], verbose: bool,
-           stream: TextIO, runtime: Runtime, models: ModelFactory[M]) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
+           stream: TextIO, runtime: Runtime, models: ModelFactory[M],
+           hold: contextlib.ExitStack) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
     """Check the settings, prepare the corpus, size the configs; only then create the run directory and its ids."""
     checked = RunSettings.check(settings)
     prepared = prepare(corpus, checked.train, encoding=encoding, errors=errors)
     mcfg, tcfg = checked.sized(prepared.train_chars, lowercase=prepared.lowercase)
     prepared.require(tcfg.seq_len)
-    run = RunDir(Path(out) if out is not None else runtime.broadcast(default_run_dir(prepared.sources.name)))
+    if out is not None:
+        run = RunDir(out)
+    else:  # rank 0 creates it; the others learn its name
+        run = RunDir(runtime.broadcast(default_run_dir(prepared.sources.name) if runtime.is_main else None))
+    if runtime.is_main:
+        hold.enter_context(run.locked())
     if run.index():
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
@@ -349,8 +353,8 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
     return run, model, tcfg, open_ids(run.ids_path, prepared.dtype), prepared.split, prepared.val_chars
 
 
-def _resume(path: Path, settings: dict[str, Any],
-            models: ModelFactory[M]) -> tuple[RunDir, M, dict[str, Any], TrainConfig, np.ndarray, int, int]:
+def _resume(path: Path, settings: dict[str, Any], models: ModelFactory[M], runtime: Runtime,
+            hold: contextlib.ExitStack) -> tuple[RunDir, M, dict[str, Any], TrainConfig, np.ndarray, int, int]:
     """Load the last checkpoint of a run with its training state; allow only the stopping settings to change."""
     fixed = sorted(set(settings) - RESUMABLE_FIELDS)
     if fixed:
@@ -359,6 +363,8 @@ def _resume(path: Path, settings: dict[str, Any],
     run = RunDir(path)
     if not run.index():
         raise CharloomError(str(path), "holds no checkpoint to resume", "give the run directory that charloom train printed")
+    if runtime.is_main:
+        hold.enter_context(run.locked())
     model = models.load_last(path)
     state = load_training_state(model.path)  # type: ignore[arg-type]
     try:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from .batches import Batcher, StreamBatcher, WindowBatcher
-from .distributed import Runtime, resolve_device
 from ..kernels.choice import Recurrence, training_recurrence
 from ..kernels.threads import CoreWatch
 from ..metrics import stateful_nats, windowed_nats
 from ..models import LanguageModel
+from .batches import Batcher, StreamBatcher, WindowBatcher
+from .distributed import Runtime, resolve_device
 
 
 @dataclass

@@ -1,6 +1,12 @@
 # Writes tests/data/old_checkpoints/ (run from the repository root with the charloom of the commit named in tests/test_compat.py).
-import json, shutil, sys, pathlib, subprocess
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import charloom
+
 out = pathlib.Path("tests/data/old_checkpoints"); shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
 text = pathlib.Path("../shared/corpora/nietzsche.txt").read_text()[:40000]
 pathlib.Path("/tmp/fx/small.txt").write_text(text)

@@ -14,7 +14,7 @@ Which kernel runs a given piece of work is decided in :mod:`charloom.kernels.cho
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 from .build import ABI_VERSION, Limits, build_flags, describe, disabled, library, limits
 from .stepper import NativeStepper, runs

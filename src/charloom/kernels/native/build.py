@@ -3,7 +3,7 @@ checked on load against the ABI this package speaks.
 
 The library is built on first use with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``,
 then ``$CHARLOOM_NATIVE_FLAGS``) into ``native/`` under charloom's cache folder
-(``charloom.text.sources.cache_dir()``), keyed by every source, the flags, the compiler and the CPU,
+(``charloom.text.named.cache_dir()``), keyed by every source, the flags, the compiler and the CPU,
 and loaded with ctypes. The constants the Python side needs (the most layers, the training blocks,
 the Mogrifier's most rounds, the size of ``Net``) and the scratch sizes come from the library itself
 (``abi.c``, ``charloom_*_scratch_floats``): nothing is copied by hand from the C sources.
@@ -122,7 +122,7 @@ def _cache_path(cc: str) -> Path:
     for path in _inputs():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(" ".join(build_flags()).encode() + version.encode() + _cpu_key().encode())
-    from ...text.sources import cache_dir  # the folder corpora are cached in
+    from ...text.named import cache_dir  # the folder corpora are cached in
 
     return cache_dir() / "native" / f"rnn-{digest.hexdigest()[:16]}.so"
 

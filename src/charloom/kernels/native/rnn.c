@@ -2,7 +2,7 @@
  *
  * Built with the other kernel files on first use (charloom/kernels/native/build.py) and loaded with
  * ctypes; without a compiler charloom uses its numpy and torch paths instead.
- * The maths is exactly RecurrentStepper.step (charloom/generation/steppers.py) and processors.draw:
+ * The maths is exactly RecurrentStepper.step (charloom/generation/steppers.py) and noise.draw:
  *
  *   layer 0:  proj = table[id]                       (V, G*H): W_ih x + b_ih (+ b_hh for an LSTM)
  *   layer l:  proj = b_in + x @ w_ih_t               (H, G*H)
