@@ -95,3 +95,13 @@ def test_the_probe_leaves_the_run_s_random_stream_alone():
     before = torch.get_rng_state()
     lstm_bf16.faster_than_float32(2, 4, 8, 5, 1, False)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_no_full_probe_where_a_single_bf16_product_is_slower(monkeypatch):
+    # Where bf16 is emulated the full probe took 43 s at 1x512 for an answer that is always no.
+    lstm_bf16.faster_than_float32.cache_clear()
+    monkeypatch.setattr(lstm_bf16, "bf16_products_pay", lambda hidden, threads: False)
+    monkeypatch.setattr(lstm_bf16, "bf16_lstm", lambda *a, **k: pytest.fail("the full probe ran"))
+    assert lstm_bf16.faster_than_float32(4, 8, 16, 11, 1, False) is False
+    lstm_bf16.faster_than_float32.cache_clear()
+

@@ -107,10 +107,8 @@ class TransformerLM(LanguageModel):
     @classmethod
     def preset(cls, n_train_chars: int, max_time: float = 0.0) -> dict[str, dict[str, Any]]:
         # Two blocks per recurrent layer of the RNN preset at half its width (1x256 -> 2x128), tied
-        # weights, short random windows at any offset, small batches. Tiny Shakespeare, 60 s on 2 cores,
-        # validation bits/char, 2026-11-29: the old preset (4x80, T=128 windows every 64, B=32)
-        # 3.56; nanoGPT's CPU "baby GPT" shape (4x128, T=64, B=12, lr 1e-3) 3.08; 4x128 B=16 lr 3e-3
-        # 2.84; 2x128 B=16 lr 3e-3 2.58, lr 6e-3 2.55; 2x128 B=8 lr 3e-3 2.57. Small and fast wins.
+        # weights, short random windows at any offset, small batches: on a CPU budget, small and fast
+        # wins (3.56 -> 2.55 bits/char on Tiny Shakespeare in 60 s; docs/experiments.md, "Architectures").
         base = preset_for(n_train_chars, max_time, recurrent=False)
         model = {**base["model"], "layers": 2 * base["model"]["layers"],
                  "hidden": max(128, base["model"]["hidden"] // 2), "tie_weights": True}
