@@ -329,7 +329,6 @@ def test_next_distribution_greedy_and_top_k(tiny_model):
     ({"presence_penalty": -3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"penalty_last_n": -1}, "penalty_last_n"),
-    ({"temprature": 0.5}, "temprature"),  # a misspelt option is refused, not ignored
     ({"unknown": "guess"}, "unknown"),
 ])
 def test_invalid_parameters_get_422_naming_the_field(base_url, body, param):

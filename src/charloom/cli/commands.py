@@ -132,8 +132,9 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     except ImportError as exc:
         raise CharloomError("serve", f"needs the serve extra ({exc.name} is not installed)", "pip install 'charloom[serve]'") from None
     settings = server.ServeSettings(host=args.host, port=args.port, api_key=args.api_key, cors=tuple(args.cors),
-                                    max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                                    max_prompt_chars=args.max_prompt_chars, time_limit=args.time_limit)
+                                    allow_hosts=tuple(args.allow_host), max_concurrency=args.max_concurrency,
+                                    max_queue=args.max_queue, max_tokens=args.max_tokens, max_prompt_chars=args.max_prompt_chars,
+                                    time_limit=args.time_limit, max_connections=args.max_connections, log_level=args.log_level)
     server.serve(args.run_dirs, settings, which=args.checkpoint, cache=args.cache, stdout=stdout)
     return 0
 

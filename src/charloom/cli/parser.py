@@ -271,8 +271,15 @@ def _add_evaluate_serve_export(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: 8000; 0 = any free port)")
     s.add_argument("--api-key", default=os.environ.get("CHARLOOM_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $CHARLOOM_API_KEY, else none)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="answer requests whose Host header is NAME too (e.g. a name of this machine); repeatable "
+                        "(default: localhost and loopback addresses only, or any name when --host is not loopback)")
     s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow pages from this origin (e.g. http://localhost:3000) to call the API; repeatable (default: none)")
+    s.add_argument("--max-connections", type=int, default=100, metavar="N",
+                   help="open connections at once; beyond that 503 (default: 100)")
+    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                   help="server log level; info and debug add a line per request (default: warning)")
     s.add_argument("--max-concurrency", type=int, default=4, metavar="N", help="generations running at once (default: 4)")
     s.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests waiting for a free slot; beyond that 503 (default: 16)")
     s.add_argument("--max-tokens", type=int, default=2000, metavar="N", help="largest max_tokens a request may ask for (default: 2000)")

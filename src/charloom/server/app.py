@@ -5,9 +5,10 @@ Routes: ``POST /v1/completions`` (OpenAI's completions API, streaming as Server-
 reweighting), ``GET /health`` and the page at ``/``.
 
 Hardened by default (:mod:`.guard`): loopback only (and only loopback ``Host`` headers, against DNS
-rebinding), no cross-origin access unless asked, an optional API key on every route but ``/health``,
-caps on body, prompt, ``max_tokens`` and ``n``, a bounded number of running and waiting generations
-(then 503 with ``Retry-After``), and a time cap per generation. Each generation runs in its own thread
+rebinding), no cross-origin access unless asked, JSON bodies only, an optional API key on every route but
+``/health``, caps on connections, body (counted as read, read within a time limit), prompt,
+``max_tokens`` and ``n``, a bounded number of running and waiting generations (then 503 with
+``Retry-After``), and a time cap per generation. Each generation runs in its own thread
 (:mod:`.generation`), one token at a time, so a client that goes away stops it before the next token.
 
 Sampling, stop strings, the time limit, finish reasons and log-probabilities are the library's
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence, TextIO
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -39,9 +40,10 @@ from ..api import Model, load
 from ..errors import CharloomError
 from ..generation.completion import Completion, Plan, make_plan
 from .generation import Generation, GuardedStream
-from .guard import Gate, Guard, is_loopback
+from .guard import Gate, Guard, host_name, is_loopback
 from .openai import (
     DONE,
+    ERROR_RESPONSES,
     ApiError,
     CompletionRequest,
     NextRequest,
@@ -50,9 +52,14 @@ from .openai import (
     openai_logprobs,
     sse,
     usage,
+    warning_header,
 )
 
 STATIC = Path(__file__).parent / "static"
+# The longest JSON spelling of one prompt character: an escaped surrogate pair, "\ud83d\ude00". The body
+# cap allows a whole prompt spelt so; the prompt's decoded length is then held to --max-prompt-chars.
+JSON_BYTES_PER_CHAR = 12
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # from info down, one access log line per request
 
 
 @dataclass
@@ -63,15 +70,19 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     cors: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones
     max_concurrency: int = 4
     max_queue: int = 16
     max_tokens: int = 2000
     max_prompt_chars: int = 10_000
     time_limit: float = 60.0
+    max_connections: int = 100  # open connections; beyond, uvicorn answers 503 (a stream holds one)
+    body_timeout: float = 10.0  # seconds a request body may take to arrive
+    log_level: str = "warning"
 
     def validate(self) -> "ServeSettings":
         """Refuse limits that make no sense, naming the flag."""
-        for name in ("max_concurrency", "max_tokens", "max_prompt_chars"):
+        for name in ("max_concurrency", "max_tokens", "max_prompt_chars", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CharloomError("--" + name.replace("_", "-"), f"must be a whole number >= 1, got {value!r}", "raise it")
@@ -79,6 +90,10 @@ class ServeSettings:
             raise CharloomError("--max-queue", f"must be a whole number >= 0, got {self.max_queue!r}", "use 0 for no queue")
         if not (self.time_limit > 0) or self.time_limit == float("inf"):
             raise CharloomError("--time-limit", f"must be a number of seconds > 0, got {self.time_limit!r}", "use e.g. 60")
+        if not (self.body_timeout > 0) or self.body_timeout == float("inf"):
+            raise CharloomError("body_timeout", f"must be a number of seconds > 0, got {self.body_timeout!r}", "use e.g. 10")
+        if self.log_level not in LOG_LEVELS:
+            raise CharloomError("--log-level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}", "use e.g. info")
         if not (0 <= self.port <= 65535):
             raise CharloomError("--port", f"must be in 0..65535, got {self.port}", "use e.g. 8000, or 0 for any free port")
         if self.api_key is not None and not self.api_key.strip():
@@ -91,9 +106,17 @@ class ServeSettings:
         return is_loopback(self.host)
 
     @property
+    def hosts(self) -> frozenset[str] | None:
+        """Host names answered besides loopback ones; None: any (listening beyond loopback, no --allow-host)."""
+        if self.loopback or self.allow_hosts:
+            return frozenset(host_name(h) for h in (*self.allow_hosts, self.host))
+        return None
+
+    @property
     def max_body(self) -> int:
-        """The largest request body accepted: a UTF-8 prompt at the limit plus the other fields."""
-        return self.max_prompt_chars * 4 + 16_384
+        """The largest request body accepted: a prompt at the limit in its longest JSON spelling, plus the
+        other fields."""
+        return self.max_prompt_chars * JSON_BYTES_PER_CHAR + 16_384
 
 
 def model_names(paths: Sequence[str | Path]) -> list[str]:
@@ -181,8 +204,6 @@ class Service:
         if req.max_tokens > self.settings.max_tokens:
             raise invalid("max_tokens", f"{req.max_tokens} is more than this server's limit of {self.settings.max_tokens}")
         stops = req.stops()
-        if req.best_of is not None and req.best_of != req.n:
-            raise invalid("best_of", "not supported; leave it out")
         self.check_prompt(model, prompt, req.unknown)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         try:
@@ -208,14 +229,15 @@ class Service:
             raise
         reply = Reply(req, model, len(plan.ids), echo,
                       {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": name})
+        headers = warning_header(req.ignored())
         if req.stream:
-            return GuardedStream(reply.events(generation), on_close=generation.cancel)
+            return GuardedStream(reply.events(generation), on_close=generation.cancel, headers=headers)
         try:
-            if not await generation.finish(request.is_disconnected):
+            if not await generation.finish(request.receive):
                 return JSONResponse({}, status_code=499)
         finally:
             generation.cancel()
-        return reply.whole(generation.results)
+        return JSONResponse(reply.whole(generation.results), headers=headers)
 
 
 class Reply:
@@ -285,26 +307,32 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         # Unions report the member type tried ("prompt.str"); the field is what the user wrote.
         param = ".".join(x for x in loc if x not in ("str", "list[str]", "int", "float", "bool")) or "body"
-        return invalid(param, first.get("msg", "invalid value")).response()
+        return invalid(param, str(first.get("msg", "invalid value")).removeprefix("Value error, ")).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Still logged by the server; the client gets OpenAI's JSON shape, never a plain-text page.
+        return ApiError(500, "internal error", kind="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), kind="not_found" if exc.status_code == 404 else "invalid_request_error",
                         headers=dict(exc.headers or {})).response()
 
-    @app.get("/health")
+    @app.get("/health", responses=ERROR_RESPONSES)
     async def health() -> dict[str, Any]:
         return service.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:
         return service.model_list()
 
-    @app.post("/v1/next")
-    async def next_token(req: NextRequest) -> dict[str, Any]:
+    @app.post("/v1/next", responses=ERROR_RESPONSES)
+    async def next_token(req: NextRequest, response: Response) -> dict[str, Any]:
+        response.headers.update(warning_header(req.ignored()))
         return await service.next_token(req)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**ERROR_RESPONSES, 200: {"content": {"application/json": {}, "text/event-stream": {}}}})
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await service.completion(req, request)
 
@@ -314,7 +342,8 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Outermost last: CORS answers preflights before the key check (a preflight carries no key).
-    app.add_middleware(Guard, api_key=settings.api_key, loopback_only=settings.loopback, max_body=settings.max_body)
+    app.add_middleware(Guard, api_key=settings.api_key, hosts=settings.hosts, cors=settings.cors, max_body=settings.max_body,
+                       body_timeout=settings.body_timeout)
     if settings.cors:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
@@ -333,6 +362,15 @@ def listen(host: str, port: int) -> socket.socket:
         raise CharloomError(f"{host}:{port}", f"cannot listen there ({exc.strerror or exc})",
                             "choose another --port (0 = any free one) or --host") from None
     return sock
+
+
+def server_config(app: FastAPI, settings: ServeSettings) -> Any:
+    """uvicorn's settings for ``app``: the connection cap, the log level and its access log."""
+    import uvicorn
+
+    # uvicorn answers 503 when the open connections, the asking one included, reach limit_concurrency.
+    return uvicorn.Config(app, log_level=settings.log_level, access_log=LOG_LEVELS.index(settings.log_level) >= LOG_LEVELS.index("info"),
+                          limit_concurrency=settings.max_connections + 1, timeout_graceful_shutdown=3, lifespan="off")
 
 
 def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best", cache: bool | None = None,
@@ -360,5 +398,4 @@ def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str
     # it is skipped.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(server_config(app, settings)).run(sockets=[sock])

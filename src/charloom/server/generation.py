@@ -70,21 +70,19 @@ class Generation:
             out.append(self._pending.popleft())
         return out
 
-    async def finish(self, disconnected: Callable[[], Any]) -> bool:
-        """Wait for the end of the run (for a non-streamed answer); False if ``await disconnected()`` turned
-        true first. An error event becomes a 500."""
-        while True:
-            try:
-                events = await asyncio.wait_for(self.events(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await disconnected():
-                    return False
-                continue
-            for event in events:
-                if event[0] == "error":
-                    raise ApiError(500, event[1], kind="server_error")
-                if event[0] == "end":
-                    return True
+    async def finish(self, receive: Receive) -> bool:
+        """Wait for the end of the run (for a non-streamed answer); False if the client left first (the
+        run is then cancelled at once, not when the events pause). An error event becomes a 500."""
+        watcher = asyncio.ensure_future(cancel_on_disconnect(receive, self.cancel))
+        try:
+            while True:
+                for event in await self.events():
+                    if event[0] == "error":
+                        raise ApiError(500, event[1], kind="server_error")
+                    if event[0] == "end":
+                        return not self.cancelled.is_set()
+        finally:
+            watcher.cancel()
 
     def _run(self) -> None:
         pieces = run(self.plan, pieces=True)
@@ -112,16 +110,27 @@ class Generation:
                 pass
 
 
-class GuardedStream(StreamingResponse):
-    """A streaming response that runs ``on_close`` however it ends (done, error or client gone)."""
+async def cancel_on_disconnect(receive: Receive, cancel: Callable[[], None]) -> None:
+    """Call ``cancel`` as soon as the connection reports the client gone (the body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel()
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+
+class GuardedStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends (done, error or client gone), and as soon
+    as the client leaves, whether or not a chunk is being sent (servers of ASGI spec 2.4 report a
+    disconnect only on the next send)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(cancel_on_disconnect(receive, self.on_close))
         try:
             await super().__call__(scope, receive, send)
         finally:
+            watcher.cancel()
             self.on_close()

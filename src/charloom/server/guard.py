@@ -1,6 +1,7 @@
-"""What stands between a request and a generation: the Guard middleware (host check, API key, body cap,
-security headers) and the admission Gate (at most ``max_concurrency`` generations running, ``max_queue``
-waiting, the rest refused with 503 and ``Retry-After``)."""
+"""What stands between a request and a generation: the Guard middleware (host and origin checks, API key,
+body framing, type, size and read time, security headers) and the admission Gate (at most
+``max_concurrency`` generations running, ``max_queue`` waiting, the rest refused with 503 and
+``Retry-After``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .openai import ApiError
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # The page loads only its own script and style and talks only to this server.
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -26,14 +26,33 @@ SECURITY_HEADERS = {
 }
 
 
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header or an address: no port, no IPv6 brackets, no final dot, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:  # name:port; more colons is a bare IPv6 address
+        host = host.partition(":")[0]
+    return host[:-1] if host.endswith(".") else host
+
+
 def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` reaches only this machine."""
-    if host in LOOPBACK_NAMES:
+    """Whether ``host`` (a name or an address, as in ``--host`` or a ``Host`` header) means this machine
+    only: ``localhost`` or a loopback address, parsed, never matched by prefix (``127.evil.example`` is a
+    name anyone can point anywhere)."""
+    name = host_name(host)
+    if name == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a ``Content-Type`` says JSON (``application/json`` or ``application/*+json``, any parameters)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,10 +104,14 @@ class Slot:
 # ----------------------------------------------------------------------------------------------
 
 class Guard:
-    """Host check (loopback servers answer only loopback names), API key, body cap, security headers."""
+    """Host check (unless ``hosts`` is None, only those names and loopback ones are answered), origin check
+    (same origin or ``cors``), API key, and for a POST: a JSON type, and a body read whole, at most
+    ``max_body`` bytes counted as they arrive (whatever the headers claim) within ``body_timeout`` seconds,
+    before the app sees it. Every answer gets the security headers."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, loopback_only: bool, max_body: int) -> None:
-        self.app, self.loopback_only, self.max_body = app, loopback_only, max_body
+    def __init__(self, app: ASGIApp, *, api_key: str | None, hosts: frozenset[str] | None, cors: tuple[str, ...],
+                 max_body: int, body_timeout: float) -> None:
+        self.app, self.hosts, self.cors, self.max_body, self.body_timeout = app, hosts, cors, max_body, body_timeout
         self.key = api_key.encode("utf-8") if api_key else None
 
     def _authorized(self, headers: Headers) -> bool:
@@ -107,32 +130,66 @@ class Guard:
 
     def _host_allowed(self, headers: Headers) -> bool:
         host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
-        return name.lower() in LOOPBACK_NAMES or name.startswith("127.")
+        return self.hosts is None or is_loopback(host) or host_name(host) in self.hosts
+
+    def _origin_allowed(self, headers: Headers) -> bool:
+        # A browser names the page behind a cross-site request; same-origin (the page at /) means the
+        # origin's host:port is the Host header. "null" (a sandboxed frame, a file) is foreign.
+        origin = headers.get("origin")
+        if origin is None or origin in self.cors or "*" in self.cors:
+            return True
+        scheme, sep, rest = origin.partition("://")
+        return bool(sep) and scheme.lower() in ("http", "https") and rest.lower() == headers.get("host", "").lower()
 
     def _refusal(self, scope: Scope) -> ApiError | None:
-        """Why this request may not pass, or None."""
+        """Why this request may not pass on its headers alone, or None."""
         headers = Headers(scope=scope)
         path = scope["path"]
-        if self.loopback_only and not self._host_allowed(headers):
-            return ApiError(400, "Host header not allowed: this server answers only to localhost names", "host")
+        if not self._host_allowed(headers):
+            return ApiError(400, "Host header not allowed: this server answers only to localhost names "
+                                 "(serve with --allow-host NAME to add one)", "host")
+        if not self._origin_allowed(headers):
+            return ApiError(403, "cross-origin request refused: serve with --cors ORIGIN to allow a page's origin", "origin")
         if self.key and path != "/health" and not self._authorized(headers):
             challenge = 'Bearer realm="charloom"' if path.startswith("/v1/") else 'Basic realm="charloom", charset="UTF-8"'
             return ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", None,
                             "authentication_error", {"WWW-Authenticate": challenge})
         if scope["method"] == "POST":
             length = headers.get("content-length")
-            if length is None:
-                return ApiError(411, "a request body needs a Content-Length header", "content-length")
-            if not length.isdigit() or int(length) > self.max_body:
+            if length is not None and "transfer-encoding" in headers:
+                # Two framings of one body: the way requests are smuggled past proxies (RFC 9112, 6.3).
+                return ApiError(400, "give Content-Length or Transfer-Encoding, not both", "content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return ApiError(413, f"request body larger than {self.max_body} bytes", "body")
+            if not is_json(headers.get("content-type", "")):
+                # A page on another site may POST text/plain or untyped bodies without asking first (no
+                # CORS preflight); a JSON type it cannot send without asking.
+                return ApiError(415, "send the body as JSON with the header 'Content-Type: application/json'",
+                                "content-type")
         return None
+
+    async def _read_body(self, receive: Receive) -> Message | ApiError | None:
+        """The whole body as one message, or the error that ends the request, or None if the client left."""
+        parts, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None
+                    parts.append(message.get("body", b""))
+                    size += len(parts[-1])
+                    if size > self.max_body:
+                        return ApiError(413, f"request body larger than {self.max_body} bytes", "body")
+                    if not message.get("more_body", False):
+                        return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        except TimeoutError:
+            return ApiError(408, f"the request body took longer than {self.body_timeout:g} s to arrive", "body")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self._refusal(scope)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -141,7 +198,28 @@ class Guard:
                     out.setdefault(name, value)
             await send(message)
 
+        error = self._refusal(scope)
+        if error is None and scope["method"] == "POST":
+            read = await self._read_body(receive)
+            if read is None:
+                return  # the client left while sending
+            if isinstance(read, ApiError):
+                error = read
+            else:
+                receive = _replay(read, receive)
         if error is not None:
+            # The body may be unread (or still arriving): close the connection rather than drain it.
+            error.headers = {**error.headers, "Connection": "close"}
             await error.response()(scope, receive, send_with_headers)
         else:
             await self.app(scope, receive, send_with_headers)
+
+
+def _replay(body: Message, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once, then the connection's own events (a disconnect) for the app."""
+    pending = [body]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed

@@ -12,7 +12,7 @@ from dataclasses import MISSING
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import CharloomError
 from ..generation.completion import Completion
@@ -66,8 +66,31 @@ def from_charloom_error(exc: CharloomError) -> ApiError:
 # ----------------------------------------------------------------------------------------------
 
 class _Strict(BaseModel):
-    # strict: no "1" -> 1 or true -> 1; forbid: a misspelt option is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # strict: no "1" -> 1 or true -> 1. Unknown fields are kept aside and named in a Warning header
+    # (warning_header): OpenAI clients send fields charloom does not know (user, best_of, logit_bias...),
+    # and refusing them breaks those clients.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        # JSON may spell a lone surrogate ("\ud800"), which no UTF-8 answer (an echo, an error) can carry.
+        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no character; "
+                                     "send the character itself or its full surrogate pair") from None
+        return value
+
+    def ignored(self) -> list[str]:
+        """The fields sent that this server does not know, nested ones as ``outer.inner``."""
+        names = list(self.model_extra or {})
+        for name, value in self:
+            if isinstance(value, _Strict):
+                names += [f"{name}.{inner}" for inner in value.ignored()]
+        return names
 
 
 class StreamOptions(_Strict):
@@ -101,8 +124,7 @@ class CompletionRequest(_Strict):
     frequency_penalty: float = limited("frequency_penalty")
     repetition_penalty: float = limited("repetition_penalty")
     penalty_last_n: int = limited("penalty_last_n")
-    best_of: int | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
 
     def sampling(self) -> dict[str, Any]:
         """The request's SampleConfig fields beside temperature, as keywords of the library's plan."""
@@ -141,6 +163,38 @@ class NextRequest(_Strict):
 # ----------------------------------------------------------------------------------------------
 # Responses
 # ----------------------------------------------------------------------------------------------
+
+WARNING_NAMES = 8  # unknown fields named in the Warning header; the rest are counted
+
+
+def warning_header(ignored: list[str]) -> dict[str, str]:
+    """A ``Warning`` header (RFC 7234's 299, "miscellaneous persistent warning") naming ``ignored`` fields;
+    none when there are none. Names are escaped to printable ASCII, as a header must be."""
+    if not ignored:
+        return {}
+    shown = [json.dumps(name[:40], ensure_ascii=True)[1:-1] for name in ignored[:WARNING_NAMES]]
+    more = f" and {len(ignored) - WARNING_NAMES} more" if len(ignored) > WARNING_NAMES else ""
+    return {"Warning": f'299 charloom "unknown fields ignored: {", ".join(shown)}{more}"'}
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+# The OpenAPI description of the answers a route may give besides its own: errors in OpenAI's shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {"default": {"model": ErrorBody, "description": "an error"}}
+
 
 def openai_logprobs(tokenizer: Tokenizer, completion: Completion, offset: int) -> dict[str, Any]:
     """``completion``'s log-probabilities in OpenAI's completions shape; ``offset``: where its text starts
