@@ -33,6 +33,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -309,6 +310,33 @@ def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(tokenizer, dict):
         raise CheckpointError(str(ckpt / TOKENIZER_FILE), "is not a tokenizer description (a JSON object)", "use another checkpoint")
     return config, tokenizer
+
+
+def weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the checkpoint's safetensors, read from its header (no weight is loaded)."""
+    from safetensors import safe_open
+
+    path = ckpt / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(str(path), f"cannot read the weights ({str(exc).splitlines()[0][:200]})",
+                              "the checkpoint is damaged; use another one") from None
+
+
+def check_shapes(ckpt: Path, expect: dict[str, tuple[int, ...]], unique: int) -> None:
+    """Refuse a network whose tensors (``expect``: name -> shape; ``unique``: values in its distinct tensors)
+    are not the file's, before it is built: a config.json may ask for any size."""
+    found = weight_shapes(ckpt)
+    where = str(ckpt / MODEL_FILE)
+    wrong = sorted(set(found) - set(expect)) or sorted(k for k in found if found[k] != tuple(expect[k]))
+    held = sum(math.prod(s) for s in found.values())
+    if wrong or unique > held:
+        what = (f"{wrong[0]}: {found[wrong[0]]} in the file, {tuple(expect[wrong[0]]) if wrong[0] in expect else 'none'} "
+                "from config.json") if wrong else f"config.json asks for {unique:,} weights, the file holds {held:,}"
+        raise CheckpointError(where, f"weights do not fit the model in config.json ({what})",
+                              "the checkpoint is damaged or mismatched; use another one")
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:

@@ -94,13 +94,17 @@ class Bound:
         return out
 
 
-def check_bounds(obj: Any) -> None:
-    """Check every field of dataclass ``obj`` that carries a ``bound`` (None passes where it is the default)."""
+def check_bounds(obj: Any, flags: bool = False) -> None:
+    """Check every field of dataclass ``obj`` that carries a ``bound`` (None passes where it is the default);
+    ``flags`` starts a message with the field's flag (``--hidden must be ...``)."""
     for f in fields(obj):
         bound = f.metadata.get("bound")
         value = getattr(obj, f.name)
         if bound is not None and not (value is None and f.default is None):
-            bound.check(f.name, value, f.metadata.get("note", ""))
+            try:
+                bound.check(f.name, value, f.metadata.get("note", ""))
+            except ConfigError as exc:
+                raise ConfigError(f.name, f"{_flag(f.name) + ' ' if flags else ''}{exc}") from None
 
 
 # The continuous cache's settings, a test-time option (see charloom.models.cache): chosen on text no
@@ -111,6 +115,19 @@ CACHE_SIZE = 30_000
 CACHE_THETA = 0.3
 CACHE_LAMBDA = 0.4
 CACHE_RAMP = 4_000
+# Every size a config may ask for is bounded here: a config.json comes with a checkpoint anyone may hand us.
+# Each bound is far above any run charloom makes (2x512 by default); loading compares the network's shapes
+# with the weights file before building it, so a size inside its bound still cannot allocate past the file.
+MAX_WINDOW = 1 << 16  # tokens in a training sequence, a transformer's context or a generation window
+MAX_STEPS = 10**12  # optimiser steps (and steps between evaluations, warm-up)
+
+
+def _size(low: int, high: float) -> Bound:
+    return Bound(whole=True, low=low, high=high)
+
+
+def _share(high_open: bool = True) -> Bound:
+    return Bound(low=0.0, high=1.0, high_open=high_open)
 
 
 @dataclass
@@ -118,22 +135,22 @@ class ModelConfig:
     """What network to build. ``model`` picks a registered architecture (see ``charloom.models``)."""
 
     model: str = field(default="lstm", metadata=_help("architecture: lstm, gru, mogrifier (an LSTM with input/state gating rounds), conv (causal dilated convnet) or transformer", group="common"))
-    layers: int = field(default=2, metadata=_help("number of layers (recurrent layers, conv blocks or transformer blocks)", group="model", auto="1x256 (layers x hidden) for a corpus under 200k chars, 1x512 up to 5M, 2x512 above; smaller for a short --max-time (1x512 needs 3.7m, 2x512 3.7h); conv 8 blocks a layer, transformer 2, mogrifier 1 layer"))
-    hidden: int = field(default=512, metadata=_help("hidden units per layer (a transformer's model width)", group="model", auto="256, 384 or 512 by the rule of --layers; conv 5/16 of it, transformer half (at least 128)"))
-    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot; a transformer uses --hidden)", group="model"))
+    layers: int = field(default=2, metadata=_help("number of layers (recurrent layers, conv blocks or transformer blocks)", group="model", auto="1x256 (layers x hidden) for a corpus under 200k chars, 1x512 up to 5M, 2x512 above; smaller for a short --max-time (1x512 needs 3.7m, 2x512 3.7h); conv 8 blocks a layer, transformer 2, mogrifier 1 layer", bound=_size(1, 64)))
+    hidden: int = field(default=512, metadata=_help("hidden units per layer (a transformer's model width)", group="model", auto="256, 384 or 512 by the rule of --layers; conv 5/16 of it, transformer half (at least 128)", bound=_size(1, 16_384)))
+    embedding_dim: int = field(default=64, metadata=_help("embedding size (ignored when input is onehot; a transformer uses --hidden)", group="model", bound=_size(1, 16_384)))
     input: str = field(default="embedding", metadata=_help("token input: embedding or onehot (the book)", group="model"))
-    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output", group="model", auto="0.2 under 200k chars; up to 5M 0.3 at 1x512, 0.25 at 1x384, 0.1 at 1x256 (conv and transformer 0.1); 0 above"))
+    dropout: float = field(default=0.1, metadata=_help("dropout between layers and before the output", group="model", auto="0.2 under 200k chars; up to 5M 0.3 at 1x512, 0.25 at 1x384, 0.1 at 1x256 (conv and transformer 0.1); 0 above", bound=_share()))
     init: str = field(default="torch", metadata=_help("weight initialisation: torch or keras (the book's Keras defaults)", group="model"))
     tie_weights: bool = field(default=False, metadata=_help("share the input embedding with the output layer", group="model", auto="on for a transformer, else off"))
-    heads: int = field(default=4, metadata=_help("transformer: attention heads", group="architecture"))
-    context: int = field(default=0, metadata=_help("transformer: tokens attended to, longer histories slide (0 = --seq-len)", group="architecture"))
+    heads: int = field(default=4, metadata=_help("transformer: attention heads", group="architecture", bound=_size(1, 256)))
+    context: int = field(default=0, metadata=_help("transformer: tokens attended to, longer histories slide (0 = --seq-len)", group="architecture", bound=_size(0, MAX_WINDOW)))
     positions: str = field(default="learned", metadata=_help("transformer: position encoding, learned or rotary", group="architecture"))
-    rounds: int = field(default=4, metadata=_help("mogrifier: rounds of gating between input and state before each step", group="architecture"))
-    kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)", group="architecture"))
-    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default); generate/evaluate/serve --cache turns one on at load time with {CACHE_SIZE}", group="cache"))
-    cache_theta: float = field(default=CACHE_THETA, metadata=_help("continuous cache: how sharply the current hidden state picks the past positions it matches", group="cache"))
-    cache_lambda: float = field(default=CACHE_LAMBDA, metadata=_help("continuous cache: its share of the predicted distribution once it holds many entries, in [0, 1)", group="cache"))
-    cache_ramp: int = field(default=CACHE_RAMP, metadata=_help("continuous cache: entries at which it has half of --cache-lambda (the share grows as n / (n + ramp)); 0 = the whole share at once", group="cache"))
+    rounds: int = field(default=4, metadata=_help("mogrifier: rounds of gating between input and state before each step", group="architecture", bound=_size(1, 64)))
+    kernel_size: int = field(default=2, metadata=_help("conv: kernel width; layer i has dilation kernel-size**(i mod 8)", group="architecture", bound=_size(1, 64)))
+    cache_size: int = field(default=0, metadata=_help(f"lstm, gru, mogrifier: a continuous cache of this many past positions mixed into every prediction outside training; 0 = off (the default); generate/evaluate/serve --cache turns one on at load time with {CACHE_SIZE}", group="cache", bound=_size(0, 1_000_000)))
+    cache_theta: float = field(default=CACHE_THETA, metadata=_help("continuous cache: how sharply the current hidden state picks the past positions it matches", group="cache", bound=Bound(low=0.0, low_open=True)))
+    cache_lambda: float = field(default=CACHE_LAMBDA, metadata=_help("continuous cache: its share of the predicted distribution once it holds many entries, in [0, 1)", group="cache", bound=_share()))
+    cache_ramp: int = field(default=CACHE_RAMP, metadata=_help("continuous cache: entries at which it has half of --cache-lambda (the share grows as n / (n + ramp)); 0 = the whole share at once", group="cache", bound=_size(0, 10**9)))
 
     @property
     def arch(self) -> str:
@@ -142,18 +159,10 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Refuse values no model can be built from."""
-        _positive_int(self, "layers", "hidden", "embedding_dim", "heads", "kernel_size", "rounds")
-        _nonnegative_int(self, "context")
+        check_bounds(self, flags=True)
         _choice(self, "input", ("embedding", "onehot"))
         _choice(self, "init", ("torch", "keras"))
         _choice(self, "positions", ("learned", "rotary"))
-        if not (0.0 <= self.dropout < 1.0) or math.isnan(self.dropout):
-            raise ConfigError("dropout", f"dropout must be in [0, 1), got {self.dropout}")
-        _nonnegative_int(self, "cache_size", "cache_ramp")
-        if not (0.0 < self.cache_theta < math.inf):
-            raise ConfigError("cache_theta", f"cache-theta must be a positive number, got {self.cache_theta}")
-        if not (0.0 <= self.cache_lambda < 1.0):
-            raise ConfigError("cache_lambda", f"cache-lambda must be in [0, 1), got {self.cache_lambda}")
         return self
 
 
@@ -163,42 +172,42 @@ class TrainConfig:
 
     recipe: str = field(default="default", metadata=_help("default (ours) or book (Deep Learning with Python, section 8.1)", group="optimizer"))
     tokens: str = field(default="char", metadata=_help("what a token is: char, word (words, punctuation, whitespace) or bpe (byte-level BPE)", group="common"))
-    vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)", group="data"))
+    vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)", group="data", bound=_size(0, 1 << 20)))
     lowercase: bool | None = field(default=None, metadata=_help("lowercase the corpus", group="data", shown="on for the nietzsche corpus, else off"))
     val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation", group="data"))
     objective: str = field(default="all", metadata=_help("all: every position is a target; last: only the char after each window (the book)", group="data"))
     batching: str = field(default="stream", metadata=_help("stream: contiguous streams with state carried; windows: random windows", group="data", auto="windows for a transformer, else stream"))
-    seq_len: int = field(default=128, metadata=_help("characters per training sequence (the window length)", group="data", auto="64 for a corpus under 5M chars, 128 above; a transformer 64"))
-    window_step: int = field(default=3, metadata=_help("stride between windows for objective=last (the book takes one every 3 chars)", group="data", auto="1 for a transformer, else 3"))
-    batch_size: int = field(default=64, metadata=_help("sequences per step", group="data", auto="32 for a corpus under 5M chars, 64 above; a transformer 16"))
+    seq_len: int = field(default=128, metadata=_help("characters per training sequence (the window length)", group="data", auto="64 for a corpus under 5M chars, 128 above; a transformer 64", bound=_size(1, MAX_WINDOW)))
+    window_step: int = field(default=3, metadata=_help("stride between windows for objective=last (the book takes one every 3 chars)", group="data", auto="1 for a transformer, else 3", bound=_size(1, MAX_WINDOW)))
+    batch_size: int = field(default=64, metadata=_help("sequences per step", group="data", auto="32 for a corpus under 5M chars, 64 above; a transformer 16", bound=_size(1, 1 << 16)))
     optimizer: str = field(default="adamw", metadata=_help("adamw or rmsprop", group="optimizer"))
     lr: float = field(default=3e-3, metadata=_help("peak learning rate", group="optimizer", auto="6e-3 for a corpus under 5M chars, 3e-3 above"))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay", group="optimizer", auto="0.1 for a recurrent 1x512 on a corpus under 5M chars, else 0.01"))
-    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps", group="optimizer"))
+    warmup_steps: int = field(default=50, metadata=_help("linear warm-up steps", group="optimizer", bound=_size(0, MAX_STEPS)))
     schedule: str = field(default="cosine", metadata=_help("learning-rate schedule after warm-up: cosine or constant", group="optimizer"))
     min_lr_ratio: float = field(default=0.1, metadata=_help("cosine decays to lr * this", group="optimizer"))
     clip: float = field(default=1.0, metadata=_help("gradient-norm clip (0 = off)", group="optimizer"))
     ema: float = field(default=0.995, metadata=_help("weight averaging: evaluate, sample and save a moving average of the weights that keeps this share of itself each step (0 = off, as in the book recipe)", group="optimizer"))
-    epochs: int = field(default=20, metadata=_help("passes over the training split", group="common", auto="30 for a corpus under 200k chars, 20 up to 5M, 3 above"))
-    max_steps: int = field(default=0, metadata=_help("stop after this many optimiser steps (0 = no limit)", group="run"))
+    epochs: int = field(default=20, metadata=_help("passes over the training split", group="common", auto="30 for a corpus under 200k chars, 20 up to 5M, 3 above", bound=_size(1, 10**6)))
+    max_steps: int = field(default=0, metadata=_help("stop after this many optimiser steps (0 = no limit)", group="run", bound=_size(0, MAX_STEPS)))
     max_time: float = field(default=0.0, metadata=_help("stop after this much training time, e.g. 90s, 5m, 1h", kind="duration", group="common", shown="0 = no limit"))
-    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0 = once per epoch)", group="run"))
-    patience: int = field(default=5, metadata=_help("stop after this many evaluations without a better validation loss (0 = never)", group="run"))
+    eval_every: int = field(default=0, metadata=_help("evaluate every N steps (0 = once per epoch)", group="run", bound=_size(0, MAX_STEPS)))
+    patience: int = field(default=5, metadata=_help("stop after this many evaluations without a better validation loss (0 = never)", group="run", bound=_size(0, 10**6)))
     sample_temperatures: tuple[float, ...] = field(default=(0.2, 0.5, 1.0, 1.2), metadata=_help("temperatures of the per-epoch samples (empty = none)", group="run"))
-    sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample", group="run"))
-    generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state", group="run"))
-    seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples", group="hardware"))
-    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)", group="hardware"))
+    sample_length: int = field(default=400, metadata=_help("characters per per-epoch sample", group="run", bound=_size(1, MAX_GENERATED_TOKENS)))
+    generation_window: int = field(default=0, metadata=_help("generate from only the last N tokens, re-read each step (the book); 0 = carry state", group="run", bound=_size(0, MAX_WINDOW)))
+    seed: int = field(default=0, metadata=_help("random seed for initialisation, batches and samples", group="hardware", bound=_size(-(2**63), 2**64 - 1)))
+    threads: int = field(default=0, metadata=_help("torch threads (0 = the cores available to this process that are idle at the start)", group="hardware", bound=_size(0, 4096)))
     device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps", group="hardware"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA; on a CPU, bf16 recurrent products for one-layer LSTMs where measured faster; else fp32), fp32 or bf16", group="hardware"))
     compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile", group="hardware"))
-    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best", group="run"))
+    keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best", group="run", bound=_size(1, 10**6)))
 
     def validate(self) -> "TrainConfig":
         """Refuse values no run can use, naming the field."""
         _choice(self, "recipe", RECIPE_NAMES)
         _choice(self, "tokens", ("char", "word", "bpe"))
-        _nonnegative_int(self, "vocab_size")
+        check_bounds(self, flags=True)
         if self.tokens == "char" and self.vocab_size:
             raise ConfigError("vocab_size", "--vocab-size applies to word and bpe tokens; a char model keeps every character")
         _choice(self, "objective", ("all", "last"))
@@ -208,8 +217,6 @@ class TrainConfig:
         _choice(self, "precision", ("auto", "fp32", "bf16"))
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        _positive_int(self, "seq_len", "batch_size", "epochs", "sample_length", "window_step", "keep_last")
-        _nonnegative_int(self, "max_steps", "warmup_steps", "eval_every", "patience", "threads", "generation_window")
         if not (0.0 < self.val_fraction < 1.0):
             raise ConfigError("val_fraction", f"val-fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("lr", "weight_decay", "clip", "max_time", "min_lr_ratio"):
@@ -226,6 +233,10 @@ class TrainConfig:
 
 
 TEMPERATURE = Bound(low=0.0)  # any finite T >= 0; 0 = greedy (argmax)
+# Logits are float32: a T below its smallest normal number rounds toward 0 (0/0 = NaN in the division) and
+# one above its largest becomes infinity (-inf/inf = NaN), so the samplers use T held inside these.
+FLOAT32_TINY = 2.0**-126
+FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
 SAMPLER_STAGES = ("penalties", "temperature", "top_k", "top_p", "min_p", "typical_p")
 DEFAULT_SAMPLERS = ",".join(SAMPLER_STAGES)
 
@@ -300,14 +311,14 @@ class SampleConfig:
             raise ConfigError("temperature_schedule", f"cannot read {text!r}; write 1.0,0.5,0.2 or 1.2:0.2") from None
         if not values or (kind == "ramp" and len(values) != 2):
             raise ConfigError("temperature_schedule", f"cannot read {text!r}; write 1.0,0.5,0.2 or 1.2:0.2")
-        for v in values:
-            check_temperature(v, "temperature_schedule")
-        return kind, values
+        return kind, [check_temperature(v, "temperature_schedule") for v in values]
 
 
 def check_temperature(value: Any, field_name: str = "temperature") -> float:
-    """Return ``value`` as a float if it is a usable temperature (SampleConfig.temperature's bound), else raise."""
-    return float(TEMPERATURE.check(field_name, value, " (0 = greedy)"))
+    """The temperature the samplers use for ``value`` (SampleConfig.temperature's bound, else ConfigError): 0
+    stays 0 (greedy); any other T is held in [FLOAT32_TINY, FLOAT32_MAX], where float32 division stays finite."""
+    t = float(TEMPERATURE.check(field_name, value, " (0 = greedy)"))
+    return t and min(max(t, FLOAT32_TINY), FLOAT32_MAX)
 
 
 def _flag(name: str) -> str:
@@ -318,20 +329,6 @@ def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in allowed:
         raise ConfigError(name, f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def _positive_int(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(name, f"{_flag(name)} must be a whole number >= 1, got {value!r}")
-
-
-def _nonnegative_int(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(name, f"{_flag(name)} must be a whole number >= 0, got {value!r}")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import RunDir, load_weights, read_config, resolve
+from .checkpoint import RunDir, check_shapes, load_weights, read_config, resolve
 from .config import CACHE_SIZE, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, from_dict
 from .errors import CharloomError, CheckpointError
 from .generation.completion import Completion, complete, make_plan, run
@@ -24,7 +24,7 @@ from .generation.options import sample_config
 from .generation.processors import build_pipeline, process
 from .metrics import EvalResult, dynamic_nats, gradient_rms, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
-from .text.encode import open_ids
+from .text.encode import open_run_ids
 from .text.tokenizers import Tokenizer, tokenizer_from_dict
 
 
@@ -133,10 +133,9 @@ class Model:
             raise CharloomError(str(self.path or "model"), "is not a checkpoint inside a run directory",
                                 "give the run directory (it holds data/ids.bin), or pass a text")
         run = RunDir(self.path.parent.parent)
-        corpus = self.config.get("corpus", {})
         if not run.ids_path.is_file():
             raise CharloomError(str(run.ids_path), "the run's data cache is missing", "use the run directory as training left it")
-        return open_ids(run.ids_path, corpus["dtype"]), int(corpus["split"]), int(corpus["val_chars"])
+        return open_run_ids(run.ids_path, self.config.get("corpus", {}), self.tokenizer.vocab_size, self.tokenizer.kind == "char")
 
     def evaluate(self, text: str | None = None, *, exact: bool = True, dynamic: DynamicEval | bool = False,
                  progress: bool | None = None) -> EvalResult:
@@ -218,8 +217,13 @@ def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = N
     try:
         tokenizer = tokenizer_from_dict(tok_data)
         mcfg = from_dict(ModelConfig, config["model"]).validate()
-    except (KeyError, ValueError, TypeError) as exc:
+        from_dict(TrainConfig, config.get("train", {})).validate()  # its settings reach every request (a window)
+        with torch.device("meta"):  # shapes only, no memory: compared with the file before anything is allocated
+            shell = build_model(dataclasses.replace(mcfg, cache_size=0), tokenizer.vocab_size)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(str(ckpt / "config.json"), f"cannot build the model ({exc})", "use another checkpoint") from None
+    check_shapes(ckpt, {k: tuple(v.shape) for k, v in shell.state_dict().items()},
+                 sum(p.numel() for p in shell.parameters()))
     if cache is True and not mcfg.cache_size:
         if not model_class(mcfg.model).supports_cache:
             raise CharloomError("--cache", f"a {mcfg.model} has no recurrent hidden state for the continuous cache to match",

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..checkpoint import MODEL_FILE, read_config, resolve
-from ..config import ModelConfig, from_dict
+from ..config import ModelConfig, TrainConfig, check_temperature, from_dict
 from ..errors import CharloomError, CheckpointError
 from ..kernels import native
 from ..text.tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
@@ -123,7 +123,7 @@ class LightModel:
         state = np.zeros((stepper.slots, rows, self.tables.hidden), dtype=np.float32)
         for token in prompt_ids:
             logits = stepper.step(np.full(rows, token, dtype=np.int64), state)  # (rows, V)
-        temps = np.repeat(np.asarray(temperatures, dtype=np.float32), num_samples)
+        temps = np.repeat(np.asarray([check_temperature(t) for t in temperatures], dtype=np.float32), num_samples)
         lanes = [Uniforms(seed + s) for s in range(num_samples)]
         lane_of_row = np.tile(np.arange(num_samples), len(temperatures))  # rows of a temperature share seeds
         decoders = [self.tokenizer.stream_decoder() for _ in range(rows)]
@@ -149,8 +149,9 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     try:
         cfg = from_dict(ModelConfig, config["model"]).validate()
+        from_dict(TrainConfig, train).validate()
         tokenizer = tokenizer_from_dict(tok_data)
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, AttributeError):
         return None  # the full path says what is wrong
     if (cfg.model not in ("lstm", "gru") or cfg.cache_size or cfg.tie_weights or train.get("generation_window")
             or tok_data.get("kind") != "char" or cfg.layers > native.limits().max_layers):

@@ -31,6 +31,10 @@ from .options import option
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = float("-inf")
+# The largest |logit| a penalty or a bias may leave. Any option's extreme (a repetition penalty of 1e-45,
+# a bias of 1e308) would otherwise reach +inf, and softmax's inf - inf makes NaN; past 1e30 the
+# distribution is one-hot anyway, and the difference of two such logits is still a finite float32.
+LOGIT_LIMIT = 1e30
 
 
 def _keep_one(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,13 @@ def _number(value: object) -> bool:
 def _checked(name: str, value: object) -> object:
     """``value`` if SampleConfig's field ``name`` accepts it (the option table's bound), else a ConfigError."""
     return option(name).metadata["bound"].check(name, value)
+
+
+def _held(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``after`` (any float dtype) as ``before``'s dtype, within +-LOGIT_LIMIT; a token removed in ``before``
+    (-inf) stays removed."""
+    held = after.clamp(-LOGIT_LIMIT, LOGIT_LIMIT).to(before.dtype)
+    return torch.where(before == NEG_INF, before, held)
 
 
 def _identity(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -212,9 +223,9 @@ def repetition_penalty(penalty: float, last_n: int = 0) -> Processor:
         seen = _recent(history, last_n)  # (B, n)
         if seen.shape[1] == 0:
             return logits
-        score = logits.gather(1, seen)
+        score = logits.gather(1, seen).double()  # float64: score / 5e-324 is inf there, not 0 / 0
         score = torch.where(score < 0, score * penalty, score / penalty)
-        return logits.scatter(1, seen, score)  # repeated ids write the same value
+        return _held(logits, logits.double().scatter(1, seen, score))  # repeated ids write the same value
 
     return apply
 
@@ -235,8 +246,8 @@ def frequency_presence_penalty(frequency: float, presence: float, last_n: int = 
         seen = _recent(history, last_n)
         if seen.shape[1] == 0:
             return logits
-        counts = _counts(seen, logits.shape[-1], logits.dtype)
-        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+        counts = _counts(seen, logits.shape[-1], torch.float64)  # float64: 1e308 * 0 is 0 there, inf * 0 in float32 NaN
+        return _held(logits, logits - (frequency * counts + presence * (counts > 0).double()).clamp(-LOGIT_LIMIT, LOGIT_LIMIT))
 
     return apply
 
@@ -301,7 +312,7 @@ def logit_bias(bias: dict[int, float], vocab_size: int) -> Processor:
         vector[int(i)] += float(b)
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits + vector.to(logits.dtype)
+        return _held(logits, logits + vector)
 
     return apply
 

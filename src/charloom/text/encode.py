@@ -17,6 +17,7 @@ from typing import Any, Collection
 
 import numpy as np
 
+from ..errors import CharloomError, CheckpointError
 from .sources import stream_text
 from .tokenizers import CharTokenizer, id_dtype, text_codes
 
@@ -25,11 +26,38 @@ def write_ids(ids: np.ndarray, path: Path) -> None:
     """Write ``ids`` raw to ``path`` atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(np.ascontiguousarray(ids).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(np.ascontiguousarray(ids).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_run_ids(path: Path, corpus: dict[str, Any], vocab_size: int, char: bool) -> tuple[np.ndarray, int, int]:
+    """A run's ids (``data/ids.bin``), where validation starts and its characters, once the file is what
+    config.json's ``corpus`` entry says (dtype, tokens; ``char``: a token per character) and the validation
+    split holds something to score; else a one-line CheckpointError."""
+    where = str(path)
+    try:
+        dtype, split, val_chars = np.dtype(corpus["dtype"]), int(corpus["split"]), int(corpus["val_chars"])
+        tokens = corpus.get("tokens", corpus["chars"] if char else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(where, f"config.json does not describe the run's data ({exc})", "start a new run") from None
+    if dtype != id_dtype(vocab_size):
+        raise CheckpointError(where, f"config.json says {dtype.name} ids, a vocabulary of {vocab_size} needs {id_dtype(vocab_size).name}",
+                              "the run is damaged; start a new run")
+    size = os.path.getsize(path)
+    if size % dtype.itemsize or (tokens is not None and size != int(tokens) * dtype.itemsize):
+        want = f"the {int(tokens):,} {dtype.name} ids" if tokens is not None else f"whole {dtype.name} ids"
+        raise CheckpointError(where, f"holds {size:,} bytes, not {want} of this run's corpus",
+                              "the data cache was changed or truncated; start a new run")
+    if size // dtype.itemsize - max(split, 1) < 1:
+        raise CheckpointError(where, f"the validation split is empty ({size // dtype.itemsize:,} tokens, validation from token {split:,}); "
+                              "its loss would read 0", "start a new run with a larger --val-fraction or a longer corpus")
+    return open_ids(path, dtype.name), split, val_chars
 
 
 def open_ids(path: Path, dtype: str) -> np.ndarray:
@@ -149,6 +177,11 @@ def cache_key(scan: CorpusScan, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def _changed(scan: CorpusScan, why: str) -> CharloomError:
+    what = str(scan.paths[0]) if len(scan.paths) == 1 else f"the corpus ({len(scan.paths)} files)"
+    return CharloomError(what, f"changed while it was read ({why})", "train again once nothing is writing to it")
+
+
 def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int = 1 << 20) -> EncodedIds:
     """Encode the scanned corpus to ``path`` in blocks, reusing it if ``path.json`` holds the same cache key.
 
@@ -184,10 +217,12 @@ def encode_to_disk(scan: CorpusScan, tokenizer: Any, path: Path, *, block: int =
                     codes, lowered = _piece_codes(piece, lowercase)
                     ids = tokenizer.ids_of_codes(codes) if codes.dtype == np.uint32 else tables[lowered][codes]
                     if ids is None or (len(ids) and ids.min() < 0):
-                        raise ValueError("the corpus holds characters outside the tokenizer's alphabet")
+                        raise _changed(scan, "it holds characters the first reading did not")
                 ids = ids.astype(dtype, copy=False)
                 fh.write(ids.tobytes())
                 tokens += len(ids)
+            if char and tokens != scan.chars:  # read twice (scan, then here): the same text must come back
+                raise _changed(scan, f"{tokens:,} characters on the second reading, {scan.chars:,} on the first")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -86,7 +86,7 @@ class PreparedCorpus:
         """The ``corpus`` entry of a checkpoint's config.json (what a resumed run and ``evaluate`` read)."""
         return {"name": self.sources.name, "files": [str(p) for p in self.sources.paths], "chars": self.chars,
                 "lowercase": self.lowercase, "split": self.split, "train_chars": self.train_chars,
-                "val_chars": self.val_chars, "dtype": self.dtype, "sha256": self.scan.sha256}
+                "val_chars": self.val_chars, "dtype": self.dtype, "tokens": self.n_tokens, "sha256": self.scan.sha256}
 
     def describe(self) -> list[str]:
         """The lines a verbose run prints about its corpus: notes, size, alphabet, tokens."""
@@ -131,7 +131,10 @@ def prepare(corpus: CorpusArg, config: TrainConfig, *, encoding: str = "utf-8", 
     except ValueError as exc:
         raise CharloomError("--tokens", str(exc), "see charloom train --help") from None
     # Encoded split by split, so the validation split starts at a token boundary.
-    train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
+    try:
+        train_ids, val_ids = tokenizer.encode_corpus(train_text), tokenizer.encode_corpus(val_text)
+    except ValueError as exc:
+        raise CharloomError(sources.label, f"cannot be encoded as {config.tokens} tokens ({exc})", "see charloom train --help") from None
     ids = np.concatenate([train_ids, val_ids])
     scan = replace(scan, text=None)  # the run keeps the ids, not the text
     return PreparedCorpus(sources, scan, config.tokens, lowercase, config.val_fraction, tokenizer, train_chars,

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, TextIO, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from ..errors import CharloomError
 from ..kernels.threads import CoreWatch, available_cores, idle_cores
 from ..models import LanguageModel, build_model, model_class
 from ..presets import RECIPES
-from ..text.encode import open_ids
+from ..text.encode import open_ids, open_run_ids
 from ..text.prepare import CorpusArg, prepare
 from ..text.tokenizers import Tokenizer
 from .distributed import Runtime
@@ -259,6 +261,26 @@ def run_training(corpus: CorpusArg, models: ModelFactory[M], *, out: str | os.Pa
     return model
 
 
+@contextlib.contextmanager
+def _term_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt, as Ctrl-C does (the CLI: one line, exit 130),
+    instead of ending the process at once, so the block's cleanup runs (a half-written ``ids.bin.tmp-PID`` is
+    removed); the trainer handles it once training starts. Only where SIGTERM has its default action and this
+    is the main thread (signals go there)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _train(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], *, out: Any, resume: Any, encoding: str,
            errors: str, verbose: bool, progress: bool | None, stream: TextIO | None, stop: StopFlag | None,
            **settings: Any) -> M:
@@ -275,8 +297,9 @@ def _run(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], hold: con
     if resume is not None:
         run, model, trainer_state, tcfg, ids, split, val_chars = _resume(Path(resume), settings, models, runtime, hold)
     else:
-        run, model, tcfg, ids, split, val_chars = _start(corpus, out, encoding, errors, settings, verbose, stream,
-                                                          runtime, models, hold)
+        with _term_raises():
+            run, model, tcfg, ids, split, val_chars = _start(corpus, out, encoding, errors, settings, verbose, stream,
+                                                              runtime, models, hold)
         trainer_state = None
     torch.set_num_threads(tcfg.threads or runtime.default_threads(idle_cores()))
     # Threads left to us follow the machine as the run goes (a busy moment at start must not halve it);
@@ -373,9 +396,9 @@ def _resume(path: Path, settings: dict[str, Any], models: ModelFactory[M], runti
         raise _config_error(exc) from None
     model.config["train"] = to_dict(tcfg)
     model.train_config = tcfg
-    corpus = model.config["corpus"]
     if not run.ids_path.is_file():
         raise CharloomError(str(run.ids_path), "the run's data cache is missing", "start a new run")
-    ids = open_ids(run.ids_path, corpus["dtype"])
+    ids, split, val_chars = open_run_ids(run.ids_path, model.config.get("corpus", {}), model.tokenizer.vocab_size,
+                                         model.tokenizer.kind == "char")
     model.net.train()
-    return run, model, state, tcfg, ids, int(corpus["split"]), int(corpus["val_chars"])
+    return run, model, state, tcfg, ids, split, val_chars
