@@ -23,8 +23,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
-from charloom.server.app import JSON_BYTES_PER_CHAR, ServeSettings, create_app, listen, server_config  # noqa: E402
-from charloom.server.guard import is_loopback  # noqa: E402
+from charloom.server.app import create_app, listen, server_config  # noqa: E402
+from charloom.server.settings import JSON_BYTES_PER_CHAR, ServeSettings, is_loopback  # noqa: E402
 
 PROMPT = "the quick "
 LONG = {"prompt": PROMPT, "max_tokens": 1_000_000}  # minutes of text: only a cancel or the time limit ends it

@@ -27,6 +27,7 @@ from ..config import (
 )
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
 from ..presets import RECIPES
+from ..server.settings import LOG_LEVELS, ServeSettings
 
 CACHE_HELP = ("mix a continuous cache of the text already read into predictions (a test-time option; "
               "default: only if the run was trained with --cache-size)")
@@ -59,6 +60,9 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
                    ("charloom completion zsh > ~/.zfunc/_charloom", "zsh, with fpath+=(~/.zfunc) before compinit in ~/.zshrc"),
                    ('eval "$(charloom completion bash)"', "this shell only")],
 }
+
+
+SERVE = ServeSettings()  # the serve flags' defaults
 
 
 def examples(command: str) -> str:
@@ -267,8 +271,8 @@ def _add_evaluate_serve_export(sub: Any) -> None:
                        description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
                                    "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or checkpoint directories; each is a model named after its directory")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8000, metavar="N", help="port (default: 8000; 0 = any free port)")
+    s.add_argument("--host", default=SERVE.host, help=f"address to listen on (default: {SERVE.host}, this machine only)")
+    s.add_argument("--port", type=int, default=SERVE.port, metavar="N", help=f"port (default: {SERVE.port}; 0 = any free port)")
     s.add_argument("--api-key", default=os.environ.get("CHARLOOM_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $CHARLOOM_API_KEY, else none)")
     s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -276,16 +280,20 @@ def _add_evaluate_serve_export(sub: Any) -> None:
                         "(default: localhost and loopback addresses only, or any name when --host is not loopback)")
     s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow pages from this origin (e.g. http://localhost:3000) to call the API; repeatable (default: none)")
-    s.add_argument("--max-connections", type=int, default=100, metavar="N",
-                   help="open connections at once; beyond that 503 (default: 100)")
-    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
-                   help="server log level; info and debug add a line per request (default: warning)")
-    s.add_argument("--max-concurrency", type=int, default=4, metavar="N", help="generations running at once (default: 4)")
-    s.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests waiting for a free slot; beyond that 503 (default: 16)")
-    s.add_argument("--max-tokens", type=int, default=2000, metavar="N", help="largest max_tokens a request may ask for (default: 2000)")
-    s.add_argument("--max-prompt-chars", type=int, default=10_000, metavar="N", help="longest prompt accepted (default: 10000)")
-    s.add_argument("--time-limit", type=_duration, default=60.0, metavar="DURATION",
-                   help="a generation running longer ends with finish_reason 'time' (default: 60s)")
+    s.add_argument("--max-connections", type=int, default=SERVE.max_connections, metavar="N",
+                   help=f"open connections at once; beyond that 503 (default: {SERVE.max_connections})")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=SERVE.log_level,
+                   help=f"server log level; info and debug add a line per request (default: {SERVE.log_level})")
+    s.add_argument("--max-concurrency", type=int, default=SERVE.max_concurrency, metavar="N",
+                   help=f"generations running at once (default: {SERVE.max_concurrency})")
+    s.add_argument("--max-queue", type=int, default=SERVE.max_queue, metavar="N",
+                   help=f"requests waiting for a free slot; beyond that 503 (default: {SERVE.max_queue})")
+    s.add_argument("--max-tokens", type=int, default=SERVE.max_tokens, metavar="N",
+                   help=f"largest max_tokens a request may ask for (default: {SERVE.max_tokens})")
+    s.add_argument("--max-prompt-chars", type=int, default=SERVE.max_prompt_chars, metavar="N",
+                   help=f"longest prompt accepted (default: {SERVE.max_prompt_chars})")
+    s.add_argument("--time-limit", type=_duration, default=SERVE.time_limit, metavar="DURATION",
+                   help=f"a generation running longer ends with finish_reason 'time' (default: {SERVE.time_limit:g}s)")
     _checkpoint_option(s)
     s.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
     x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",

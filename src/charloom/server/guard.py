@@ -9,12 +9,12 @@ import asyncio
 import base64
 import binascii
 import hmac
-import ipaddress
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .openai import ApiError
+from .settings import host_name, is_loopback
 
 # The page loads only its own script and style and talks only to this server.
 SECURITY_HEADERS = {
@@ -24,29 +24,6 @@ SECURITY_HEADERS = {
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",
 }
-
-
-def host_name(host: str) -> str:
-    """The name in a ``Host`` header or an address: no port, no IPv6 brackets, no final dot, lower case."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    if host.count(":") == 1:  # name:port; more colons is a bare IPv6 address
-        host = host.partition(":")[0]
-    return host[:-1] if host.endswith(".") else host
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, as in ``--host`` or a ``Host`` header) means this machine
-    only: ``localhost`` or a loopback address, parsed, never matched by prefix (``127.evil.example`` is a
-    name anyone can point anywhere)."""
-    name = host_name(host)
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def is_json(content_type: str) -> bool:
