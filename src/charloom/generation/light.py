@@ -119,7 +119,10 @@ class LightModel:
         """Text pieces of every row (temperature-major, ``num_samples`` a temperature; row r draws from
         seed ``seed + r % num_samples``, as Model.generate), a chunk of tokens at a time."""
         rows = len(temperatures) * num_samples
-        stepper = native.NativeStepper(native.library(), self.tables, rows)
+        try:
+            stepper = native.NativeStepper(native.library(), self.tables, rows)
+        except ValueError as exc:  # the arrays a checkpoint gave do not fit the shapes its config names
+            raise CheckpointError("checkpoint", str(exc), "the checkpoint is damaged; use another one") from None
         state = np.zeros((stepper.slots, rows, self.tables.hidden), dtype=np.float32)
         for token in prompt_ids:
             logits = stepper.step(np.full(rows, token, dtype=np.int64), state)  # (rows, V)

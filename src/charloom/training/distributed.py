@@ -35,8 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import CharloomError
+from ..errors import CharloomError, CheckpointError
 from ..metrics import stateful_nats, windowed_nats
+from ..models.base import tree_map
+from .batches import shard_rows
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -231,6 +233,15 @@ class Runtime:
         agreed = values.tolist()
         return agreed[0], agreed[1] > 0
 
+    def agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank: one all-reduce of a flag, so that every rank takes the same
+        branch (a rank that skips a diverged step while the others all-reduce their gradients hangs the job)."""
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self._comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object) on every rank."""
         if not self.distributed:
@@ -275,6 +286,50 @@ class Runtime:
         dist.all_reduce(sums)
         total, count = sums.tolist()
         return total, int(round(count))
+
+    def rows(self, batch_rows: int) -> tuple[int, int, int]:
+        """``(first, end, of)``: the rows of a batch of ``batch_rows`` this rank trains, and so the rows its
+        carried state holds (saved with it, so another number of processes can re-split it)."""
+        idx, _ = shard_rows(batch_rows, self.rank, self.world_size)
+        return int(idx[0]), int(idx[-1]) + 1, batch_rows
+
+    def carried_state(self, model: nn.Module, trainer_state: dict[str, Any], batch_rows: int) -> tuple[Any, str]:
+        """This rank's rows of the carried stream state a trainer state holds (``rnn_state``, for the rows
+        ``rnn_rows``, ``(first, end, of)``; absent from older runs: rank 0's, from row 0), and a one-line
+        note ("" when none).
+
+        Another number of processes resumes a run: where the saved rows hold this rank's it takes them
+        (re-split), else its streams restart from a zero state. A state of other shapes than the model's
+        is a damaged or crafted file: CheckpointError, before any kernel reads it."""
+        saved, rows = trainer_state.get("rnn_state"), trainer_state.get("rnn_rows")
+        if saved is None:
+            return None, ""
+        found: list[torch.Tensor] = []
+        tree_map(lambda t: found.append(t) or t, saved)
+        dim = getattr(model, "state_batch_dim", 0)
+        with torch.no_grad():  # the state of one token, for its shapes (eval: no dropout draws)
+            was_training = model.training
+            model.eval()
+            device = next(model.parameters()).device
+            _, ref = model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            model.train(was_training)
+        want: list[torch.Tensor] = []
+        tree_map(lambda t: want.append(t) or t, ref)
+        shape = lambda t: [n for i, n in enumerate(t.shape) if i != dim]  # noqa: E731
+        counts = {t.shape[dim] if t.dim() > dim else -1 for t in found}
+        if (len(found) != len(want) or len(counts) != 1 or -1 in counts or not all(t.is_floating_point() for t in found)
+                or any(t.dim() != w.dim() or shape(t) != shape(w) for t, w in zip(found, want))):
+            raise CheckpointError("training state", f"the carried state {[list(t.shape) for t in found]} does not fit "
+                                  f"this model's {[list(w.shape) for w in want]}",
+                                  "resume from another checkpoint of this run")
+        n = counts.pop()
+        first, end, of = (int(v) for v in rows) if rows is not None else (0, n, batch_rows)
+        lo, hi, _ = self.rows(batch_rows)
+        if end - first != n or of != batch_rows or not first <= lo < hi <= end:
+            return None, (f"the carried state holds streams {first}-{end - 1} of {of}, this process trains "
+                          f"{lo}-{hi - 1} of {batch_rows}: its streams restart from a zero state")
+        index = torch.arange(lo - first, hi - first)
+        return tree_map(lambda t: t.index_select(dim, index).to(device), saved), ""
 
     def close(self) -> None:
         """Leave the process group if this runtime joined it."""

@@ -181,6 +181,9 @@ class _RunListener(Listener):
         else:
             print(text, file=self.stream, flush=True)
 
+    def on_note(self, trainer: Trainer, text: str) -> None:
+        self.say(f"note: {text}")
+
     def on_step(self, trainer: Trainer, loss: float, chars_per_s: float) -> None:
         if self.bar is not None:
             self.bar.update(1)

@@ -55,6 +55,7 @@ class Listener:
     def on_step(self, trainer: "Trainer", loss: float, chars_per_s: float) -> None: ...
     def on_eval(self, trainer: "Trainer", row: dict[str, float], improved: bool) -> None: ...
     def on_epoch_end(self, trainer: "Trainer") -> None: ...
+    def on_note(self, trainer: "Trainer", text: str) -> None: ...
 
 
 class StopFlag:
@@ -130,16 +131,14 @@ class Trainer:
         self.progress = Progress()
         self.rnn_state: Any = None  # the recurrent state carried between stream batches, (layers, B, H)
         self.threads_used: list[tuple[int, int]] = []  # (step, threads) each time fit starts or changes them
-        # What runs the recurrence in training steps and on how many threads, once fit has chosen
-        # (charloom.kernels.choice); handed to the model with every step.
+        # What runs the recurrence in training steps, on how many threads (kernels.choice), once fit has chosen.
         self.recurrence = Recurrence()
         self.diverge_above = max(10.0, DIVERGED_FACTOR * math.log(max(2, model.vocab_size)))
         self.total_steps = cfg.epochs * self.batcher.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        # Weight averaging (cfg.ema): a moving average of the parameters, updated after every step,
-        # that evaluations, samples and checkpoints see instead of the raw weights (swapped in for
-        # them; see _use_average). Once fit returns, the model holds the average.
+        # Weight averaging (cfg.ema): a moving average of the parameters, updated every step, that evaluations,
+        # samples and checkpoints see instead of the raw weights (_use_average); fit returns holding it.
         self.params = list(model.parameters())
         self.average = [p.detach().clone() for p in self.params] if cfg.ema else None
         self.averaged = False  # whether the model's parameters hold the average (the raw weights wait in self.average)
@@ -224,7 +223,8 @@ class Trainer:
             "progress": {"step": p.step, "epoch": p.epoch, "train_seconds": p.train_seconds,
                          "best_val": p.best_val, "evals_since_best": p.evals_since_best,
                          "history": p.history, "loss_ema": p.loss_ema, "skipped": p.skipped},
-            **({"rnn_state": self.rnn_state} if self.rnn_state is not None else {}),
+            **({"rnn_state": self.rnn_state, "rnn_rows": list(self.runtime.rows(self.batcher.batch_size))}
+               if self.rnn_state is not None else {}),
             # The weights the model does not hold: the raw ones when it holds the average (as it does
             # whenever a checkpoint is written), else the average.
             **({"ema": {"model_holds_average": self.averaged, "other": [t.clone() for t in self.average]}}
@@ -233,6 +233,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
+        carried, note = self.runtime.carried_state(self.model, state, self.batcher.batch_size)  # before the RNG
+        if note and self.runtime.is_main:
+            self.listener.on_note(self, note)
         self.optimizer.load_state_dict(state["optimizer"])
         self.batcher.load_state_dict(state["batcher"])
         torch.set_rng_state(state["torch_rng"])
@@ -241,7 +244,7 @@ class Trainer:
                                  best_val=float(p["best_val"]), evals_since_best=int(p["evals_since_best"]),
                                  history=list(p["history"]), loss_ema=float(p.get("loss_ema", math.nan)),
                                  skipped=int(p.get("skipped", 0)))
-        self.rnn_state = state.get("rnn_state")
+        self.rnn_state = carried
         saved = state.get("ema")
         if self.average is not None and saved is not None:
             # The model holds what the checkpoint's model file held; training resumes from the raw weights.
@@ -370,17 +373,20 @@ class Trainer:
             supervised *= self.runtime.world_size  # the whole job's characters, for chars/s
             self.optimizer.zero_grad(set_to_none=True)
             value = loss.item()
-            if math.isfinite(value) and value <= self.diverge_above:
+            ok = math.isfinite(value) and value <= self.diverge_above
+            healthy = self.runtime.agree(ok)  # one branch on every rank: backward all-reduces (a lone skip hangs)
+            if healthy:
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip else None
                 value = value if norm is None or bool(torch.isfinite(norm)) else math.inf
-            if not math.isfinite(value) or value > self.diverge_above:
+            if not healthy or not math.isfinite(value) or value > self.diverge_above:
                 # Skip the update; after DIVERGED_STEPS in a row, stop.
                 self.optimizer.zero_grad(set_to_none=True)
                 state = self.rnn_state = None
                 p.skipped, bad_run = p.skipped + 1, bad_run + 1
                 if bad_run >= DIVERGED_STEPS:
-                    p.stop_reason = self._diverged(f"the loss was {value:g} for {bad_run} steps in a row")
+                    what = f"the loss was {value:g}" if healthy or not ok else "another process's loss diverged"
+                    p.stop_reason = self._diverged(f"{what} for {bad_run} steps in a row")
                 continue
             bad_run = 0
             self.optimizer.step()

@@ -15,6 +15,10 @@ long charloom_constant(const char *name) {
         {"net_bytes", (long)sizeof(Net)},   /* checked against Python's copy of Net's layout */
         {"lstm_block", LSTM_BLOCK},         /* the training kernels' blocks of gate columns */
         {"mog_max_rounds", MOG_MAX_ROUNDS}, /* the most Mogrifier rounds the training kernel runs */
+        {"status_no_memory", STATUS_NO_MEMORY}, /* what the entry points return, named in Python's errors */
+        {"status_bad_shape", STATUS_BAD_SHAPE},
+        {"status_short", STATUS_SHORT},
+        {"status_bad_id", STATUS_BAD_ID},
     };
     for (size_t k = 0; k < sizeof table / sizeof table[0]; k++)
         if (strcmp(table[k].name, name) == 0)
@@ -33,4 +37,20 @@ int charloom_vector_bits(void) {
 #else
     return 0;
 #endif
+}
+
+int buffers_short(const size_t *need, const size_t *have, int n) {
+    if (!have)
+        return STATUS_SHORT;
+    for (int k = 0; k < n; k++)
+        if (have[k] < need[k])
+            return STATUS_SHORT;
+    return 0;
+}
+
+int ids_outside(const int64_t *ids, size_t n, int V) {
+    for (size_t k = 0; k < n; k++)
+        if (ids[k] < 0 || ids[k] >= V)
+            return STATUS_BAD_ID;
+    return 0;
 }

@@ -3,8 +3,9 @@ checked on load against the ABI this package speaks.
 
 The library is built on first use with the system C compiler (``$CC`` or ``cc``, ``-O3 -march=native``,
 then ``$CHARLOOM_NATIVE_FLAGS``) into ``native/`` under charloom's cache folder
-(``charloom.text.named.cache_dir()``), keyed by every source, the flags, the compiler and the CPU,
-and loaded with ctypes. The constants the Python side needs (the most layers, the training blocks,
+(``charloom.text.named.cache_dir()``), keyed by every source, the flags, the compiler and what it
+targets, and loaded with ctypes, unless that folder or file could be another user's (see
+:func:`untrusted`): then the library is built in a private temporary folder. The constants the Python side needs (the most layers, the training blocks,
 the Mogrifier's most rounds, the size of ``Net``) and the scratch sizes come from the library itself
 (``abi.c``, ``charloom_*_scratch_floats``): nothing is copied by hand from the C sources.
 """
@@ -18,13 +19,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 FOLDER = Path(__file__).parent
-ABI_VERSION = 13  # the version of the C interface this module declares below; kernel.h's ABI_VERSION
+ABI_VERSION = 14  # the version of the C interface this module declares below; kernel.h's ABI_VERSION
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -47,6 +49,10 @@ class Limits:
     net_bytes: int  # sizeof(Net): checked against the ctypes layout before any call
     lstm_block: int  # hidden units per block of the training kernels' gate columns
     mog_max_rounds: int  # the most Mogrifier rounds the training kernel runs
+    status_no_memory: int  # what an entry point returns (kernel.h's STATUS_*): see check
+    status_bad_shape: int
+    status_short: int
+    status_bad_id: int
     vector_bits: int  # 512, 256, 128 or 0 (scalar)
 
 
@@ -65,7 +71,7 @@ def net_struct(max_layers: int) -> type[ctypes.Structure]:
             ("table", _f32p), ("w_ih_t", per_layer), ("b_in", per_layer), ("w_hh_t", per_layer), ("b_hh", per_layer),
             ("head_w_t", _f32p), ("head_b", _f32p), ("work", _f32p),
             ("mog_rounds", ctypes.c_int32 * max_layers), ("mog_in", ctypes.c_int32), ("embed", _f32p),
-            ("mog_t", per_layer),
+            ("mog_t", per_layer), ("work_floats", ctypes.c_size_t),
         ]
 
     return Net
@@ -74,14 +80,21 @@ def net_struct(max_layers: int) -> type[ctypes.Structure]:
 _loaded: dict[str, Any] = {}
 
 
-def _cpu_key() -> str:
-    # -march=native code must not run on another CPU that shares the cache folder.
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() + platform.machine()
+def _target_key(cc: str) -> str:
+    """What ``cc -march=native`` targets here: the CPU and features the driver expands it to (gcc's ``-m``
+    flags, clang's ``-target-cpu``/``+feature``), so a build from one CPU is never loaded on another that
+    shares the cache folder (SIGILL). /proc/cpuinfo has no model or flags lines on aarch64."""
+    done = None
+    for march in (["-march=native"], []):  # as _compile: some compilers refuse -march=native
+        done = subprocess.run([cc, *march, *build_flags(), "-###", "-x", "c", "-c", "-o", os.devnull, os.devnull],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            break
+    words = (done.stderr if done else "").replace('"', " ").split()
+    # Only the target's words: the rest of the command holds temporary file names that change every call.
+    keep = [w for i, w in enumerate(words)
+            if w.startswith(("-m", "+", "-target")) or (i and words[i - 1] in ("-target-cpu", "-triple"))]
+    return platform.machine() + " " + " ".join(keep)
 
 
 def build_flags() -> list[str]:
@@ -91,8 +104,9 @@ def build_flags() -> list[str]:
 
 
 def _compile(cc: str, out: Path) -> bool:
-    """Build every C file into ``out`` with one compiler call, atomically; False when the compiler fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Build every C file into ``out`` with one compiler call, flushed to disk then renamed into place
+    (a crash never leaves a partial library under the final name); False when the compiler fails."""
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -100,6 +114,9 @@ def _compile(cc: str, out: Path) -> bool:
             done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, sources())],
                                   capture_output=True, timeout=120)
             if done.returncode == 0:
+                os.chmod(tmp, 0o700)  # the linker's mode follows the umask: no one else may write it
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
                 os.replace(tmp, out)
                 return True
         return False
@@ -108,6 +125,24 @@ def _compile(cc: str, out: Path) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def untrusted(path: Path) -> str:
+    """Why the folder or library at ``path`` could run another user's code in this process ("" when it
+    cannot): not ours, writable by others, or a link. A missing path is trusted (it will be built)."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path} is a symbolic link"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
 
 
 def disabled() -> bool:
@@ -121,7 +156,7 @@ def _cache_path(cc: str) -> Path:
     digest = hashlib.sha256()
     for path in _inputs():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(" ".join(build_flags()).encode() + version.encode() + _cpu_key().encode())
+    digest.update(" ".join(build_flags()).encode() + version.encode() + _target_key(cc).encode())
     from ...text.named import cache_dir  # the folder corpora are cached in
 
     return cache_dir() / "native" / f"rnn-{digest.hexdigest()[:16]}.so"
@@ -149,18 +184,20 @@ def _declare(lib: Any) -> Limits:
     """Set the argument and result types of every exported function; read the exported constants."""
     # Arguments go in as plain integers (addresses): cheaper per call than ctypes pointer objects.
     ptr, i32, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+    # Every entry point ends with `have`, the element counts of its buffers (see sizes).
+    have = ctypes.POINTER(size)
     signatures = {
-        "charloom_rnn_step": ([ptr, i32, ptr, ptr, ptr], i32),
-        "charloom_rnn_sample": ([ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32], None),
+        "charloom_rnn_step": ([ptr, i32, ptr, ptr, ptr, have], i32),
+        "charloom_rnn_sample": ([ptr, i32, ptr, ptr, i32, ptr, ptr, i32, ptr, i32, have], i32),
         "charloom_rnn_vocab_padded": ([i32], i32),
         "charloom_rnn_scratch_floats": ([i32] * 4, size),
-        "charloom_lstm_forward": ([i32] * 4 + [ptr] * 9 + [i32], i32),
-        "charloom_lstm_backward": ([i32] * 4 + [ptr] * 8 + [size] * 2 + [ptr] * 4 + [i32], i32),
+        "charloom_lstm_forward": ([i32] * 4 + [ptr] * 9 + [i32, have], i32),
+        "charloom_lstm_backward": ([i32] * 4 + [ptr] * 8 + [size] * 2 + [ptr] * 4 + [i32, have], i32),
         "charloom_lstm_scratch_floats": ([i32] * 2, size),
         "charloom_mog_record_floats": ([i32] * 3, size),
         "charloom_mog_scratch_floats": ([i32] * 3, size),
-        "charloom_mog_forward": ([i32] * 6 + [ptr] * 12 + [i32], i32),
-        "charloom_mog_backward": ([i32] * 6 + [ptr] * 17 + [i32], i32),
+        "charloom_mog_forward": ([i32] * 6 + [ptr] * 12 + [i32, have], i32),
+        "charloom_mog_backward": ([i32] * 6 + [ptr] * 17 + [i32, have], i32),
         "charloom_constant": ([ctypes.c_char_p], ctypes.c_long),
         "charloom_vector_bits": ([], i32),
     }
@@ -172,13 +209,40 @@ def _declare(lib: Any) -> Limits:
                   vector_bits=int(lib.charloom_vector_bits()))
 
 
+def sizes(*counts: int) -> Any:
+    """The ``have`` argument of a kernel call: the element count of each buffer handed to it, in the
+    order of its pointer arguments; the C side checks them against its dimensions before any access."""
+    return (ctypes.c_size_t * len(counts))(*counts)
+
+
+def check(status: int, what: str) -> None:
+    """Raise for a kernel call's non-zero status (kernel.h's STATUS_*): MemoryError when it had no memory
+    for its packed weights, else ValueError naming what it refused (it then read and wrote nothing)."""
+    if not status:
+        return
+    lim = limits()
+    assert lim is not None  # a status comes from a loaded library
+    if status == lim.status_no_memory:
+        raise MemoryError(f"{what}: no memory for the kernel's packed weights")
+    why = {lim.status_bad_shape: "a dimension is out of range",
+           lim.status_short: "a buffer holds fewer elements than the dimensions need",
+           lim.status_bad_id: "a token id lies outside the vocabulary"}.get(status, f"status {status}")
+    raise ValueError(f"{what}: {why}; nothing was read or written")
+
+
 def _load() -> tuple[Any | None, Limits | None, str]:
     """Build (or find) and open the library: (library, its limits, "") or (None, None, why not)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, None, "no C compiler found: set CC to build the native kernel"
     try:
-        lib, why = _open(cc, _cache_path(cc))
+        path = _cache_path(cc)
+        doubt = untrusted(path.parent) or untrusted(path)
+        if doubt:  # a shared, writable cache: build our own in a folder only we can write (mkdtemp: 0700)
+            print(f"charloom: note: the native kernel's cache is refused ({doubt}); building it in a private "
+                  "folder: set CHARLOOM_CACHE to a folder of your own", file=sys.stderr)
+            path = Path(tempfile.mkdtemp(prefix="charloom-native-")) / path.name
+        lib, why = _open(cc, path)
         if lib is None:
             return None, None, f"the native kernel is refused: {why}"
         limits = _declare(lib)

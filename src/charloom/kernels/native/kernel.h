@@ -20,7 +20,7 @@
 
 /* Raise it whenever an exported function, Net or a constant's meaning changes: Python refuses a library
  * that reports another version (kernels/native/build.py holds the version it speaks). */
-#define ABI_VERSION 13
+#define ABI_VERSION 14
 
 #define MAX_LAYERS 8
 #define MAX_THREADS 8
@@ -34,8 +34,33 @@
 #define LSTM_ROWS_MAX_V 1024  /* ... and the largest vocabulary (each thread keeps a (V, 4H) gradient) */
 #define MOG_MAX_ROUNDS 8      /* training: the most Mogrifier rounds the kernel keeps records for */
 
+/* What the entry points return (Python reads them through charloom_constant and names each). */
+#define STATUS_OK 0
+#define STATUS_NO_MEMORY 1  /* no memory for packed weights: nothing is written */
+#define STATUS_BAD_SHAPE 2  /* a dimension out of range (negative, or Mogrifier rounds outside 1..MOG_MAX_ROUNDS) */
+#define STATUS_SHORT 3      /* a buffer holds fewer elements than the dimensions need: nothing is read or written */
+#define STATUS_BAD_ID 4     /* a token id outside [0, V): nothing is written */
+
 /* A function one source file defines for another: not exported from the library. */
 #define INTERNAL __attribute__((visibility("hidden")))
+
+/* Every entry point takes, last, `have`: the element count of each buffer it was given, in the order of
+ * its pointer arguments (`n` of them), and checks them against what its dimensions need before it
+ * touches any: a crafted shape (a resumed state of another batch, a hostile checkpoint) must never
+ * reach memory the caller does not own. STATUS_SHORT when one is short (or have is NULL), else 0. */
+INTERNAL int buffers_short(const size_t *need, const size_t *have, int n);
+/* STATUS_BAD_ID when one of the n ids lies outside [0, V), else 0. */
+INTERNAL int ids_outside(const int64_t *ids, size_t n, int V);
+
+/* a * b and a + b, or SIZE_MAX where they overflow: a need that overflows exceeds any buffer. */
+static inline size_t sat_mul(size_t a, size_t b) {
+    size_t r;
+    return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+static inline size_t sat_add(size_t a, size_t b) {
+    size_t r;
+    return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+}
 
 typedef struct {
     int32_t lstm;      /* 1 = LSTM (4 gates), 0 = GRU (3 gates) */
@@ -55,6 +80,7 @@ typedef struct {
     int32_t mog_in;                     /* E: layer 0's input width, at most H (its scratch fits in the gates block) */
     const float *embed;                 /* (V, E) */
     const float *mog_t[MAX_LAYERS];     /* the rounds' matrices transposed, in a row: Q_k^T (H, E_l), R_k^T (E_l, H) */
+    size_t work_floats;                 /* floats at work: the most rows a call may step is what they hold */
 } Net;
 
 /* The scratch sizes, in floats, that Python allocates: each defined beside the layout it sizes. */

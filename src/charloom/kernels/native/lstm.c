@@ -145,16 +145,25 @@ static void *lstm_backward_member(void *arg) {
 
 /* Forward over T steps: h, c (B, H) hold the initial state and receive the last; out (T, B, H);
  * acts (T, B, 4H) and cs (T, B, H) are kept for the backward pass; w_ih_t (V, 4H) and bias (4H) have
- * their columns in blocks (see above), w_hh (4H, H) its rows. Returns 0, or 1 when there is no memory
- * for the packed weights (nothing is written then). */
+ * their columns in blocks (see above), w_hh (4H, H) its rows; `have` counts the elements of the 9 buffers
+ * (see buffers_short). Returns 0 or a STATUS_* (nothing is written then). */
 int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const float *w_ih_t, const float *bias,
-                          const float *w_hh, float *h, float *c, float *out, float *acts, float *cs, int threads) {
+                          const float *w_hh, float *h, float *c, float *out, float *acts, float *cs, int threads,
+                          const size_t *have) {
+    if (B < 1 || T < 0 || H < 1 || V < 1)
+        return STATUS_BAD_SHAPE;
+    const size_t G = sat_mul(4, (size_t)H), BH = sat_mul((size_t)B, (size_t)H), TBH = sat_mul((size_t)T, BH);
+    const size_t need[] = {sat_mul((size_t)B, (size_t)T), sat_mul((size_t)V, G), G, sat_mul(G, (size_t)H), BH, BH, TBH,
+                           sat_mul(TBH, 4), TBH}; /* ids, w_ih_t, bias, w_hh, h, c, out, acts, cs */
+    int bad = buffers_short(need, have, 9);
+    if (bad || (bad = ids_outside(ids, need[0], V)))
+        return bad;
     LstmJob job = {B, T, H, V, ids, w_ih_t, bias, w_hh, NULL, h, c, out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0,
                    {0, 0, 0}, lstm_by_rows(B, H, V, threads), NULL};
     const int copies = job.by_rows ? team_limit(&job, threads) : 1; /* of the packed w_hh^T */
     job.packed = malloc(sizeof(float) * (size_t)H * 4 * H * copies);
     if (!job.packed)
-        return 1;
+        return STATUS_NO_MEMORY;
     run_team(lstm_forward_member, &job, threads);
     free(job.packed);
     return 0;
@@ -165,11 +174,24 @@ int charloom_lstm_forward(int B, int T, int H, int V, const int64_t *ids, const 
  * dout + t * dout_ts + r * dout_rs (so (T, B, H) or (B, T, H) alike), or NULL where nothing read
  * out (the book's objective reads only the last state: no (B, T, H) of zeros to write and read); grads
  * receives dW_ih^T (V, 4H), dW_hh^T (H, 4H) and db (4H), in that order, columns in blocks; w_hh is
- * (4H, H), rows in blocks; work holds charloom_lstm_scratch_floats(B, H) floats. Returns 0, or 1
- * when there is no memory for the packed weights (nothing is written then). */
+ * (4H, H), rows in blocks; work holds charloom_lstm_scratch_floats(B, H) floats; `have` counts the
+ * elements of the 12 buffers, dout's from its first. Returns 0 or a STATUS_* (nothing is written then). */
 int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const float *w_hh, const float *out,
                            const float *acts, const float *cs, const float *h0, const float *c0, const float *dout,
-                           size_t dout_ts, size_t dout_rs, float *dh, float *dc, float *grads, float *work, int threads) {
+                           size_t dout_ts, size_t dout_rs, float *dh, float *dc, float *grads, float *work, int threads,
+                           const size_t *have) {
+    if (B < 1 || T < 0 || H < 1 || V < 1)
+        return STATUS_BAD_SHAPE;
+    const size_t G4 = sat_mul(4, (size_t)H), BH = sat_mul((size_t)B, (size_t)H), TBH = sat_mul((size_t)T, BH);
+    /* dout's last element: row B - 1 of step T - 1, H wide (none without dout or steps) */
+    const size_t dout_end = !dout || !T ? 0 : sat_add(sat_add(sat_mul((size_t)T - 1, dout_ts),
+                                                              sat_mul((size_t)B - 1, dout_rs)), (size_t)H);
+    const size_t need[] = {sat_mul((size_t)B, (size_t)T), sat_mul(G4, (size_t)H), TBH, sat_mul(TBH, 4), TBH, BH, BH,
+                           dout_end, BH, BH, sat_mul(sat_add(sat_add((size_t)V, (size_t)H), 1), G4),
+                           charloom_lstm_scratch_floats(B, H)}; /* ids ... work, in the order of the arguments */
+    int bad = buffers_short(need, have, 12);
+    if (bad || (bad = ids_outside(ids, need[0], V)))
+        return bad;
     LstmJob job = {B, T, H, V, ids, NULL, NULL, w_hh, NULL, dh, dc, (float *)out, (float *)acts, (float *)cs, h0, c0,
                    dout, grads, work, 0, 0, {0, 0, 0}, lstm_by_rows(B, H, V, threads), NULL};
     const int copies = job.by_rows ? team_limit(&job, threads) : 1; /* of the packed w_hh */
@@ -181,7 +203,7 @@ int charloom_lstm_backward(int B, int T, int H, int V, const int64_t *ids, const
         free(job.packed);
         free(job.part);
         free(zeros);
-        return 1;
+        return STATUS_NO_MEMORY;
     }
     job.dout = dout ? dout : zeros;
     job.dout_ts = dout ? dout_ts : 0;

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import library, limits
+from .build import check, library, limits, sizes
 
 
 def gate_order(hidden: int) -> torch.Tensor:
@@ -63,6 +63,17 @@ def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _extent(t: torch.Tensor | None) -> int:
+    """Elements from ``t``'s first to one past its last, as strided memory (0 for None or empty)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+def _have(*tensors: torch.Tensor | None) -> object:
+    return sizes(*map(_extent, tensors))
+
+
 class _OneHotLSTM(torch.autograd.Function):
     """(ids (B, T), w_ih (4H, V), w_hh (4H, H), b_ih, b_hh (4H), h0, c0 (B, H)) -> (out (B, T, H), hT, cT).
 
@@ -78,7 +89,7 @@ class _OneHotLSTM(torch.autograd.Function):
         hidden = g // 4
         ids = ids.contiguous()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
-            raise ValueError(f"token ids must lie in [0, {v})")  # the kernel reads row id of W_ih^T unchecked
+            raise ValueError(f"token ids must lie in [0, {v})")  # the kernel checks them too, with no message
         order, _ = kernel_order(hidden)
         # index_select, not w[order]: ~8x faster on a CPU for the (4H, H) matrix.
         w_ih_t = w_ih.detach().index_select(0, order).t().contiguous()  # (V, 4H)
@@ -90,9 +101,9 @@ class _OneHotLSTM(torch.autograd.Function):
         out = w_ih.new_empty(t, b, hidden)
         acts = w_ih.new_empty(t, b, g)
         cs = w_ih.new_empty(t, b, hidden)
-        if library().charloom_lstm_forward(b, t, hidden, v, _p(ids), _p(w_ih_t), _p(bias), _p(w_hh_rows), _p(h), _p(c),
-                                           _p(out), _p(acts), _p(cs), threads):
-            raise MemoryError("no memory for the LSTM kernel's packed weights")
+        buffers = (ids, w_ih_t, bias, w_hh_rows, h, c, out, acts, cs)
+        check(library().charloom_lstm_forward(b, t, hidden, v, *map(_p, buffers), threads, _have(*buffers)),
+              "the LSTM kernel's forward pass")
         ctx.save_for_backward(ids, w_hh_rows, h0, c0, out, acts, cs)
         ctx.threads, ctx.vocab = threads, v
         ctx.set_materialize_grads(False)  # an output nothing read arrives as None, not as zeros to read
@@ -115,10 +126,10 @@ class _OneHotLSTM(torch.autograd.Function):
         lib = library()
         work = out.new_empty(lib.charloom_lstm_scratch_floats(b, hidden))
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
-        if lib.charloom_lstm_backward(b, t, hidden, v, _p(ids), _p(w_hh_rows), _p(out), _p(acts),
-                                            _p(cs), _p(h0c), _p(c0c), dout_at, dout_ts, dout_rs, _p(dh), _p(dc),
-                                            _p(grads), _p(work), ctx.threads):
-            raise MemoryError("no memory for the LSTM kernel's packed weights")
+        front, back_bufs = (ids, w_hh_rows, out, acts, cs, h0c, c0c), (dh, dc, grads, work)
+        have = _have(*front, dout, *back_bufs)  # dout's count from its first element (it may be a strided view)
+        check(lib.charloom_lstm_backward(b, t, hidden, v, *map(_p, front), dout_at, dout_ts, dout_rs,
+                                         *map(_p, back_bufs), ctx.threads, have), "the LSTM kernel's backward pass")
         _, back = kernel_order(hidden)  # back to torch's rows; transposed views, laid out as torch likes
         d_ih = grads[:v * g].view(v, g).index_select(1, back).t()
         d_hh = grads[v * g:(v + hidden) * g].view(hidden, g).index_select(1, back).t()
@@ -167,9 +178,9 @@ class _MogrifierLSTM(torch.autograd.Function):
         acts = w_hh.new_empty(t, b, 4 * hidden)
         cs = w_hh.new_empty(t, b, hidden)
         rec = w_hh.new_empty(t, b, lib.charloom_mog_record_floats(hidden, d, rounds))  # every round's vectors
-        if lib.charloom_mog_forward(b, t, hidden, d, v, rounds, _p(ids), _p(emb_c), _p(mog_c), _p(w_ih_k), _p(w_hh_k),
-                                    _p(bias), _p(h), _p(c), _p(out), _p(acts), _p(cs), _p(rec), threads):
-            raise MemoryError("no memory for the Mogrifier kernel's packed weights")
+        buffers = (ids, emb_c, mog_c, w_ih_k, w_hh_k, bias, h, c, out, acts, cs, rec)
+        check(lib.charloom_mog_forward(b, t, hidden, d, v, rounds, *map(_p, buffers), threads, _have(*buffers)),
+              "the Mogrifier kernel's forward pass")
         ctx.save_for_backward(ids, mog_c, w_ih_k, w_hh_k, h0, c0, out, acts, cs, rec)
         ctx.threads, ctx.rounds, ctx.vocab = threads, rounds, v
         return out.transpose(0, 1), h, c
@@ -188,10 +199,9 @@ class _MogrifierLSTM(torch.autograd.Function):
         lib = library()
         work = out.new_empty(lib.charloom_mog_scratch_floats(b, hidden, d))
         h0c, c0c = h0.detach().contiguous(), c0.detach().contiguous()
-        if lib.charloom_mog_backward(b, t, hidden, d, v, ctx.rounds, _p(ids), _p(mog), _p(w_ih_k), _p(w_hh_k),
-                                           _p(out), _p(acts), _p(cs), _p(rec), _p(h0c), _p(c0c), _p(dout), _p(dh),
-                                           _p(dc), _p(g_w), _p(g_mog), _p(g_emb), _p(work), ctx.threads):
-            raise MemoryError("no memory for the Mogrifier kernel's packed weights")
+        buffers = (ids, mog, w_ih_k, w_hh_k, out, acts, cs, rec, h0c, c0c, dout, dh, dc, g_w, g_mog, g_emb, work)
+        check(lib.charloom_mog_backward(b, t, hidden, d, v, ctx.rounds, *map(_p, buffers), ctx.threads,
+                                        _have(*buffers)), "the Mogrifier kernel's backward pass")
         _, back = kernel_order(hidden)
         g_w = g_w.index_select(1, back)  # columns back in torch's gate order
         d_b = g_w[hidden + d]

@@ -226,7 +226,7 @@ static void *mog_backward_member(void *arg) {
     return NULL;
 }
 
-/* Sets a job's record layout and round offsets, allocates its members' workspace; 1 when out of memory. */
+/* Sets a job's record layout and round offsets, allocates its members' workspace; STATUS_NO_MEMORY when out of memory. */
 static int mog_setup(MogJob *p, int threads) {
     const int H = p->team.H, D = p->D;
     size_t off = (size_t)D, w = 0;
@@ -248,11 +248,11 @@ static int mog_setup(MogJob *p, int threads) {
         p->work[m] = NULL;
     for (int m = 0; m < want; m++)
         if (!(p->work[m] = malloc(sizeof(float) * floats)))
-            return 1;
+            return STATUS_NO_MEMORY;
     return 0;
 }
 
-/* Sets up the job, runs fn over its team and frees its workspace: 0, or 1 when out of memory. */
+/* Sets up the job, runs fn over its team and frees its workspace: 0, or STATUS_NO_MEMORY. */
 static int mog_run(MogJob *p, void *(*fn)(void *), int threads) {
     const int failed = mog_setup(p, threads);
     if (!failed)
@@ -261,6 +261,9 @@ static int mog_run(MogJob *p, void *(*fn)(void *), int threads) {
         free(p->work[m]);
     return failed;
 }
+
+/* Floats of the rounds' matrices, R of H * D each. */
+static size_t mog_floats(int H, int D, int R) { return sat_mul(sat_mul((size_t)R, (size_t)H), (size_t)D); }
 
 /* Records of S floats per step and row (see above): the caller allocates T * B * S for rec. */
 size_t charloom_mog_record_floats(int H, int D, int R) {
@@ -273,13 +276,20 @@ size_t charloom_mog_record_floats(int H, int D, int R) {
 /* Forward over T steps of a Mogrifier LSTM with R (1..MOG_MAX_ROUNDS) rounds: ids (B, T), emb (V, D),
  * mog (round k's Q_k (D, H) or R_k (H, D) in a row), w_ih (4H, D), w_hh (4H, H) and bias (4H) with
  * rows in kernel order; h, c (B, H) hold the initial state and receive the last; out (T, B, H), acts
- * (T, B, 4H), cs (T, B, H) and rec (T, B, S) are kept for the backward pass. Returns 0, 1 when out of
- * memory, 2 for a round count out of range. */
+ * (T, B, 4H), cs (T, B, H) and rec (T, B, S) are kept for the backward pass; `have` counts the elements of
+ * the 12 buffers (see buffers_short). Returns 0 or a STATUS_* (nothing is written then). */
 int charloom_mog_forward(int B, int T, int H, int D, int V, int R, const int64_t *ids, const float *emb, const float *mog,
                          const float *w_ih, const float *w_hh, const float *bias, float *h, float *c, float *out,
-                         float *acts, float *cs, float *rec, int threads) {
-    if (R < 1 || R > MOG_MAX_ROUNDS)
-        return 2;
+                         float *acts, float *cs, float *rec, int threads, const size_t *have) {
+    if (B < 1 || T < 0 || H < 1 || D < 1 || V < 1 || R < 1 || R > MOG_MAX_ROUNDS)
+        return STATUS_BAD_SHAPE;
+    const size_t G = sat_mul(4, (size_t)H), BH = sat_mul((size_t)B, (size_t)H), TBH = sat_mul((size_t)T, BH);
+    const size_t need[] = {sat_mul((size_t)B, (size_t)T), sat_mul((size_t)V, (size_t)D), mog_floats(H, D, R),
+                           sat_mul(G, (size_t)D), sat_mul(G, (size_t)H), G, BH, BH, TBH, sat_mul(TBH, 4), TBH,
+                           sat_mul(sat_mul((size_t)T, (size_t)B), charloom_mog_record_floats(H, D, R))};
+    int bad = buffers_short(need, have, 12); /* ids, emb, mog, w_ih, w_hh, bias, h, c, out, acts, cs, rec */
+    if (bad || (bad = ids_outside(ids, need[0], V)))
+        return bad;
     MogJob job;
     memset(&job, 0, sizeof job);
     job.team = (LstmJob){B, T, H, V, ids, NULL, NULL, NULL, NULL, h, c, out, acts, cs, NULL, NULL, NULL, NULL, NULL, 0, 0, {0, 0, 0}};
@@ -290,13 +300,23 @@ int charloom_mog_forward(int B, int T, int H, int D, int V, int R, const int64_t
 /* Backward from the forward's out, acts, cs and rec: dh, dc (B, H) hold the gradients of the last
  * state and receive those of the initial one; dout (T, B, H); g_w receives (H + D + 1, 4H): dW_hh^T,
  * dW_ih^T and db, columns in kernel order; g_mog the rounds' gradients laid out as mog; g_emb (V, D).
- * work holds charloom_mog_scratch_floats(B, H, D) floats. Returns as the forward. */
+ * work holds charloom_mog_scratch_floats(B, H, D) floats; `have` counts the 17 buffers'. Returns as the forward. */
 int charloom_mog_backward(int B, int T, int H, int D, int V, int R, const int64_t *ids, const float *mog,
                           const float *w_ih, const float *w_hh, const float *out, const float *acts, const float *cs,
                           const float *rec, const float *h0, const float *c0, const float *dout, float *dh, float *dc,
-                          float *g_w, float *g_mog, float *g_emb, float *work, int threads) {
-    if (R < 1 || R > MOG_MAX_ROUNDS)
-        return 2;
+                          float *g_w, float *g_mog, float *g_emb, float *work, int threads, const size_t *have) {
+    if (B < 1 || T < 0 || H < 1 || D < 1 || V < 1 || R < 1 || R > MOG_MAX_ROUNDS)
+        return STATUS_BAD_SHAPE;
+    const size_t G = sat_mul(4, (size_t)H), BH = sat_mul((size_t)B, (size_t)H), TBH = sat_mul((size_t)T, BH);
+    const size_t need[] = {sat_mul((size_t)B, (size_t)T), mog_floats(H, D, R), sat_mul(G, (size_t)D),
+                           sat_mul(G, (size_t)H), TBH, sat_mul(TBH, 4), TBH,
+                           sat_mul(sat_mul((size_t)T, (size_t)B), charloom_mog_record_floats(H, D, R)), BH, BH, TBH, BH,
+                           BH, sat_mul((size_t)H + D + 1, G), mog_floats(H, D, R), sat_mul((size_t)V, (size_t)D),
+                           charloom_mog_scratch_floats(B, H, D)};
+    /* ids, mog, w_ih, w_hh, out, acts, cs, rec, h0, c0, dout, dh, dc, g_w, g_mog, g_emb, work */
+    int bad = buffers_short(need, have, 17);
+    if (bad || (bad = ids_outside(ids, need[0], V)))
+        return bad;
     MogJob job;
     memset(&job, 0, sizeof job);
     job.team = (LstmJob){B, T, H, V, ids, NULL, NULL, NULL, NULL, dh, dc, (float *)out, (float *)acts, (float *)cs,

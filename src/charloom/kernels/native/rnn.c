@@ -122,12 +122,32 @@ size_t charloom_rnn_scratch_floats(int lstm, int hidden, int vocab, int rows) {
     return (size_t)rows * (2 * gh + (size_t)charloom_rnn_vocab_padded(vocab) + 2) + MAX_THREADS * draw_scratch_floats(vocab);
 }
 
-/* One step for `rows` rows: feed ids (rows,), write logits (rows, V). Returns 0, or -1 (and changes
- * nothing) when an id is outside [0, vocab). */
-int charloom_rnn_step(const Net *net, int rows, const int64_t *ids, float *state, float *logits) {
-    for (int r = 0; r < rows; r++)
-        if (ids[r] < 0 || ids[r] >= net->vocab)
-            return -1;
+/* STATUS_BAD_SHAPE unless net's dimensions are ones its arrays were laid out for (the Python side
+ * checks each array against them: NativeStepper) and its work holds `rows` rows; else 0. */
+static int net_unfit(const Net *net, int rows) {
+    if (rows < 1 || net->layers < 1 || net->layers > MAX_LAYERS || net->hidden < 1 || net->vocab < 1
+        || net->vocab_padded != charloom_rnn_vocab_padded(net->vocab) || net->mog_in > net->hidden || net->mog_in < 0)
+        return STATUS_BAD_SHAPE;
+    for (int l = 0; l < net->layers; l++)
+        if (net->mog_rounds[l] < 0 || (net->mog_rounds[l] && !net->lstm))
+            return STATUS_BAD_SHAPE;
+    return charloom_rnn_scratch_floats(net->lstm, net->hidden, net->vocab, rows) > net->work_floats ? STATUS_SHORT : 0;
+}
+
+/* The elements a state of `rows` rows holds: (slots, rows, H), slots = layers (GRU) or 2 layers (LSTM). */
+static size_t state_floats(const Net *net, int rows) {
+    return sat_mul(sat_mul((size_t)net->layers * (net->lstm ? 2 : 1), (size_t)rows), (size_t)net->hidden);
+}
+
+/* One step for `rows` rows: feed ids (rows,), write logits (rows, V); `have` counts ids, state and
+ * logits. Returns 0 or a STATUS_* (and changes nothing). */
+int charloom_rnn_step(const Net *net, int rows, const int64_t *ids, float *state, float *logits, const size_t *have) {
+    int bad = net_unfit(net, rows);
+    if (bad)
+        return bad;
+    const size_t need[] = {(size_t)rows, state_floats(net, rows), sat_mul((size_t)rows, (size_t)net->vocab)};
+    if ((bad = buffers_short(need, have, 3)) || (bad = ids_outside(ids, (size_t)rows, net->vocab)))
+        return bad;
     const float *h;
     advance(net, rows, rows, ids, state, net->work, &h);
     head(net, rows, h, head_scratch(net, net->work, rows), logits);
@@ -200,9 +220,17 @@ static void *sample_part(void *arg) {
  * and `state` always describe what comes after the last token fed.
  * With threads > 1 and enough rows, the rows are split into ranges run by that many threads (the
  * caller's and threads - 1 new ones, joined before returning): whole runs of steps per thread, no
- * synchronisation between steps. Each range has its own slice of net->work (see head_scratch). */
-void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
-                         const float *temp, int feed_last, int64_t *ids_out, int threads) {
+ * synchronisation between steps. Each range has its own slice of net->work (see head_scratch). `have`
+ * counts state, logits, uniforms, temp and ids_out. Returns 0 or a STATUS_* (and changes nothing). */
+int charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, int n, const double *uniforms,
+                        const float *temp, int feed_last, int64_t *ids_out, int threads, const size_t *have) {
+    int bad = net_unfit(net, rows);
+    if (bad || n < 0)
+        return bad ? bad : STATUS_BAD_SHAPE;
+    const size_t drawn = sat_mul((size_t)n, (size_t)rows);
+    const size_t need[] = {state_floats(net, rows), sat_mul((size_t)rows, (size_t)net->vocab), drawn, (size_t)rows, drawn};
+    if ((bad = buffers_short(need, have, 5))) /* state, logits, uniforms, temp, ids_out */
+        return bad;
     const int V = net->vocab, GH = (net->lstm ? 4 : 3) * net->hidden, H = net->hidden, Vp = net->vocab_padded;
     const size_t extra = draw_scratch_floats(V);
     int parts = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
@@ -217,4 +245,5 @@ void charloom_rnn_sample(const Net *net, int rows, float *state, float *logits, 
         r0 = r1;
     }
     run_parts(sample_part, (char *)part, sizeof part[0], parts);
+    return 0;
 }

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .build import library, limits, net_struct
+from .build import check, library, limits, net_struct, sizes
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 
@@ -24,6 +24,34 @@ def runs(stepper: Any) -> bool:
     if lim is None or len(stepper.layers) > lim.max_layers:
         return False
     return not ("embed" in stepper.layers[0] and stepper.layers[0]["embed"].shape[1] > stepper.hidden)
+
+
+def _check_arrays(layers: list[dict[str, np.ndarray]], head_w_t: np.ndarray, head_b: np.ndarray, hidden: int,
+                  gates: int) -> None:
+    """Refuse arrays of other sizes than the shapes rnn.c reads them with (``Net``'s dimensions): the
+    kernel trusts them, and the light path reads them from a checkpoint's file unchecked by torch."""
+    vocab, gh = head_b.shape[0], gates * hidden
+    first = layers[0] if layers else {}
+    width = first["embed"].shape[1] if "embed" in first and first["embed"].ndim == 2 else hidden  # layer 0's E
+
+    def need(i: int, layer: dict[str, np.ndarray]) -> dict[str, int]:
+        e = width if i == 0 else hidden
+        wanted = {"w_hh_t": hidden * gh, "b_hh": gh}
+        if "mog_t" in layer:
+            wanted["mog_t"] = layer["mog_t"].shape[0] * hidden * e if layer["mog_t"].ndim else -1
+        if i == 0 and "mog_t" not in layer:
+            wanted["table"] = vocab * gh
+        else:
+            wanted.update(w_ih_t=e * gh, b_in=gh, **({"embed": vocab * e} if i == 0 else {}))
+        return wanted
+
+    problems = [f"layer {i}'s {name} has {layer[name].size if name in layer else 'no'} values, not {n}"
+                for i, layer in enumerate(layers) for name, n in need(i, layer).items()
+                if name not in layer or layer[name].size != n]
+    if head_w_t.shape != (hidden, vocab) or head_b.ndim != 1:
+        problems.append(f"the head is {head_w_t.shape}, not {(hidden, vocab)}")
+    if problems:
+        raise ValueError(f"the network's arrays do not fit its shapes: {problems[0]}")
 
 
 class NativeStepper:
@@ -45,6 +73,7 @@ class NativeStepper:
         self._keep = [{k: arr(v) for k, v in layer.items()} for layer in layers]
         head_w_t, head_b = arr(stepper.head_w_t), arr(stepper.head_b)  # (H, V), (V,)
         self.vocab = head_b.shape[0]
+        _check_arrays(self._keep, head_w_t, head_b, self.hidden, 4 if self.lstm else 3)
         # Zero columns up to the padding rnn.c asks for, so the head's matrix product runs in whole vector tiles.
         padded = lib.charloom_rnn_vocab_padded(self.vocab)
         self.head_w_t = np.zeros((self.hidden, padded), dtype=np.float32)
@@ -67,6 +96,7 @@ class NativeStepper:
             if "embed" in layer:
                 net.embed, net.mog_in = _ptr(layer["embed"]), layer["embed"].shape[1]
         net.head_w_t, net.head_b, net.work = _ptr(self.head_w_t), _ptr(self.head_b), _ptr(self.work)
+        net.work_floats = self.work.size
         self.net = net
         self._netp = ctypes.addressof(net)  # the struct stays alive in self.net
 
@@ -87,8 +117,11 @@ class NativeStepper:
         if ids.shape != (self.rows,):
             raise ValueError(f"expected {self.rows} token ids, got shape {ids.shape}")
         logits = np.empty((self.rows, self.vocab), dtype=np.float32)
-        if self.lib.charloom_rnn_step(self._netp, self.rows, ids.ctypes.data, state.ctypes.data, logits.ctypes.data):
+        status = self.lib.charloom_rnn_step(self._netp, self.rows, ids.ctypes.data, state.ctypes.data, logits.ctypes.data,
+                                            sizes(ids.size, state.size, logits.size))
+        if status == limits().status_bad_id:  # type: ignore[union-attr]
             raise ValueError(f"token ids must lie in [0, {self.vocab}), got {ids.tolist()}")
+        check(status, "the generation kernel's step")
         return logits
 
     def _check_state(self, state: np.ndarray) -> None:
@@ -110,6 +143,8 @@ class NativeStepper:
                 or logits.dtype != np.float32 or not logits.flags.c_contiguous):
             raise ValueError("sample needs uniforms (n, rows), temps (rows,) and contiguous float32 logits (rows, V)")
         out = np.empty((n, self.rows), dtype=np.int64)
-        self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n, uniforms.ctypes.data,
-                                     temps.ctypes.data, int(feed_last), out.ctypes.data, int(threads))
+        have = sizes(state.size, logits.size, uniforms.size, temps.size, out.size)
+        check(self.lib.charloom_rnn_sample(self._netp, self.rows, state.ctypes.data, logits.ctypes.data, n,
+                                           uniforms.ctypes.data, temps.ctypes.data, int(feed_last), out.ctypes.data,
+                                           int(threads), have), "the generation kernel's draw")
         return out
