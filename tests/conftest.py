@@ -87,3 +87,14 @@ def run_cli(*args: str, timeout: float = 120, env: dict | None = None, cwd: Path
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "charloom", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+def rehash_manifest(ckpt: Path) -> None:
+    """What an attacker who rewrites a checkpoint's files would also do: make manifest.json match them."""
+    import json
+
+    from charloom.files import sha256_of
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = {f: sha256_of(ckpt / f) for f in manifest["files"]}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))

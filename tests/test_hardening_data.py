@@ -26,14 +26,7 @@ from charloom.generation import engine
 from charloom.kernels.choice import Stepping
 from charloom.text.encode import encode_to_disk, scan_corpus
 from charloom.text.tokenizers import CharTokenizer
-from tests.conftest import TINY_TEXT
-
-
-def _rehash(ckpt: Path) -> None:
-    """What an attacker who rewrites files would also do: make manifest.json match them."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {f: checkpoint.sha256_of(ckpt / f) for f in manifest["files"]}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+from tests.conftest import TINY_TEXT, rehash_manifest
 
 
 @pytest.fixture()
@@ -47,7 +40,7 @@ def _hostile(run: Path, section: str, values: dict) -> Path:
     config = json.loads((ckpt / "config.json").read_text())
     config[section].update(values)
     (ckpt / "config.json").write_text(json.dumps(config))
-    _rehash(ckpt)
+    rehash_manifest(ckpt)
     return ckpt
 
 

@@ -5,7 +5,6 @@ traceback, or memory filled by a file that is not what it claims to be."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 
 from charloom.cli import generate as cli_generate
 
-from .conftest import REPO
+from .conftest import REPO, rehash_manifest
 
 OLD = REPO / "tests" / "data" / "old_checkpoints" / "lstm"
 
@@ -33,13 +32,6 @@ def run(tmp_path: Path) -> Path:
 
 def _ckpt(run: Path) -> Path:
     return next((run / "checkpoints").glob("step-*"))
-
-
-def _rehash(ckpt: Path, name: str) -> None:
-    """Update the manifest's checksum of ``name``, as a forger would."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"][name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _generate(path: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -92,7 +84,7 @@ def test_every_file_a_load_reads_must_be_in_the_manifest(run: Path) -> None:
 def test_a_tokenizer_that_is_a_json_list_is_refused(run: Path) -> None:
     ckpt = _ckpt(run)
     (ckpt / "tokenizer.json").write_text("[1, 2, 3]")
-    _rehash(ckpt, "tokenizer.json")
+    rehash_manifest(ckpt)
     for extra in ((), ("--top-k", "5")):
         _one_line(_generate(run, *extra), 3, "tokenizer")
 
@@ -101,7 +93,7 @@ def test_an_oversized_json_file_is_refused_without_reading_it_all(run: Path) -> 
     ckpt = _ckpt(run)
     with open(ckpt / "config.json", "w") as fh:
         fh.write(" " * ((64 << 20) + 10) + "{}")
-    _rehash(ckpt, "config.json")
+    rehash_manifest(ckpt)
     _one_line(_generate(run, "--top-k", "5"), 3, "larger than")
 
 

@@ -18,7 +18,7 @@ import torch
 import charloom
 from charloom import checkpoint
 from charloom.cli.commands import main
-from tests.conftest import TINY_SETTINGS
+from tests.conftest import TINY_SETTINGS, rehash_manifest
 
 # -- kill -9 ----------------------------------------------------------------------------------------
 # One helper process imports torch once and forks every training run from itself, so fifty killed
@@ -169,13 +169,6 @@ class _Payload:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
-def _rehash(ckpt: Path) -> None:
-    """What an attacker who rewrites files would also do: make manifest.json match them."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {f: checkpoint.sha256_of(ckpt / f) for f in manifest["files"]}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.fixture()
 def run_copy(tiny_run, tmp_path) -> Path:
     run = tmp_path / "run"
@@ -218,7 +211,7 @@ def test_hostile_or_damaged_file_is_refused(run_copy, tmp_path, target, how, reh
     ckpt = checkpoint.resolve(run_copy, "last")
     _damage(ckpt / target, how, marker)
     if rehash:
-        _rehash(ckpt)
+        rehash_manifest(ckpt)
     command = ["generate", str(ckpt), "--length", "5", "--seed", "1"] if target == "model.safetensors" \
         else ["train", "--resume", str(run_copy), "--max-steps", "20"]
     code, err = _cli(*command)
@@ -237,7 +230,7 @@ def test_config_that_does_not_match_the_weights_is_refused(run_copy, rehash):
     config["model"]["hidden"] = 48
     (ckpt / "config.json").write_text(json.dumps(config))
     if rehash:
-        _rehash(ckpt)
+        rehash_manifest(ckpt)
     code, err = _cli("generate", str(run_copy), "--length", "5")
     assert code == 3 and err.count("\n") == 1, err
     if rehash:
