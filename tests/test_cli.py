@@ -10,7 +10,7 @@ import pytest
 
 from charloom.checkpoint import RunDir
 from charloom.cli.commands import main
-from charloom.config import ModelConfig, TrainConfig
+from charloom.config import ModelConfig, TrainConfig, field_flag
 from tests.conftest import TINY_SETTINGS, run_cli
 
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_SETTINGS.items()]
@@ -147,7 +147,7 @@ def test_help_documents_every_option_with_its_default():
             assert action.help and ("default" in action.help or "(auto: " in action.help), (command, opt)
     train_opts = {opt for a in sub.choices["train"]._actions for opt in a.option_strings}
     for f in fields(ModelConfig) + fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in train_opts, f.name
+        assert field_flag(f) in train_opts, f.name
     code, out, err = cli("train", "--help")  # printed to main's stdout, exit 0
     assert code == 0 and "--max-time DURATION" in out and not err
 

@@ -15,10 +15,10 @@ import charloom
 from charloom import api
 from charloom.cli.commands import build_parser, main
 from charloom.cli.parser import EXAMPLES, UsageError
-from charloom.config import HELP_GROUPS, ModelConfig, TrainConfig
+from charloom.config import HELP_GROUPS, ModelConfig, TrainConfig, field_flag
 from charloom.models import model_class
 from charloom.presets import preset_for
-from charloom.training.run import resolve_configs
+from charloom.training.settings import resolve_configs
 
 CONFIG_FIELDS = fields(ModelConfig) + fields(TrainConfig)
 FIELD_NAMES = {f.name for f in CONFIG_FIELDS}
@@ -61,7 +61,7 @@ def test_every_setting_has_a_known_group():
     for f in CONFIG_FIELDS:
         assert f.metadata.get("group") in HELP_GROUPS, f.name
     common = {f.name for f in CONFIG_FIELDS if f.metadata["group"] == "common"}
-    assert common == {"model", "tokens", "epochs", "max_time"}
+    assert common == {"model", "tokens", "epochs", "max_time", "records", "init_from"}
 
 
 def _preset_settings() -> set[str]:
@@ -79,7 +79,7 @@ def test_the_settings_marked_auto_are_exactly_those_a_preset_sets():
     assert marked == _preset_settings()
     helps = option_help("train")
     for f in CONFIG_FIELDS:
-        text = helps[flag(f.name)]
+        text = helps[field_flag(f)]
         if f.name in marked:
             assert "(auto: " in text and "default:" not in text, text  # no default the preset then overrides
         else:

@@ -140,7 +140,7 @@ def test_weight_averaging_is_what_runs_evaluate_sample_and_save():
 
     from charloom.config import TrainConfig, from_dict, to_dict
     from charloom.models import build_model
-    from charloom.training.run import resolve_configs
+    from charloom.training.settings import resolve_configs
     from charloom.training.trainer import Trainer
 
     mcfg, tcfg = resolve_configs(dict(TINY_SETTINGS, ema=0.9, dropout=0.2, eval_every=5), 2000)

@@ -110,6 +110,7 @@ def check_bounds(obj: Any, flags: bool = False) -> None:
 # The continuous cache's settings, a test-time option (see charloom.models.cache): chosen on text no
 # benchmark scores; the search is in docs/experiments.md.
 RECIPE_NAMES = ("default", "book")  # what each one sets is in charloom.presets.RECIPES
+RECORD_FORMATS = ("auto", "none", "line", "paragraph", "separator", "csv", "jsonl")  # charloom.text.records reads each
 MAX_GENERATED_TOKENS = 10_000_000  # one generate call: rows x length tokens (its history buffer is int64 ids)
 CACHE_SIZE = 30_000
 CACHE_THETA = 0.3
@@ -174,7 +175,13 @@ class TrainConfig:
     tokens: str = field(default="char", metadata=_help("what a token is: char, word (words, punctuation, whitespace) or bpe (byte-level BPE)", group="common"))
     vocab_size: int = field(default=0, metadata=_help("word and bpe: vocabulary size, most frequent kept (0 = 5000 words or 1000 BPE tokens)", group="data", bound=_size(0, 1 << 20)))
     lowercase: bool | None = field(default=None, metadata=_help("lowercase the corpus", group="data", shown="on for the nietzsche corpus, else off"))
-    val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation", group="data"))
+    val_fraction: float = field(default=0.1, metadata=_help("the last fraction of the corpus held out for validation (records: a seeded random fraction of them)", group="data"))
+    records: str = field(default="auto", metadata=_help("read the corpus as many short texts, each ended by an end-of-text token: line, paragraph (blank-line separated), separator (--separator lines), csv (--column), jsonl (--field); none = one stream; auto = csv or jsonl by the file extension, else none", group="common", choices=RECORD_FORMATS))
+    separator: str = field(default="%", metadata=_help("records=separator: the line that separates records, as in fortune files", group="data", shown="%%"))
+    column: str = field(default="", metadata=_help("records=csv: the column holding the text (default: the only column, or 'text')", group="data", metavar="NAME"))
+    text_field: str = field(default="", metadata=_help("records=jsonl: the field holding the text (default: 'text')", group="data", metavar="NAME", flag="--field"))
+    label_column: str = field(default="", metadata=_help("csv/jsonl records: a column or field whose value conditions the text (generate with --label)", group="data", metavar="NAME"))
+    init_from: str = field(default="", metadata=_help("start from another model's weights: a run directory, or 'base' (the bundled English model); new characters extend its vocabulary", group="common", metavar="RUN_DIR|base"))
     objective: str = field(default="all", metadata=_help("all: every position is a target; last: only the char after each window (the book)", group="data"))
     batching: str = field(default="stream", metadata=_help("stream: contiguous streams with state carried; windows: random windows", group="data", auto="windows for a transformer, else stream"))
     seq_len: int = field(default=128, metadata=_help("characters per training sequence (the window length)", group="data", auto="64 for a corpus under 5M chars, 128 above; a transformer 64", bound=_size(1, MAX_WINDOW)))
@@ -210,6 +217,11 @@ class TrainConfig:
         check_bounds(self, flags=True)
         if self.tokens == "char" and self.vocab_size:
             raise ConfigError("vocab_size", "--vocab-size applies to word and bpe tokens; a char model keeps every character")
+        _choice(self, "records", RECORD_FORMATS)
+        if self.records not in ("auto", "none") and self.tokens != "char":
+            raise ConfigError("records", "records are read as characters; drop --tokens or --records")
+        if self.records not in ("auto", "none") and self.objective == "last":
+            raise ConfigError("records", "records train on every position; drop --objective last (or the book recipe)")
         _choice(self, "objective", ("all", "last"))
         _choice(self, "batching", ("stream", "windows"))
         _choice(self, "optimizer", ("adamw", "rmsprop"))
@@ -323,6 +335,11 @@ def check_temperature(value: Any, field_name: str = "temperature") -> float:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    """A config field's command-line flag: its ``flag`` metadata, else ``--`` and its name with dashes."""
+    return f.metadata.get("flag") or _flag(f.name)
 
 
 def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:

@@ -114,6 +114,26 @@ def _rows_nats(model: LanguageModel, rows: list[np.ndarray], scored: list[tuple[
 
 
 @torch.inference_mode()
+def record_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, records: Any, *,
+                rows_at_once: int = 64) -> tuple[float, int]:
+    """Sum of -log p over the records in ``ids[start:end]`` (``records``: a text.records.RecordIds), each
+    read from a zero state: every character and the END that closes it, not its label. Returns (nats, targets)."""
+    part = np.asarray(ids[start:end], dtype=np.int64)
+    spans = records.spans(part)
+    spans = spans[np.argsort(spans[:, 1] - spans[:, 0], kind="stable")]  # similar lengths side by side
+    rows, scored = [], []
+    for a, b in spans.tolist():
+        skip = 1 if records.labels and int(part[a + 1]) in records.labels else 0
+        rows.append(part[a:b + 1])  # END [label] text END: inputs and the final target
+        scored.append((skip, b - a - skip))
+    model.eval()
+    total = 0.0
+    for g in range(0, len(rows), rows_at_once):
+        total += _rows_nats(model, rows[g:g + rows_at_once], scored[g:g + rows_at_once], chunk=512)
+    return total, sum(count for _, count in scored)
+
+
+@torch.inference_mode()
 def windowed_nats(model: LanguageModel, ids: np.ndarray, start: int, end: int, window: int, *,
                   batch: int = 512) -> tuple[float, int]:
     """Sum of -log p(ids[t] | ids[t - window:t]) for t in [start, end): the book's fixed-window view."""

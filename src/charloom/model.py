@@ -22,9 +22,10 @@ from .generation.completion import Completion, complete, make_plan, run
 from .generation.light import encode_prompt
 from .generation.options import sample_config
 from .generation.processors import build_pipeline, process
-from .metrics import EvalResult, dynamic_nats, gradient_rms, stateful_nats, windowed_nats
+from .metrics import EvalResult, dynamic_nats, gradient_rms, record_nats, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .text.encode import open_run_ids
+from .text.records import END, RecordIds, Records, layout, record_ids, split_text
 from .text.tokenizers import Tokenizer, tokenizer_from_dict
 
 
@@ -46,6 +47,12 @@ class Model:
         self.stop_reason: str = config.get("stop_reason", "")
         self.history: list[dict[str, float]] = []
         self.last_completion: Completion | None = None  # what the last stream() produced, with its finish reason
+        # A model trained on records (charloom.text.records): where they are in its ids, their labels.
+        self.records: RecordIds | None = record_ids(config.get("corpus", {}), tokenizer)
+        self.record_labels: dict[str, str] = dict(config.get("corpus", {}).get("records", {}).get("labels") or {})
+        # Line records hold no newline: a model fine-tuned from one that knows it must not write one.
+        line = config.get("corpus", {}).get("records", {}).get("format") == "line" and "\n" in tokenizer.index
+        self.record_banned: list[int] = [tokenizer.index["\n"]] if line else []
 
     def __repr__(self) -> str:
         m = self.net.config
@@ -126,6 +133,22 @@ class Model:
         tokens = [self.tokenizer.decode([i]) for i in range(last.shape[-1])]
         return NextTokens(tokens, original.tolist(), reweighted.tolist())
 
+    def generate_records(self, n: int = 20, prompt: str = "", *, novel: bool = False, **options: Any) -> Any:
+        """``n`` whole records (a model trained on records), with how many drawn records copied training ones:
+        a :class:`charloom.generation.records.RecordBatch`. ``novel`` keeps only records not in the training set."""
+        from .generation.records import draw_records
+
+        return draw_records(self, n, prompt, novel=novel, **options)
+
+    def training_records(self) -> set[str]:
+        """The texts of the run's training records (a model trained on records, in its run directory)."""
+        if self.records is None:
+            raise CharloomError("--novel", "this model was not trained on records", "drop --novel")
+        ids, split, _ = self.run_data()
+        text = self.tokenizer.decode(np.asarray(ids[:split]).tolist())
+        labels = set(self.record_labels.values())
+        return {"".join(c for c in piece if c not in labels) for piece in text.split(END) if piece}
+
     # -- evaluation -----------------------------------------------------------------------------
     def run_data(self) -> tuple[np.ndarray, int, int]:
         """The run's corpus ids (memory-mapped), the token index where validation starts, and its characters."""
@@ -148,6 +171,8 @@ class Model:
         settings = DynamicEval() if dynamic is True else (dynamic or None)
         if settings is not None:
             self._check_dynamic(settings, exact)
+        if self.records is not None and settings is None:
+            return self._evaluate_records(text)
         if text is None:
             ids, start, chars = self.run_data()
         else:
@@ -183,6 +208,23 @@ class Model:
             total, n = stateful_nats(self.net, ids, start, len(ids), streams=1 if exact else 16,
                                      burn_in=2 * self.train_config.seq_len)
         return EvalResult(total, n, chars)
+
+    def _evaluate_records(self, text: str | None) -> EvalResult:
+        """Each record from a zero state, its characters and end scored (its label not): the validation
+        split, or ``text`` cut into records as the run's corpus was (CSV and JSONL: one record a line)."""
+        if text is None:
+            ids, start, _ = self.run_data()
+        else:
+            info = self.config["corpus"]["records"]
+            fmt = info["format"] if info["format"] in ("line", "paragraph", "separator") else "line"
+            pieces = [t for t in split_text(text, fmt, info.get("separator") or "%") if t.strip()]
+            if not pieces:
+                raise CharloomError("evaluate", "the text holds no record", "give a text with at least one record")
+            joined = layout(Records(pieces, None, fmt), np.arange(len(pieces)))
+            unknown = "error" if self.tokenizer.unk_id is None else "replace"
+            ids, start = np.asarray(self.encode_prompt(joined, unknown=unknown), dtype=np.int64), 0
+        total, n = record_nats(self.net, ids, start, len(ids), self.records)
+        return EvalResult(total, n, n)
 
     def _check_dynamic(self, settings: DynamicEval, exact: bool) -> None:
         try:

@@ -81,7 +81,8 @@ def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = tuple(options[key])
     # "\n" and "\t" typed on a command line mean a newline and a tab.
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    return dict(length=args.length, seed=args.seed, unknown=args.unknown, stop=stops, max_time=args.max_time, **options)
+    labelled = {"label": args.label} if args.label else {}
+    return dict(length=args.length, seed=args.seed, unknown=args.unknown, stop=stops, max_time=args.max_time, **labelled, **options)
 
 def _plain_request(args: argparse.Namespace, options: dict[str, Any]) -> bool:
     """Whether the request is the common one that charloom.generation.light answers without torch: text out,
@@ -90,7 +91,7 @@ def _plain_request(args: argparse.Namespace, options: dict[str, Any]) -> bool:
     # Anything the full path would refuse (sizes, seeds) goes there, so it says why in its own words.
     rows = len(args.temperature) * args.num_samples
     seed_ok = args.seed is None or -(2**63) <= args.seed < 2**63 - args.num_samples
-    plain = (args.format == "text" and not args.interactive and args.num_beams == 1 and args.logprobs is None
+    plain = (args.format == "text" and not args.interactive and not args.novel and not args.label and args.num_beams == 1 and args.logprobs is None
              and args.cache is not True and not options["stop"] and not args.max_time and args.length >= 1
              and 1 <= args.num_samples and args.temperature and rows * args.length <= MAX_GENERATED_TOKENS and seed_ok)
     return bool(plain) and all(0 < t < float("inf") and SampleConfig(temperature=t, **sampling) == SampleConfig(temperature=t)
@@ -151,6 +152,10 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
     echo = "" if args.no_echo else (prompt.lower() if model.train_config.lowercase else prompt)
+    if model.records is not None:
+        return _write_records(model, args, prompt, echo, options, out, stderr)
+    if args.novel:
+        raise CharloomError("--novel", "this model was not trained on records", "drop --novel")
     if args.format == "text" and len(args.temperature) == 1 and args.num_samples == 1 and args.num_beams == 1:
         pieces = model.stream(prompt, temperature=args.temperature[0], **options)
         first = next(pieces, "")  # raises on a bad prompt before anything is printed
@@ -168,6 +173,27 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
             out.write(f"--- beam log-probability {sample.logprob:.3f}\n{echo}{sample}\n")
         else:
             out.write(f"--- temperature {sample.temperature} | seed {sample.seed}\n{echo}{sample}\n")
+    return 0
+
+
+def _write_records(model: Any, args: argparse.Namespace, prompt: str, echo: str, options: dict[str, Any],
+                   out: SafeWriter, stderr: TextIO) -> int:
+    """A model trained on records: -n whole records per temperature, one per line (paragraph records: a blank
+    line between them; separator records: the separator line) or one JSON object each; the copy rate on stderr."""
+    if args.num_beams > 1:
+        raise CharloomError("--num-beams", "beam search does not stop at a record's end", "sample records (--num-beams 1)")
+    info = model.config["corpus"]["records"]
+    between = {"paragraph": "\n\n", "separator": f"\n{info.get('separator') or '%'}\n"}.get(info["format"], "\n")
+    for t in args.temperature:
+        batch = model.generate_records(args.num_samples, prompt, novel=args.novel, temperature=t, logprobs=args.logprobs,
+                                       **options)
+        for record in batch.records:
+            if args.format == "jsonl":
+                out.write(json.dumps({"prompt": prompt, **record.as_dict()}, ensure_ascii=False) + "\n")
+            else:
+                out.write(echo + record.text + between)
+        for line in [*batch.notes, batch.summary()]:
+            print(f"charloom: {line}" + (f" (temperature {t:g})" if len(args.temperature) > 1 else ""), file=stderr)
     return 0
 
 

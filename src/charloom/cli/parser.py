@@ -23,6 +23,7 @@ from ..config import (
     ModelConfig,
     SampleConfig,
     TrainConfig,
+    field_flag,
     parse_duration,
 )
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
@@ -173,7 +174,7 @@ def _add_field(group: Any, f: Field, *, with_default: bool = False, ranged: bool
         kwargs.update(metavar="NAME")
     if "metavar" in f.metadata:
         kwargs.update(metavar=f.metadata["metavar"])
-    group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    group.add_argument(field_flag(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _checkpoint_option(p: argparse.ArgumentParser, default: str = "best", what: str = "which checkpoint of a run to use") -> None:
@@ -237,6 +238,9 @@ def _add_generate_parser(sub: Any) -> None:
             _add_field(g, f, with_default=True)
     g.add_argument("--format", choices=["text", "jsonl"], default="text", help="text, or one JSON object per sample (default: text)")
     _add_field(g, GENERATE_FIELDS["logprobs"], with_default=True)
+    g.add_argument("--novel", action="store_true",
+                   help="a model trained on records: keep only records that are not in its training set (the copy rate "
+                        "is printed on stderr either way)")
     g.add_argument("--interactive", action="store_true",
                    help="a loop: type a prompt, the continuation streams back; empty line continues, /temp T, /length N, /reset, /quit")
     sampling = g.add_argument_group("sampling (applied in --samplers order)")

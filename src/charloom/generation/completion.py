@@ -17,6 +17,7 @@ import torch
 
 from ..config import SampleConfig
 from ..errors import CharloomError
+from ..text.records import RecordIds
 from ..text.tokenizers import Tokenizer, UnknownSymbolsError
 from .engine import Step, StopText, beam_search, generate_steps
 from .light import resolve_seed
@@ -29,7 +30,8 @@ class Completion(str):
     """Generated text (a ``str``) that also carries its token ids, settings and why it ended.
 
     ``finish_reason`` is ``length``, ``stop`` (a stop string; not included in the text, though
-    ``tokens`` holds every token drawn up to it) or ``time`` (``max_time`` ran out). With ``logprobs`` asked for, ``token_logprobs`` holds the
+    ``tokens`` holds every token drawn up to it), ``end`` (a model trained on records ended the record) or
+    ``time`` (``max_time`` ran out). ``label``: the record's label, for a model trained with one. With ``logprobs`` asked for, ``token_logprobs`` holds the
     model's log-probability of each token, ``top_logprobs`` its likeliest tokens at each step, and
     ``logprob`` their sum (for beam search: the beam's score).
     """
@@ -41,13 +43,14 @@ class Completion(str):
     logprob: float | None
     token_logprobs: list[float] | None
     top_logprobs: list[dict[str, float]] | None
+    label: str | None
 
     def __new__(cls, text: str, tokens: list[int], temperature: float, seed: int, finish_reason: str,
                 logprob: float | None = None, token_logprobs: list[float] | None = None,
-                top_logprobs: list[dict[str, float]] | None = None) -> "Completion":
+                top_logprobs: list[dict[str, float]] | None = None, label: str | None = None) -> "Completion":
         obj = super().__new__(cls, text)
         obj.tokens, obj.temperature, obj.seed, obj.finish_reason = tokens, temperature, seed, finish_reason
-        obj.logprob, obj.token_logprobs, obj.top_logprobs = logprob, token_logprobs, top_logprobs
+        obj.logprob, obj.token_logprobs, obj.top_logprobs, obj.label = logprob, token_logprobs, top_logprobs, label
         return obj
 
     @property
@@ -58,6 +61,8 @@ class Completion(str):
         """A JSON-ready dict (the ``--format jsonl`` record)."""
         out: dict[str, Any] = {"text": self.text, "temperature": self.temperature, "seed": self.seed,
                                "finish_reason": self.finish_reason, "tokens": self.tokens}
+        if self.label is not None:
+            out["label"] = self.label
         if self.logprob is not None:
             out["logprob"] = self.logprob
         if self.token_logprobs is not None:
@@ -104,6 +109,8 @@ class Plan:
     net: Any  # the model's LanguageModel
     tokenizer: Tokenizer
     window: int  # generation_window: re-read the last N tokens each step (0 = carry state)
+    records: RecordIds | None = None  # a model trained on records: ids start with END, and END ends a text
+    labels: dict[int, str] | None = None  # label id -> its value (records with labels)
 
     @property
     def rows(self) -> int:
@@ -134,17 +141,35 @@ def make_plan(model: Any, prompt: str = "", *, temperature: float | Sequence[flo
         _check_beams(request, cfg, temps, model.tokenizer.vocab_size)
     seed = resolve_seed(request.seed)
     ids = model.encode_prompt(prompt, request.unknown)
+    records, labels = model.records, model.record_labels
+    if records is not None and request.num_beams > 1:
+        raise CharloomError("--num-beams", "beam search does not stop at a record's end", "sample records (--num-beams 1)")
+    if records is not None:  # a prompt is the start of a record; with a label, of one with that label
+        ids = [records.end, *([_label_id(model, request.label)] if request.label else []), *ids]
+    elif request.label:
+        raise CharloomError("--label", "this model was not trained on labelled records", "drop --label")
     ban_ids, bias = token_options(model.tokenizer, cfg, bool(model.train_config.lowercase))
     row_temps = tuple(t for t in temps for _ in range(request.num_samples))  # temperature-major
     try:
-        pipeline = build_pipeline(cfg, temperatures=row_temps, banned=model.tokenizer.banned_ids, ban_ids=ban_ids,
+        pipeline = build_pipeline(cfg, temperatures=row_temps, banned=[*model.tokenizer.banned_ids, *model.record_banned], ban_ids=ban_ids,
                                   bias_ids=bias, vocab_size=model.tokenizer.vocab_size, prompt_length=len(ids),
                                   length=request.length)
     except ValueError as exc:
         raise CharloomError("--samplers", str(exc), "see charloom generate --help") from None
     return Plan(request=request, ids=tuple(ids), temps=temps, row_temps=row_temps,
                 lanes=tuple(s for _ in temps for s in range(request.num_samples)), pipeline=tuple(pipeline), seed=seed,
-                net=model.net, tokenizer=model.tokenizer, window=model.train_config.generation_window)
+                net=model.net, tokenizer=model.tokenizer, window=model.train_config.generation_window,
+                records=records, labels={model.tokenizer.index[c]: v for v, c in labels.items()} if records else None)
+
+
+def _label_id(model: Any, label: str) -> int:
+    """The token of label ``label`` of a model trained with --label-column; an unknown one is refused, listing them."""
+    known = model.record_labels
+    if label not in known:
+        listed = ", ".join(repr(v) for v in list(known)[:20]) + (" ..." if len(known) > 20 else "")
+        raise CharloomError("--label", f"unknown label {label!r}" if known else "this model was not trained with labels",
+                            f"use one of: {listed}" if known else "drop --label")
+    return model.tokenizer.index[known[label]]
 
 
 def _check_beams(request: GenerateConfig, cfg: SampleConfig, temps: Sequence[float], vocab_size: int) -> None:
@@ -187,7 +212,10 @@ class Run:
         matchers = [StopText(plan.request.stop) for _ in range(rows)]
         # Byte-level tokens may end inside a character: each row's decoder holds such bytes back.
         decoders = [plan.tokenizer.stream_decoder() for _ in range(rows)]
-        decode_each = pieces or bool(plan.request.stop)
+        decode_each = pieces or bool(plan.request.stop) or plan.records is not None
+        end = plan.records.end if plan.records is not None else None
+        label_ids = plan.labels or {}
+        labels: list[str | None] = [None] * rows
         drawn: list[torch.Tensor] = []
         texts: list[list[str]] = [[] for _ in range(rows)]
         lengths = [0] * rows  # tokens kept per row
@@ -202,6 +230,12 @@ class Run:
                     if reasons[r] is not None:
                         continue
                     lengths[r] = i + 1
+                    if tok == end:
+                        reasons[r] = "end"
+                        continue
+                    if tok in label_ids:  # drawn by the model when no label was given: reported, not shown
+                        labels[r] = labels[r] or label_ids[tok]
+                        continue
                     shown, hit = matchers[r].feed(decoders[r].push(tok))
                     if shown:
                         texts[r].append(shown)
@@ -231,7 +265,8 @@ class Run:
             else:
                 text = texts_whole[r]  # type: ignore[index]
             results.append(Completion(text, ids[r][:kept], float(plan.row_temps[r]), plan.seed + plan.lanes[r],
-                                      reasons[r] or "length", **self._logprobs(lps[:kept], r)))
+                                      reasons[r] or "length", **self._logprobs(lps[:kept], r),
+                                      label=labels[r] or plan.request.label or None if plan.labels else None))
         self.completions = results
 
     def _logprobs(self, steps: list[Step], r: int) -> dict[str, Any]:

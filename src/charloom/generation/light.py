@@ -142,7 +142,7 @@ class LightModel:
 
 def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | None:
     """The checkpoint as a :class:`LightModel`, or None when it needs the full path (another
-    architecture or tokenizer, a continuous cache, the book's windows, no native kernel)."""
+    architecture or tokenizer, a continuous cache, the book's windows, records, no native kernel)."""
     if native.library() is None:
         return None
     ckpt = resolve(path, which)
@@ -157,7 +157,8 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
     except (KeyError, ValueError, TypeError, AttributeError):
         return None  # the full path says what is wrong
     if (cfg.model not in ("lstm", "gru") or cfg.cache_size or cfg.tie_weights or train.get("generation_window")
-            or tok_data.get("kind") != "char" or cfg.layers > native.limits().max_layers):
+            or tok_data.get("kind") != "char" or cfg.layers > native.limits().max_layers
+            or (config.get("corpus") or {}).get("records")):  # records end at the model's END: the full path
         return None
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

@@ -29,7 +29,8 @@ class GenerateConfig:
     length: int = field(default=400, metadata={
         "help": "characters (tokens) to generate", "metavar": "N", "bound": Bound(whole=True, low=1), "fix": "ask for at least 1"})
     num_samples: int = field(default=1, metadata={
-        "help": "samples per temperature, drawn in one batch", "metavar": "N", "bound": Bound(whole=True, low=1),
+        "help": "samples per temperature, drawn in one batch (a model trained on records: records)", "metavar": "N",
+        "aliases": ("-n",), "bound": Bound(whole=True, low=1),
         "api": Bound(whole=True, low=1, high=16), "fix": "ask for at least 1"})
     seed: int | None = field(default=None, metadata={
         "help": "random seed; the same seed gives the same text", "metavar": "N", "shown": "random",
@@ -47,6 +48,9 @@ class GenerateConfig:
     num_beams: int = field(default=1, metadata={
         "help": "beam search: print the K likeliest continuations with their log-probabilities", "metavar": "K",
         "shown": "1 = sample", "bound": Bound(whole=True, low=1), "fix": "ask for at least 1"})
+    label: str = field(default="", metadata={
+        "help": "a model trained on labelled records (--label-column): write records with this label", "metavar": "VALUE",
+        "shown": "the model picks one", "fix": "use a label the model was trained with"})
     logprobs: int | None = field(default=None, metadata={
         "help": "with --format jsonl: each token's log-probability and the K likeliest tokens at each step",
         "metavar": "K", "shown": "off", "bound": Bound(whole=True, low=0), "api": Bound(whole=True, low=0, high=5),
@@ -57,6 +61,8 @@ class GenerateConfig:
         check_bounds(self)
         if self.unknown not in UNKNOWN_CHOICES:
             raise ConfigError("unknown", f"must be one of {', '.join(UNKNOWN_CHOICES)}, got {self.unknown!r}")
+        if not isinstance(self.label, str):
+            raise ConfigError("label", f"takes a string, got {self.label!r}")
         if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
             raise ConfigError("stop", f"takes a list of non-empty strings, got {self.stop!r}")
         if temperatures * max(self.num_samples, self.num_beams) * self.length > MAX_GENERATED_TOKENS:

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Protocol, TextIO, TypeVar
 
@@ -24,99 +24,23 @@ import torch
 
 from .. import __version__
 from ..checkpoint import RunDir, load_training_state, load_weights, new_run_dir
-from ..config import ConfigError, ModelConfig, TrainConfig, apply_overrides, to_dict
+from ..config import ConfigError, TrainConfig, apply_overrides, to_dict
 from ..errors import CharloomError
 from ..kernels.threads import CoreWatch, available_cores, idle_cores
-from ..models import LanguageModel, build_model, model_class
-from ..presets import RECIPES
+from ..models import LanguageModel, build_model
 from ..text.encode import open_ids, open_run_ids
 from ..text.prepare import CorpusArg, prepare
+from ..text.records import record_ids
 from ..text.tokenizers import Tokenizer
 from .distributed import Runtime
+from .finetune import FINETUNE_LR_SCALE, FINETUNE_WARMUP, grow_into, load_parent, parent_settings, union_alphabet
+from .settings import RunSettings, config_error
 from .trainer import Listener, StopFlag, Trainer, graceful_interrupt
 
-MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
-TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+RECORD_SAMPLES = 5  # records per temperature in the per-epoch samples of a run trained on records
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
                     "device", "precision", "compile", "keep_last"}
-
-
-def _config_error(exc: ConfigError) -> CharloomError:
-    return CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom train --help")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """A new run's settings, checked once before the corpus is read; :meth:`sized` adds what its size decides.
-
-    Layers, later ones winning: the dataclass defaults, the recipe, the size preset (default recipe
-    only, once the corpus is counted), then the settings given explicitly.
-    """
-
-    arch: type[LanguageModel]
-    recipe: str
-    given: dict[str, Any]  # the explicit settings, ``arch`` renamed to ``model``
-    train: TrainConfig  # without the size preset: what preparing the corpus reads (tokens, lowercase, ...)
-
-    @classmethod
-    def check(cls, settings: dict[str, Any]) -> "RunSettings":
-        """Refuse unknown names, recipes, architectures and out-of-range values, naming the flag."""
-        if "arch" in settings and "model" not in settings:  # the name before --model
-            settings = {**settings, "model": settings["arch"]}
-            settings.pop("arch")
-        unknown = sorted(set(settings) - MODEL_FIELDS - TRAIN_FIELDS)
-        if unknown:
-            raise CharloomError(f"setting {unknown[0]!r}", "unknown", "see charloom train --help for the settings")
-        recipe = settings.get("recipe", "default")
-        if recipe not in RECIPES:
-            raise CharloomError("--recipe", f"unknown recipe {recipe!r}", f"use one of {', '.join(RECIPES)}")
-        try:
-            arch = model_class(settings.get("model", RECIPES[recipe]["model"].get("model", ModelConfig.model)))
-        except ValueError as exc:
-            raise CharloomError("--model", str(exc), "pick one of the listed architectures") from None
-        _, train = _build([RECIPES[recipe]], settings)
-        return cls(arch, recipe, dict(settings), train)
-
-    def sized(self, n_train_chars: int | None, **fixed: Any) -> tuple[ModelConfig, TrainConfig]:
-        """The run's configs for a training split of ``n_train_chars`` (None: no size preset), with
-        ``fixed`` (what preparing the corpus decided, e.g. ``lowercase``) set as if given."""
-        layers: list[dict[str, dict[str, Any]]] = [RECIPES[self.recipe]]
-        if self.recipe == "default" and n_train_chars is not None:
-            max_time = self.given.get("max_time", 0.0)
-            layers.append(self.arch.preset(n_train_chars, max_time if isinstance(max_time, (int, float)) else 0.0))
-        mcfg, tcfg = _build(layers, {**self.given, **fixed})
-        if not mcfg.context:  # "the training window", fixed now so the checkpoint records it
-            mcfg.context = tcfg.seq_len
-        try:
-            self.arch.check_config(mcfg, tcfg)
-        except ConfigError as exc:
-            raise _config_error(exc) from None
-        return mcfg, tcfg
-
-
-
-def _build(layers: list[dict[str, dict[str, Any]]], given: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    """Validated configs from ``layers`` of defaults, each overriding the last, then the ``given`` settings."""
-    model_values: dict[str, Any] = {}
-    train_values: dict[str, Any] = {}
-    for layer in layers:
-        model_values.update(layer.get("model", {}))
-        train_values.update(layer.get("train", {}))
-    model_values.update({k: v for k, v in given.items() if k in MODEL_FIELDS})
-    train_values.update({k: v for k, v in given.items() if k in TRAIN_FIELDS})
-    try:
-        return (apply_overrides(ModelConfig(), model_values).validate(),
-                apply_overrides(TrainConfig(), train_values).validate())
-    except ConfigError as exc:
-        raise _config_error(exc) from None
-    except TypeError as exc:
-        raise CharloomError("settings", str(exc), "see charloom train --help") from None
-
-
-def resolve_configs(settings: dict[str, Any], n_train_chars: int | None) -> tuple[ModelConfig, TrainConfig]:
-    """Defaults, then the recipe, then the size preset (default recipe), then explicit settings."""
-    return RunSettings.check(settings).sized(n_train_chars)
 
 
 def default_run_dir(corpus_name: str) -> Path:
@@ -127,6 +51,8 @@ def default_run_dir(corpus_name: str) -> Path:
 
 class TrainedModel(Protocol):
     """What the driver needs of a model (``charloom.Model`` is one): its parts, its record, and samples."""
+
+    records: Any  # a text.records.RecordIds for a model trained on records, else None
 
     net: LanguageModel
     tokenizer: Tokenizer
@@ -217,15 +143,20 @@ class _RunListener(Listener):
         if not cfg.sample_temperatures or self.last_sample_step == p.step:
             return
         self.last_sample_step = p.step
+        records = RECORD_SAMPLES if self.model.records is not None else 0  # whole records, from a fresh start
         rng = np.random.default_rng(cfg.seed + p.epoch)
         width = min(60, len(self.train_ids) - 1)
         start = int(rng.integers(0, len(self.train_ids) - width))
-        seed_text = self.model.tokenizer.decode(self.train_ids[start:start + width].tolist())
+        seed_text = "" if records else self.model.tokenizer.decode(self.train_ids[start:start + width].tolist())
         samples = self.model.generate(seed_text, length=cfg.sample_length, temperature=list(cfg.sample_temperatures),
-                                      seed=cfg.seed + p.epoch, unknown="replace")
-        self.say(f"--- epoch {p.epoch} (step {p.step}) | seed text: {seed_text!r}")
-        for sample in samples:
-            self.say(f"--- temperature {sample.temperature}\n{seed_text}{sample}")
+                                      num_samples=max(1, records), seed=cfg.seed + p.epoch, unknown="replace")
+        samples = samples if isinstance(samples, list) else [samples]
+        self.say(f"--- epoch {p.epoch} (step {p.step})" + ("" if records else f" | seed text: {seed_text!r}"))
+        for i, sample in enumerate(samples):
+            if not records:
+                self.say(f"--- temperature {sample.temperature}\n{seed_text}{sample}")
+            elif i % records == 0:
+                self.say(f"--- temperature {sample.temperature}\n" + "\n".join(samples[i:i + records]))
             self.run.append_sample({"epoch": p.epoch, "step": p.step, "seed_text": seed_text,
                                     "temperature": sample.temperature, "seed": sample.seed, "text": str(sample)})
         trainer.model.train()
@@ -312,7 +243,7 @@ def _run(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], hold: con
     listener = listener_class(run, model, model.config, verbose, progress, stream, ids[:split])
     stop = stop or StopFlag()
     trainer = Trainer(model.net, ids, split, tcfg, listener=listener, stop=stop, val_chars=val_chars, runtime=runtime,
-                      cores=watch)
+                      cores=watch, records=record_ids(model.config.get("corpus", {}), model.tokenizer))
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
     runtime.decorrelate_rng(tcfg.seed + trainer.progress.step)
@@ -349,8 +280,19 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
            hold: contextlib.ExitStack) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
     """Check the settings, prepare the corpus, size the configs; only then create the run directory and its ids."""
     checked = RunSettings.check(settings)
+    parent = load_parent(checked.train.init_from) if checked.train.init_from else None
+    if parent is not None:  # its architecture, and its lowercasing unless asked otherwise
+        if checked.train.tokens != "char":
+            raise CharloomError("--init-from", "fine-tuning extends a character model", "drop --tokens")
+        settings = {**settings, **parent_settings(parent, settings), "lowercase": settings.get("lowercase", parent.lowercase)}
+        checked = RunSettings.check(settings)
     prepared = prepare(corpus, checked.train, encoding=encoding, errors=errors)
+    if parent is not None:
+        prepared = prepared.with_alphabet(union_alphabet(parent, list(prepared.tokenizer.chars)))
     mcfg, tcfg = checked.sized(prepared.train_chars, lowercase=prepared.lowercase)
+    if parent is not None:
+        tcfg.lr = settings.get("lr", tcfg.lr * FINETUNE_LR_SCALE)
+        tcfg.warmup_steps = settings.get("warmup_steps", FINETUNE_WARMUP)
     prepared.require(tcfg.seq_len)
     if out is not None:
         run = RunDir(out)
@@ -362,6 +304,7 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
         raise CharloomError(str(run.path), "already holds a run", "resume it with --resume, or choose another --out")
     torch.manual_seed(tcfg.seed)
     net = build_model(mcfg, prepared.tokenizer.vocab_size)
+    grown = grow_into(parent, list(prepared.tokenizer.chars), net) if parent is not None else 0
     if runtime.is_main:
         prepared.write(run.ids_path)
     runtime.barrier()  # every rank maps the ids rank 0 wrote
@@ -369,6 +312,7 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
         "format": 1, "charloom_version": __version__, "torch_version": torch.__version__,
         "model": to_dict(mcfg), "train": to_dict(tcfg), "tokenizer": prepared.tokenizer.kind,
         "vocab_size": prepared.tokenizer.vocab_size, "corpus": prepared.record(),
+        **({"parent": {**parent.record, "new_chars": grown}} if parent is not None else {}),
     }
     model = models.make(net, prepared.tokenizer, config)
     if verbose:
@@ -376,6 +320,9 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
             print(line, file=stream)
         print(f"model {mcfg.model} {mcfg.layers}x{mcfg.hidden} ({net.num_parameters():,} parameters), recipe {tcfg.recipe}; "
               f"run directory {run.path}", file=stream)
+        if parent is not None:
+            print(f"fine-tuning from {parent.record['init_from']} ({parent.path.name}): {grown} new characters, "
+                  f"lr {tcfg.lr:g}", file=stream)
     return run, model, tcfg, open_ids(run.ids_path, prepared.dtype), prepared.split, prepared.val_chars
 
 
@@ -396,7 +343,7 @@ def _resume(path: Path, settings: dict[str, Any], models: ModelFactory[M], runti
     try:
         tcfg = apply_overrides(model.train_config, settings).validate()
     except ConfigError as exc:
-        raise _config_error(exc) from None
+        raise config_error(exc) from None
     model.config["train"] = to_dict(tcfg)
     model.train_config = tcfg
     if not run.ids_path.is_file():

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..kernels.choice import Recurrence, training_recurrence
 from ..kernels.threads import CoreWatch
-from ..metrics import stateful_nats, windowed_nats
+from ..metrics import record_nats, stateful_nats, windowed_nats
 from ..models import LanguageModel
-from .batches import Batcher, StreamBatcher, WindowBatcher
+from ..text.records import RecordIds
+from .batches import make_batcher
 from .distributed import Runtime, resolve_device
 
 
@@ -89,14 +90,6 @@ def graceful_interrupt(flag: StopFlag) -> Iterator[StopFlag]:
             signal.signal(s, h)
 
 
-def make_batcher(ids: np.ndarray, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Batcher:
-    """The batcher for ``cfg.batching`` over training ids (rank ``rank``'s rows of each batch)."""
-    if cfg.batching == "stream":
-        return StreamBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-    step = cfg.window_step if cfg.objective == "last" else max(1, cfg.window_step)
-    return WindowBatcher(ids, cfg.batch_size, cfg.seq_len, cfg.seed, step=step, rank=rank, world=world)
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (no decay on biases, norms and embeddings) or the book's RMSprop."""
     if cfg.optimizer == "rmsprop":
@@ -117,15 +110,16 @@ class Trainer:
 
     def __init__(self, model: LanguageModel, ids: np.ndarray, split: int, cfg: TrainConfig,
                  listener: Listener | None = None, stop: StopFlag | None = None,
-                 val_chars: int | None = None, runtime: Runtime | None = None, cores: CoreWatch | None = None) -> None:
-        self.model, self.ids, self.split, self.cfg = model, ids, split, cfg
+                 val_chars: int | None = None, runtime: Runtime | None = None, cores: CoreWatch | None = None,
+                 records: RecordIds | None = None) -> None:
+        self.model, self.ids, self.split, self.cfg, self.records = model, ids, split, cfg, records  # records: see text.records
         self.cores = cores  # None: the thread count stays as set; else it follows the cores others leave free
         self.listener = listener or Listener()
         self.stop = stop or StopFlag()
         self.val_chars = val_chars if val_chars is not None else len(ids) - split
         # Device, precision and (under torchrun) the process group; see charloom.training.distributed.
         self.runtime = runtime or Runtime(resolve_device(cfg.device))
-        self.batcher = make_batcher(ids[:split], cfg, self.runtime.rank, self.runtime.world_size)
+        self.batcher = make_batcher(ids[:split], cfg, self.runtime.rank, self.runtime.world_size, records)
         self.step_model = self.runtime.prepare(model, cfg, self.batcher)  # model, or DDP / compiled
         self.optimizer = make_optimizer(model, cfg)
         self.progress = Progress()
@@ -202,7 +196,9 @@ class Trainer:
         at 1x512), every epoch, inside a run's time budget. ``Model.evaluate`` scores the cache."""
         end = len(self.ids)
         net = self.model.without_cache()
-        if self.runtime.distributed:
+        if self.records is not None:  # each record from a zero state, as it trains and generates
+            total, n = record_nats(net, self.ids, self.split, end, self.records)
+        elif self.runtime.distributed:
             total, n = self.runtime.validation_nats(net, self.ids, self.split, end, self.cfg, exact)
         elif self.cfg.generation_window:
             total, n = windowed_nats(net, self.ids, self.split, end, self.cfg.generation_window)
@@ -354,7 +350,7 @@ class Trainer:
             t0 = time.perf_counter()
             x, y, new_epoch = self.batcher.next()  # (B, T) each
             x, y = self.runtime.to_device(x, y)
-            if new_epoch or cfg.batching == "windows":
+            if new_epoch or not self.batcher.carries_state:
                 state = None
             lr = self.lr_at(p.step, elapsed)
             for group in self.optimizer.param_groups:
@@ -369,7 +365,7 @@ class Trainer:
                 supervised = y.shape[0]
             else:
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-                supervised = y.numel()
+                supervised = y.numel() if self.records is None else int((y >= 0).sum())  # padding is not scored
             supervised *= self.runtime.world_size  # the whole job's characters, for chars/s
             self.optimizer.zero_grad(set_to_none=True)
             value = loss.item()
