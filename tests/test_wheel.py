@@ -104,7 +104,8 @@ def test_wheel_installs_and_trains_offline(tmp_path):
         names = set(zf.namelist())
     for needed in ("charloom/text/corpora/nietzsche.txt.xz", "charloom/text/corpora/tinyshakespeare.txt.xz",
                    "charloom/text/corpora/SOURCES.md", "charloom/kernels/native/rnn.c", "charloom/server/static/index.html",
-                   "charloom/py.typed", f"charloom-{_written_version()}.dist-info/licenses/LICENSE"):
+                   "charloom/py.typed", f"charloom-{_written_version()}.dist-info/licenses/LICENSE",
+                   "charloom/pretrained/base/model.safetensors", "charloom/pretrained/base/manifest.json"):
         assert needed in names, f"the wheel lacks {needed}"
 
     # A fresh venv that sees the outer dependencies (torch, numpy, ...) through a .pth file; its own
@@ -133,6 +134,12 @@ def test_wheel_installs_and_trains_offline(tmp_path):
     cached = tmp_path / "cache" / "charloom" / "tinyshakespeare.txt"
     assert cached.is_file(), "the bundled corpus was not unpacked into $XDG_CACHE_HOME/charloom"
     assert cached.stat().st_size == 1_115_394
+
+    # The bundled base model, read from the installed package: a fine-tune of a few steps starts from it.
+    names = work / "names.txt"
+    names.write_text("Ada\nBea\nCyd\nDot\n" * 10, encoding="utf-8")
+    _run([charloom, "train", names, "--records", "line", "--init-from", "base", "--max-steps", "2", "--out",
+          tmp_path / "tuned", "--threads", "1", "--quiet"], env, work, 240)
 
     sample = _run([charloom, "generate", run_dir, "--length", "50", "--seed", "1", "--no-echo"],
                   env, work, 120).stdout
