@@ -33,13 +33,14 @@ from ..text.encode import open_ids, open_run_ids
 from ..text.prepare import CorpusArg, prepare
 from ..text.tokenizers import Tokenizer
 from .distributed import Runtime
+from .tensorboard import TensorBoardLog, check_log
 from .trainer import Listener, StopFlag, Trainer, graceful_interrupt
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
-                    "device", "precision", "compile", "keep_last"}
+                    "device", "precision", "compile", "keep_last", "log"}
 
 
 def _config_error(exc: ConfigError) -> CharloomError:
@@ -93,7 +94,6 @@ class RunSettings:
         except ConfigError as exc:
             raise _config_error(exc) from None
         return mcfg, tcfg
-
 
 
 def _build(layers: list[dict[str, dict[str, Any]]], given: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
@@ -161,6 +161,7 @@ class _RunListener(Listener):
         self.bar: Any = None
         self.last_saved_step = -1
         self.last_sample_step = -1
+        self.logs: list[TensorBoardLog] = []  # experiment trackers (--log), given what metrics.csv and samples.jsonl get
 
     def open_bar(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -191,6 +192,8 @@ class _RunListener(Listener):
 
     def on_eval(self, trainer: Trainer, row: dict[str, float], improved: bool) -> None:
         self.run.append_metrics(row)
+        for log in self.logs:
+            log.on_eval(trainer, row, improved)
         # A model with a continuous cache is validated without it during training (see Trainer.evaluate).
         val = "val (network without cache)" if getattr(trainer.model, "cache", None) is not None else "val"
         self.say(f"step {row['step']} | train {row['train_loss']:.3f} | {val} {row['val_loss']:.3f} nats "
@@ -226,8 +229,11 @@ class _RunListener(Listener):
         self.say(f"--- epoch {p.epoch} (step {p.step}) | seed text: {seed_text!r}")
         for sample in samples:
             self.say(f"--- temperature {sample.temperature}\n{seed_text}{sample}")
-            self.run.append_sample({"epoch": p.epoch, "step": p.step, "seed_text": seed_text,
-                                    "temperature": sample.temperature, "seed": sample.seed, "text": str(sample)})
+            record = {"epoch": p.epoch, "step": p.step, "seed_text": seed_text, "temperature": sample.temperature,
+                      "seed": sample.seed, "text": str(sample)}
+            self.run.append_sample(record)
+            for log in self.logs:
+                log.on_sample(trainer, record)
         trainer.model.train()
 
 
@@ -315,6 +321,9 @@ def _run(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], hold: con
                       cores=watch)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
+    if runtime.is_main and tcfg.log == "tensorboard":  # closed with the run's lock (hold)
+        log = TensorBoardLog(run.tensorboard_dir, trainer.progress.step, model.config)
+        listener.logs.append(hold.enter_context(contextlib.closing(log)))
     runtime.decorrelate_rng(tcfg.seed + trainer.progress.step)
     listener.open_bar(trainer)
     try:
@@ -349,6 +358,7 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
            hold: contextlib.ExitStack) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
     """Check the settings, prepare the corpus, size the configs; only then create the run directory and its ids."""
     checked = RunSettings.check(settings)
+    check_log(checked.train.log)  # a missing package stops the run now, not after the corpus is read
     prepared = prepare(corpus, checked.train, encoding=encoding, errors=errors)
     mcfg, tcfg = checked.sized(prepared.train_chars, lowercase=prepared.lowercase)
     prepared.require(tcfg.seq_len)
@@ -397,6 +407,7 @@ def _resume(path: Path, settings: dict[str, Any], models: ModelFactory[M], runti
         tcfg = apply_overrides(model.train_config, settings).validate()
     except ConfigError as exc:
         raise _config_error(exc) from None
+    check_log(tcfg.log)
     model.config["train"] = to_dict(tcfg)
     model.train_config = tcfg
     if not run.ids_path.is_file():
