@@ -5,6 +5,7 @@
       data/ids.bin                 the corpus as token ids (memory-mapped for training)
       metrics.csv                  one row per evaluation
       samples.jsonl                the per-epoch samples
+      tensorboard/                 the same as TensorBoard events, with --log tensorboard
       checkpoints/index.json       {"last": "step-00000120", "best": "step-00000100", ...}
       checkpoints/step-00000120/
         model.safetensors          weights only
@@ -115,6 +116,10 @@ class RunDir:
     @property
     def samples_path(self) -> Path:
         return self.path / "samples.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def checkpoints(self) -> Path:

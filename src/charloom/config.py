@@ -111,6 +111,7 @@ def check_bounds(obj: Any, flags: bool = False) -> None:
 # benchmark scores; the search is in docs/experiments.md.
 RECIPE_NAMES = ("default", "book")  # what each one sets is in charloom.presets.RECIPES
 RECORD_FORMATS = ("auto", "none", "line", "paragraph", "separator", "csv", "jsonl")  # charloom.text.records reads each
+LOGGERS = ("none", "tensorboard")  # --log: experiment trackers that run offline (charloom.training.tensorboard)
 MAX_GENERATED_TOKENS = 10_000_000  # one generate call: rows x length tokens (its history buffer is int64 ids)
 CACHE_SIZE = 30_000
 CACHE_THETA = 0.3
@@ -208,6 +209,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_help("where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps", group="hardware"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA; on a CPU, bf16 recurrent products for one-layer LSTMs where measured faster; else fp32), fp32 or bf16", group="hardware"))
     compile: bool = field(default=False, metadata=_help("compile the training step with torch.compile", group="hardware"))
+    log: str = field(default="none", metadata=_help("also log the metrics and per-epoch samples for an experiment tracker: tensorboard writes them to RUN/tensorboard/ (pip install 'charloom[tensorboard]'; then tensorboard --logdir runs)", group="files", choices=LOGGERS))
     keep_last: int = field(default=1, metadata=_help("checkpoints kept on disk: the newest N, plus the best", group="run", bound=_size(1, 10**6)))
 
     def validate(self) -> "TrainConfig":
@@ -227,6 +229,7 @@ class TrainConfig:
         _choice(self, "optimizer", ("adamw", "rmsprop"))
         _choice(self, "schedule", ("cosine", "constant"))
         _choice(self, "precision", ("auto", "fp32", "bf16"))
+        _choice(self, "log", LOGGERS)
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not (0.0 < self.val_fraction < 1.0):

@@ -35,12 +35,13 @@ from ..text.tokenizers import Tokenizer
 from .distributed import Runtime
 from .finetune import FINETUNE_LR_SCALE, FINETUNE_WARMUP, grow_into, load_parent, parent_settings, union_alphabet
 from .settings import RunSettings, config_error
+from .tensorboard import TensorBoardLog, check_log
 from .trainer import Listener, StopFlag, Trainer, graceful_interrupt
 
 RECORD_SAMPLES = 5  # records per temperature in the per-epoch samples of a run trained on records
 # Settings a resumed run may change; the rest are fixed by the run being resumed.
 RESUMABLE_FIELDS = {"epochs", "max_steps", "max_time", "patience", "eval_every", "sample_temperatures", "sample_length", "threads",
-                    "device", "precision", "compile", "keep_last"}
+                    "device", "precision", "compile", "keep_last", "log"}
 
 
 def default_run_dir(corpus_name: str) -> Path:
@@ -87,6 +88,7 @@ class _RunListener(Listener):
         self.bar: Any = None
         self.last_saved_step = -1
         self.last_sample_step = -1
+        self.logs: list[TensorBoardLog] = []  # experiment trackers (--log), given what metrics.csv and samples.jsonl get
 
     def open_bar(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -117,6 +119,8 @@ class _RunListener(Listener):
 
     def on_eval(self, trainer: Trainer, row: dict[str, float], improved: bool) -> None:
         self.run.append_metrics(row)
+        for log in self.logs:
+            log.on_eval(trainer, row, improved)
         # A model with a continuous cache is validated without it during training (see Trainer.evaluate).
         val = "val (network without cache)" if getattr(trainer.model, "cache", None) is not None else "val"
         self.say(f"step {row['step']} | train {row['train_loss']:.3f} | {val} {row['val_loss']:.3f} nats "
@@ -157,8 +161,11 @@ class _RunListener(Listener):
                 self.say(f"--- temperature {sample.temperature}\n{seed_text}{sample}")
             elif i % records == 0:
                 self.say(f"--- temperature {sample.temperature}\n" + "\n".join(samples[i:i + records]))
-            self.run.append_sample({"epoch": p.epoch, "step": p.step, "seed_text": seed_text,
-                                    "temperature": sample.temperature, "seed": sample.seed, "text": str(sample)})
+            record = {"epoch": p.epoch, "step": p.step, "seed_text": seed_text, "temperature": sample.temperature,
+                      "seed": sample.seed, "text": str(sample)}
+            self.run.append_sample(record)
+            for log in self.logs:
+                log.on_sample(trainer, record)
         trainer.model.train()
 
 
@@ -246,6 +253,9 @@ def _run(runtime: Runtime, corpus: CorpusArg, models: ModelFactory[M], hold: con
                       cores=watch, records=record_ids(model.config.get("corpus", {}), model.tokenizer))
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
+    if runtime.is_main and tcfg.log == "tensorboard":  # closed with the run's lock (hold)
+        log = TensorBoardLog(run.tensorboard_dir, trainer.progress.step, model.config)
+        listener.logs.append(hold.enter_context(contextlib.closing(log)))
     runtime.decorrelate_rng(tcfg.seed + trainer.progress.step)
     listener.open_bar(trainer)
     try:
@@ -280,6 +290,7 @@ def _start(corpus: CorpusArg, out: Any, encoding: str, errors: str, settings: di
            hold: contextlib.ExitStack) -> tuple[RunDir, M, TrainConfig, np.ndarray, int, int]:
     """Check the settings, prepare the corpus, size the configs; only then create the run directory and its ids."""
     checked = RunSettings.check(settings)
+    check_log(checked.train.log)  # a missing package stops the run now, not after the corpus is read
     parent = load_parent(checked.train.init_from) if checked.train.init_from else None
     if parent is not None:  # its architecture, and its lowercasing unless asked otherwise
         if checked.train.tokens != "char":
@@ -344,6 +355,7 @@ def _resume(path: Path, settings: dict[str, Any], models: ModelFactory[M], runti
         tcfg = apply_overrides(model.train_config, settings).validate()
     except ConfigError as exc:
         raise config_error(exc) from None
+    check_log(tcfg.log)
     model.config["train"] = to_dict(tcfg)
     model.train_config = tcfg
     if not run.ids_path.is_file():
