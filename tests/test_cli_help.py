@@ -268,7 +268,7 @@ def captured_load(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_load(path, which="best", *, cache=None):
+    def fake_load(path, which="best", *, cache=None, device="cpu"):
         seen.append(cache)
         raise Stop
 

@@ -248,13 +248,13 @@ def test_cli_serve_flags_reach_uvicorn(tiny_run, monkeypatch):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_unknown_openai_fields_are_ignored_with_a_warning(address, stream):
-    fields = {"user": "u-1", "best_of": 2, "logit_bias": {"50256": -100}, "suffix": "x", "temprature": 0.5}
+    fields = {"user": "u-1", "best_of": 2, "logprob": 3, "suffix": "x", "temprature": 0.5}
     url = f"http://localhost:{address[1]}/v1/completions"
     r = httpx.post(url, json={"prompt": PROMPT, "max_tokens": 3, "stream": stream, "stream_options": {"new": 1}, **fields})
     assert r.status_code == 200, r.text
     warning = r.headers["warning"]
     assert warning.startswith('299 charloom "unknown fields ignored: ') and "user" not in warning  # user is OpenAI's, kept
-    for name in ("best_of", "logit_bias", "suffix", "temprature", "stream_options.new"):
+    for name in ("best_of", "logprob", "suffix", "temprature", "stream_options.new"):
         assert name in warning
     assert "warning" not in httpx.post(url, json={"prompt": PROMPT, "max_tokens": 3}).headers
     odd = httpx.post(url, json={"prompt": PROMPT, "max_tokens": 1, "é\n\"x": 1, **{f"f{i}": i for i in range(20)}})
@@ -302,7 +302,8 @@ def test_the_openapi_schema_holds_under_fuzzing(model):
     with serving(model, ServeSettings(max_tokens=40, time_limit=2, max_prompt_chars=500)) as (host, port):
         schema = schemathesis.openapi.from_url(f"http://{host}:{port}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {op.path for op in operations} == {"/health", "/v1/models", "/v1/next", "/v1/completions"}
+        assert {op.path for op in operations} == {"/health", "/v1/models", "/v1/models/{model_id}", "/v1/next",
+                                                  "/v1/completions", "/v1/chat/completions"}
         for operation, mode in itertools.product(operations, schemathesis.GenerationMode):  # valid and invalid bodies
             if mode is schemathesis.GenerationMode.NEGATIVE and operation.method.upper() != "POST":
                 continue  # nothing to get wrong in a GET without parameters

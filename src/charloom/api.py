@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from .generation.completion import Completion
-from .model import Model, NextTokens, load
+from .model import Model, NextTokens
+from .model import load as _load
+from .training.distributed import resolve_device
 from .training.run import ModelFactory, run_training
 from .training.trainer import StopFlag
 
@@ -19,6 +21,16 @@ __all__ = ["Completion", "Model", "NextTokens", "export", "load", "train"]
 
 # The run driver makes and loads models through this, so it never imports charloom.model (no import back up).
 _MODELS = ModelFactory(make=Model, load_last=lambda path: load(path, which="last"))
+
+
+def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = None, device: str = "cpu") -> Model:
+    """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory.
+
+    ``device``: where the network runs: ``cpu`` (the default), ``auto`` (cuda, else mps, else cpu), ``cuda``,
+    ``cuda:N`` or ``mps``; one this machine lacks is a CharloomError, before anything is read. ``cache``:
+    the continuous cache (``charloom.models.cache``), a test-time option: ``None`` keeps what training
+    recorded, ``True`` adds one, ``False`` predicts with the network alone."""
+    return _load(path, which, cache=cache, device=resolve_device(device))
 
 
 def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *, out: str | os.PathLike | None = None,

@@ -124,9 +124,10 @@ class Model:
         config = sample_config(temperature, top_k=top_k, top_p=top_p)
         ids = self.encode_prompt(text, unknown)
         window = self.train_config.generation_window
-        idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long)  # (1, T)
+        device = next(self.net.parameters(), torch.empty(0)).device
+        idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long, device=device)  # (1, T)
         logits, _ = self.net(idx)
-        last = logits[:, -1].float()  # (1, V)
+        idx, last = idx.cpu(), logits[:, -1].float().cpu()  # (1, V): the processors' small tensors live on the CPU
         banned = self.tokenizer.banned_ids
         original = process(build_pipeline(SampleConfig(), banned=banned), idx, last).softmax(-1)[0]
         reweighted = process(build_pipeline(config, banned=banned), idx, last).softmax(-1)[0]
@@ -248,8 +249,10 @@ class Model:
         return ids, split
 
 
-def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = None) -> Model:
-    """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, on the CPU.
+def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = None,
+         device: str | torch.device = "cpu") -> Model:
+    """Load a run directory's ``best`` (or ``last``) checkpoint, or a checkpoint directory, onto ``device``
+    (a resolved one: :func:`charloom.load` turns ``auto`` and checks what is available).
 
     ``cache`` is the continuous cache (``charloom.models.cache``), a test-time option: ``None`` keeps
     what training recorded (on only for a run trained with ``--cache-size N``), ``True`` adds one (the
@@ -276,7 +279,7 @@ def load(path: str | os.PathLike, which: str = "best", *, cache: bool | None = N
         net = build_model(mcfg, tokenizer.vocab_size)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(str(ckpt / "config.json"), f"cannot build the model ({exc})", "use another checkpoint") from None
-    load_weights(ckpt, net)
-    net.eval()
+    load_weights(ckpt, net)  # read on the CPU whatever device trained it, then moved
+    net.to(device).eval()
     model = Model(net, tokenizer, config, ckpt)
     return model.without_cache() if cache is False else model

@@ -102,7 +102,7 @@ def _cmd_evaluate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> i
     text = decode_file(Path(args.file), args.encoding, args.errors) if args.file else None
     if args.file and not Path(args.file).is_file():
         raise CharloomError(args.file, "no such file", "check the path")
-    model = api.load(args.run_dir, which=args.checkpoint, cache=args.cache)
+    model = api.load(args.run_dir, which=args.checkpoint, cache=args.cache, device=args.device)
     dynamic = (DynamicEval(lr=args.dynamic_lr, decay=args.dynamic_decay, segment=args.dynamic_segment,
                            stats_segments=args.dynamic_stats_segments) if args.dynamic else False)
     # The network alone first, as the field reports it; the test-time methods asked for come beside it.
@@ -135,7 +135,8 @@ def _cmd_serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
                                     allow_hosts=tuple(args.allow_host), max_concurrency=args.max_concurrency,
                                     max_queue=args.max_queue, max_tokens=args.max_tokens, max_prompt_chars=args.max_prompt_chars,
                                     time_limit=args.time_limit, max_connections=args.max_connections, log_level=args.log_level)
-    server.serve(args.run_dirs, settings, which=args.checkpoint, cache=args.cache, stdout=stdout)
+    server.serve(args.run_dirs, settings, which=args.checkpoint, cache=args.cache, device=args.device,
+                 chat_templates=args.chat_template, stdout=stdout)
     return 0
 
 

@@ -1,6 +1,6 @@
 """``charloom generate``: a prompt into text on stdout, streamed; the common request answered without torch.
 
-A plain request (text out, plain temperatures, a recurrent char model) goes to
+A plain request (text out, plain temperatures, a recurrent char model, the CPU) goes to
 :mod:`charloom.generation.light`; everything else loads the model through :mod:`charloom.api`.
 """
 
@@ -129,7 +129,8 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     if args.prompt_file:
         prompt = decode_file(Path(args.prompt_file))
     options = _generate_options(args)
-    if _plain_request(args, options):
+    # The torch-free path steps on the CPU only; any other device (auto included) loads through torch.
+    if args.device == "cpu" and _plain_request(args, options):
         run_dir = args.run_dir if args.run_dir is not None else _newest_run(stderr)
         if _light_generate(args, run_dir, prompt, out):
             return 0
@@ -148,7 +149,7 @@ def cmd_generate(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     if args.logprobs is not None and args.format != "jsonl":
         raise CharloomError("--logprobs", "log-probabilities are printed only as JSON", "add --format jsonl")
     run_dir = args.run_dir if args.run_dir is not None else _newest_run(stderr)
-    model = api.load(run_dir, which=args.checkpoint, cache=args.cache)
+    model = api.load(run_dir, which=args.checkpoint, cache=args.cache, device=args.device)
     if args.interactive:
         return _interactive(model, args, options, out, sys.stdin)
     echo = "" if args.no_echo else (prompt.lower() if model.train_config.lowercase else prompt)

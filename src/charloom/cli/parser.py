@@ -29,9 +29,13 @@ from ..config import (
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
 from ..presets import RECIPES
 from ..server.settings import LOG_LEVELS, ServeSettings
+from ..server.template import ChatTemplate
 
 CACHE_HELP = ("mix a continuous cache of the text already read into predictions (a test-time option; "
               "default: only if the run was trained with --cache-size)")
+# cpu by default, as before the option existed: the native kernel and generate's torch-free path run only there.
+DEVICE_HELP = ("where the model runs: cpu, auto (cuda, else mps, else cpu), cuda, cuda:N or mps; one this machine lacks "
+               "is an error (default: cpu)")
 RUN = "runs/nietzsche-20260101-120000"  # a run directory as the examples show it (train's default --out)
 
 EXAMPLES: dict[str, list[tuple[str, str]]] = {
@@ -64,6 +68,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
 
 
 SERVE = ServeSettings()  # the serve flags' defaults
+CHAT = ChatTemplate()  # the default chat template
 
 
 def examples(command: str) -> str:
@@ -217,6 +222,10 @@ def _add_train_parser(sub: Any) -> None:
     files.add_argument("--quiet", action="store_true", help="print only errors and the run directory")
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help=DEVICE_HELP)
+
+
 def _add_generate_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text from a trained model (streams to stdout)", epilog=examples("generate"),
                        usage="charloom generate [RUN_DIR] [options]",
@@ -233,6 +242,7 @@ def _add_generate_parser(sub: Any) -> None:
     g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     _checkpoint_option(g)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
+    _device_option(g)
     for f in fields(GenerateConfig):
         if f.name in ("stop", "max_time", "num_beams"):
             _add_field(g, f, with_default=True)
@@ -260,6 +270,7 @@ def _add_evaluate_serve_export(sub: Any) -> None:
     e.add_argument("--fast", action="store_true", help="score 16 pieces side by side (each warmed up on the text before it) instead of one exact pass")
     _checkpoint_option(e)
     e.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
+    _device_option(e)
     e.add_argument("--dynamic", action="store_true",
                    help="dynamic evaluation (Krause et al. 2018): after scoring each segment, take a gradient step on it, "
                         "so the model adapts to the text as it reads it (needs the run's training data; the model is not changed)")
@@ -272,7 +283,8 @@ def _add_evaluate_serve_export(sub: Any) -> None:
     e.add_argument("--dynamic-stats-segments", type=int, default=DynamicEval.stats_segments, metavar="N",
                    help=f"training batches whose gradient RMS scales the dynamic steps (default: {DynamicEval.stats_segments})")
     s = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a web page", epilog=examples("serve"),
-                       description="Serve trained models: POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, "
+                       description="Serve trained models: POST /v1/chat/completions and /v1/completions (OpenAI-compatible, "
+                                   "streaming), GET /v1/models, "
                                    "POST /v1/next, GET /health, and a page at / to play with temperature. Needs charloom[serve].")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or checkpoint directories; each is a model named after its directory")
     s.add_argument("--host", default=SERVE.host, help=f"address to listen on (default: {SERVE.host}, this machine only)")
@@ -298,8 +310,14 @@ def _add_evaluate_serve_export(sub: Any) -> None:
                    help=f"longest prompt accepted (default: {SERVE.max_prompt_chars})")
     s.add_argument("--time-limit", type=_duration, default=SERVE.time_limit, metavar="DURATION",
                    help=f"a generation running longer ends with finish_reason 'time' (default: {SERVE.time_limit:g}s)")
+    s.add_argument("--chat-template", action="append", default=[], metavar="[MODEL=]FILE",
+                   help="how /v1/chat/completions writes a chat as a prompt: a JSON or TOML file setting some of "
+                        "user, assistant (the speakers' names), separator and end (after each message; the reply stops "
+                        "there); MODEL=FILE for one model; repeatable (default: "
+                        f"{CHAT.user + CHAT.separator!r}... and {CHAT.assistant + CHAT.separator!r}... turns, each ending {CHAT.end!r})")
     _checkpoint_option(s)
     s.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
+    _device_option(s)
     x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",
                        description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.",
                        epilog=examples("export"))

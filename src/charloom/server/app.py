@@ -1,7 +1,8 @@
 """``charloom serve``: an OpenAI-compatible HTTP API and a web page; a thin client of :mod:`charloom.api`.
 
-Routes: ``POST /v1/completions`` (OpenAI's completions API, streaming as Server-Sent Events),
-``GET /v1/models``, ``POST /v1/next`` (ours: every next token's probability before and after
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (OpenAI's chat and completions APIs,
+streaming as Server-Sent Events; a chat becomes a prompt by :mod:`.template`), ``GET /v1/models`` and
+``GET /v1/models/{id}``, ``POST /v1/next`` (ours: every next token's probability before and after
 reweighting), ``GET /health`` and the page at ``/``.
 
 Hardened by default (:mod:`.guard`): loopback only (and only loopback ``Host`` headers, against DNS
@@ -13,7 +14,8 @@ rebinding), no cross-origin access unless asked, JSON bodies only, an optional A
 
 Sampling, stop strings, the time limit, finish reasons and log-probabilities are the library's
 (:mod:`charloom.generation.completion`): the ``n`` samples of a request are one batch planned exactly as
-``Model.generate(num_samples=n)`` plans it. Request and response shapes are :mod:`.openai`'s.
+``Model.generate(num_samples=n)`` plans it. Request and response shapes are :mod:`.openai`'s, :mod:`.chat`'s
+and :mod:`.reply`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -37,25 +39,27 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import __version__
 from ..api import Model, load
 from ..errors import CharloomError
-from ..generation.completion import Completion, Plan, make_plan
+from ..generation.completion import Plan, make_plan
+from .chat import ChatReply, ChatRequest
 from .generation import Generation, GuardedStream
 from .guard import Gate, Guard
 from .openai import (
-    DONE,
     ERROR_RESPONSES,
     ApiError,
     CompletionRequest,
+    GenerationRequest,
     NextRequest,
     from_charloom_error,
     invalid,
-    openai_logprobs,
-    sse,
-    usage,
     warning_header,
 )
+from .reply import Reply
 from .settings import LOG_LEVELS, ServeSettings
+from .template import ChatTemplate, templates_for
 
 STATIC = Path(__file__).parent / "static"
+
+
 def model_names(paths: Sequence[str | Path]) -> list[str]:
     """A distinct name per model: the run directory's name (``-2``, ``-3``... when two share one)."""
     names: list[str] = []
@@ -73,10 +77,12 @@ def model_names(paths: Sequence[str | Path]) -> list[str]:
 class Service:
     """What the routes answer with: the models (the first is the default) under ``settings``."""
 
-    def __init__(self, models: dict[str, Model], settings: ServeSettings) -> None:
+    def __init__(self, models: dict[str, Model], settings: ServeSettings,
+                 templates: dict[str, ChatTemplate] | None = None) -> None:
         if not models:
             raise CharloomError("serve", "no model to serve", "give at least one run directory")
         self.models, self.settings = models, settings
+        self.templates = {name: (templates or {}).get(name) or ChatTemplate() for name in models}
         self.default = next(iter(models))
         self.started = int(time.time())
         self._gate: Gate | None = None
@@ -95,29 +101,37 @@ class Service:
             raise invalid("model", f"no model named {name!r}; this server has {', '.join(self.models)}")
         return name, self.models[name]
 
-    def check_prompt(self, model: Model, prompt: str, unknown: str) -> list[int]:
-        """The prompt's ids, or a 422 for a prompt too long or holding symbols the model never saw."""
+    def check_prompt(self, model: Model, prompt: str, unknown: str, param: str = "prompt") -> list[int]:
+        """The prompt's ids, or a 422 naming ``param`` for a prompt too long or holding symbols the model never saw."""
         if len(prompt) > self.settings.max_prompt_chars:
-            raise invalid("prompt", f"{len(prompt)} characters, more than this server's limit of {self.settings.max_prompt_chars}")
+            raise invalid(param, f"{len(prompt)} characters{' once rendered' if param != 'prompt' else ''}, "
+                                 f"more than this server's limit of {self.settings.max_prompt_chars}")
         try:
             return model.encode_prompt(prompt, unknown)
         except CharloomError as exc:
-            raise invalid("prompt", exc.why) from None
+            raise invalid(param, exc.why) from None
 
     def health(self) -> dict[str, Any]:
         """``/health``: running and waiting generations."""
         return {"status": "ok", "running": self.gate.running, "waiting": self.gate.inside - self.gate.running}
 
+    def model_info(self, name: str, tokens: bool = False) -> dict[str, Any]:
+        """OpenAI's model object, with the network's shape, its chat template and (``tokens``) its vocabulary:
+        token ``i`` is what ``logit_bias`` means by the key ``"i"``."""
+        if name not in self.models:
+            raise ApiError(404, f"no model named {name!r}; this server has {', '.join(self.models)}", "model")
+        model = self.models[name]
+        m = model.net.config
+        info = {"arch": m.arch, "layers": m.layers, "hidden": m.hidden, "parameters": model.net.num_parameters(),
+                "vocab_size": model.tokenizer.vocab_size, "lowercase": bool(model.train_config.lowercase),
+                "device": str(next(model.net.parameters()).device), "chat_template": self.templates[name].as_dict()}
+        if tokens:
+            info["tokens"] = [model.tokenizer.decode([i]) for i in range(model.tokenizer.vocab_size)]
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "charloom", "charloom": info}
+
     def model_list(self) -> dict[str, Any]:
         """``/v1/models``: OpenAI's list, with each network's shape."""
-        data = []
-        for name, model in self.models.items():
-            m = model.net.config
-            data.append({"id": name, "object": "model", "created": self.started, "owned_by": "charloom",
-                         "charloom": {"arch": m.arch, "layers": m.layers, "hidden": m.hidden,
-                                      "parameters": model.net.num_parameters(), "vocab_size": model.tokenizer.vocab_size,
-                                      "lowercase": bool(model.train_config.lowercase)}})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self.model_info(name) for name in self.models]}
 
     async def next_token(self, req: NextRequest) -> dict[str, Any]:
         """``/v1/next``: the next-token distribution, before and after reweighting, likeliest first."""
@@ -136,17 +150,18 @@ class Service:
         return {"object": "next_token_distribution", "model": name, "temperature": req.temperature,
                 "tokens": [{"token": t, "prob": p, "reweighted": q} for t, p, q in rows]}
 
-    def plan(self, req: CompletionRequest, model: Model, prompt: str) -> Plan:
-        """The library's plan for ``req``: sample i draws with seed + i, as Model.generate(num_samples=n) does."""
-        if req.max_tokens > self.settings.max_tokens:
-            raise invalid("max_tokens", f"{req.max_tokens} is more than this server's limit of {self.settings.max_tokens}")
-        stops = req.stops()
-        self.check_prompt(model, prompt, req.unknown)
+    def plan(self, req: GenerationRequest, model: Model, prompt: str, *, length: tuple[int, str], stops: list[str],
+             logprobs: int | None, param: str = "prompt") -> Plan:
+        """The library's plan for ``req``: sample i draws with seed + i, as Model.generate(num_samples=n) does.
+        ``length``: the tokens asked for and the field that asked."""
+        if length[0] > self.settings.max_tokens:
+            raise invalid(length[1], f"{length[0]} is more than this server's limit of {self.settings.max_tokens}")
+        self.check_prompt(model, prompt, req.unknown, param)
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         try:
-            return make_plan(model, prompt, temperature=req.temperature, length=req.max_tokens, num_samples=req.n,
-                             seed=seed, unknown=req.unknown, stop=stops, max_time=self.settings.time_limit,
-                             logprobs=req.logprobs, **req.sampling())
+            return make_plan(model, prompt, temperature=req.temperature, length=length[0], num_samples=req.n, seed=seed,
+                             unknown=req.unknown, stop=stops, max_time=self.settings.time_limit, logprobs=logprobs,
+                             **req.sampling(model.tokenizer))
         except CharloomError as exc:
             raise from_charloom_error(exc) from None
 
@@ -154,8 +169,30 @@ class Service:
         """``/v1/completions``: streamed as Server-Sent Events, or one JSON answer."""
         name, model = self.pick(req.model)
         prompt = req.one_prompt()
-        plan = self.plan(req, model, prompt)
+        plan = self.plan(req, model, prompt, length=(req.max_tokens, "max_tokens"), stops=req.stops(), logprobs=req.logprobs)
         echo = (prompt.lower() if model.train_config.lowercase else prompt) if req.echo else ""
+        meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": name}
+        return await self.answer(plan, Reply(req, model, plan, meta, echo), request)
+
+    async def chat(self, req: ChatRequest, request: Request) -> Any:
+        """``/v1/chat/completions``: the messages rendered by the model's template, the reply ending where the
+        next turn would begin; streamed as Server-Sent Events, or one JSON answer."""
+        name, model = self.pick(req.model)
+        template = self.templates[name]
+        try:
+            model.encode_prompt(template.written(), "error")
+        except CharloomError as exc:
+            raise invalid("messages", f"this model cannot read its chat template ({exc.why}); serve it with "
+                                      "--chat-template FILE naming speakers it knows (docs/serving.md)") from None
+        prompt = template.render(req.turns())
+        plan = self.plan(req, model, prompt, length=req.length(self.settings.max_tokens), stops=req.stops() + [template.end],
+                         logprobs=req.top(), param="messages")
+        kind = "chat.completion.chunk" if req.stream else "chat.completion"
+        meta = {"id": "chatcmpl-" + secrets.token_hex(12), "object": kind, "created": int(time.time()), "model": name}
+        return await self.answer(plan, ChatReply(req, model, plan, meta), request)
+
+    async def answer(self, plan: Plan, reply: Reply, request: Request) -> Any:
+        """Run ``plan`` once admitted and answer with ``reply``'s shapes: SSE events or one JSON body."""
         slot = self.gate.reserve()
         try:
             await slot.wait()
@@ -164,10 +201,8 @@ class Service:
         except BaseException:
             slot.close()
             raise
-        reply = Reply(req, model, len(plan.ids), echo,
-                      {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": name})
-        headers = warning_header(req.ignored())
-        if req.stream:
+        headers = warning_header(reply.req.ignored())
+        if reply.req.stream:
             return GuardedStream(reply.events(generation), on_close=generation.cancel, headers=headers)
         try:
             if not await generation.finish(request.receive):
@@ -177,59 +212,12 @@ class Service:
         return JSONResponse(reply.whole(generation.results), headers=headers)
 
 
-class Reply:
-    """One completion request's answer in OpenAI's shapes: SSE chunks as a generation goes, or the whole."""
-
-    def __init__(self, req: CompletionRequest, model: Model, prompt_tokens: int, echo: str, meta: dict[str, Any]) -> None:
-        self.req, self.model, self.prompt_tokens, self.echo, self.meta = req, model, prompt_tokens, echo, meta
-
-    def logprobs(self, completion: Completion) -> dict[str, Any] | None:
-        """A choice's ``logprobs`` (None unless asked for)."""
-        return openai_logprobs(self.model.tokenizer, completion, len(self.echo)) if self.req.logprobs is not None else None
-
-    def whole(self, completions: list[Completion]) -> dict[str, Any]:
-        """The non-streamed answer."""
-        return {**self.meta, "choices": [{"text": self.echo + c.text, "index": i, "logprobs": self.logprobs(c),
-                                          "finish_reason": c.finish_reason} for i, c in enumerate(completions)],
-                "usage": usage(self.prompt_tokens, completions)}
-
-    def chunk(self, index: int, text: str, finish: Completion | None = None) -> str:
-        """One SSE chunk of choice ``index``: new text, or (with ``finish``) its end."""
-        lp = self.logprobs(finish) if finish is not None else None
-        return sse({**self.meta, "choices": [{"text": text, "index": index, "logprobs": lp,
-                                              "finish_reason": finish.finish_reason if finish is not None else None}]})
-
-    async def events(self, generation: Generation) -> AsyncIterator[str]:
-        """The SSE stream: the echoed prompt, text as it is drawn (one chunk per choice per wake-up), each
-        choice's end, the usage chunk if asked, ``[DONE]``."""
-        for i in range(self.req.n) if self.echo else ():
-            yield self.chunk(i, self.echo)
-        while True:
-            out, texts = [], {}  # texts: choice -> text drawn since the last chunk
-            for event in await generation.events():
-                if event[0] == "text":
-                    texts[event[1]] = texts.get(event[1], "") + event[2]
-                    continue
-                out.extend(self.chunk(i, t) for i, t in texts.items())
-                texts = {}
-                if event[0] == "finish":
-                    out.append(self.chunk(event[1], "", event[2]))
-                elif event[0] == "error":
-                    out.append(sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}))
-                else:
-                    if self.req.stream_options and self.req.stream_options.include_usage:
-                        out.append(sse({**self.meta, "choices": [], "usage": usage(self.prompt_tokens, generation.results)}))
-                    out.append(DONE)
-            out.extend(self.chunk(i, t) for i, t in texts.items())
-            yield "".join(out)
-            if out and out[-1] == DONE:
-                return
-
-
-def create_app(models: dict[str, Model], settings: ServeSettings | None = None) -> FastAPI:
-    """The ASGI app serving ``models`` (name -> Model; the first is the default) under ``settings``."""
+def create_app(models: dict[str, Model], settings: ServeSettings | None = None,
+               templates: dict[str, ChatTemplate] | None = None) -> FastAPI:
+    """The ASGI app serving ``models`` (name -> Model; the first is the default) under ``settings``; ``templates``:
+    a model's chat template (default: :class:`.template.ChatTemplate`'s)."""
     settings = (settings or ServeSettings()).validate()
-    service = Service(models, settings)
+    service = Service(models, settings, templates)
     app = FastAPI(title="charloom", version=__version__, docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -243,7 +231,7 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
             return invalid("body", f"not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})").response()
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         # Unions report the member type tried ("prompt.str"); the field is what the user wrote.
-        param = ".".join(x for x in loc if x not in ("str", "list[str]", "int", "float", "bool")) or "body"
+        param = ".".join(x for x in loc if x not in ("str", "int", "float", "bool") and "[" not in x) or "body"
         return invalid(param, str(first.get("msg", "invalid value")).removeprefix("Value error, ")).response()
 
     @app.exception_handler(Exception)
@@ -264,6 +252,10 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
     async def list_models() -> dict[str, Any]:
         return service.model_list()
 
+    @app.get("/v1/models/{model_id}", responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return service.model_info(model_id, tokens=True)
+
     @app.post("/v1/next", responses=ERROR_RESPONSES)
     async def next_token(req: NextRequest, response: Response) -> dict[str, Any]:
         response.headers.update(warning_header(req.ignored()))
@@ -272,6 +264,10 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
     @app.post("/v1/completions", responses={**ERROR_RESPONSES, 200: {"content": {"application/json": {}, "text/event-stream": {}}}})
     async def completions(req: CompletionRequest, request: Request) -> Any:
         return await service.completion(req, request)
+
+    @app.post("/v1/chat/completions", responses={**ERROR_RESPONSES, 200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        return await service.chat(req, request)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -311,22 +307,29 @@ def server_config(app: FastAPI, settings: ServeSettings) -> Any:
 
 
 def serve(run_dirs: Sequence[str | Path], settings: ServeSettings, *, which: str = "best", cache: bool | None = None,
-          stdout: TextIO | None = None) -> None:
-    """Load every run and serve them until interrupted; prints the address first. ``cache`` as in
-    :func:`charloom.load`: None keeps what training recorded, True adds a continuous cache, False drops it."""
+          device: str = "cpu", chat_templates: Sequence[str] = (), stdout: TextIO | None = None) -> None:
+    """Load every run and serve them until interrupted; prints the address first. ``cache`` and ``device`` as in
+    :func:`charloom.load`; ``chat_templates``: ``--chat-template [MODEL=]FILE`` values (:func:`.template.templates_for`)."""
     import uvicorn
 
     settings.validate()
     if not run_dirs:
         raise CharloomError("serve", "no model to serve", "give at least one run directory")
     names = model_names(run_dirs)
-    models = {name: load(path, which=which, cache=cache) for name, path in zip(names, run_dirs)}
-    app = create_app(models, settings)
+    templates = templates_for(names, chat_templates)  # a bad file is refused before any model is loaded
+    models = {name: load(path, which=which, cache=cache, device=device) for name, path in zip(names, run_dirs)}
+    app = create_app(models, settings, templates)
     sock = listen(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     stdout = stdout or sys.stdout
     print(f"charloom: serving {', '.join(names)} on http://{shown}:{port}/ (Ctrl-C stops)", file=stdout, flush=True)
+    for name, model in models.items():
+        try:
+            model.encode_prompt(templates[name].written(), "error")
+        except CharloomError as exc:
+            print(f"charloom: note: {name} cannot read its chat template ({exc.why}), so /v1/chat/completions refuses it; "
+                  "give --chat-template FILE (docs/serving.md)", file=stdout, flush=True)
     if not settings.loopback:
         print("charloom: note: listening beyond this machine" + ("" if settings.api_key else " with no --api-key"), file=stdout, flush=True)
     # Everything loaded so far (torch, FastAPI, the models: ~190k objects) lives as long as the server.

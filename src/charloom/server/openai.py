@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..config import Bound
 from ..errors import CharloomError
 from ..generation.completion import Completion
 from ..generation.options import UNKNOWN_CHOICES, option
 from ..text.tokenizers import Tokenizer
 
 MAX_STOPS: int = option("stop").metadata["api_count"]
+LOGIT_BIAS = Bound(low=-100.0, high=100.0)  # OpenAI's range of a logit_bias value; the library takes any finite one
 # The API's names of the library's options (the rest are the same).
 API_NAMES = {"length": "max_tokens", "num_samples": "n"}
 
@@ -75,7 +77,7 @@ class _Strict(BaseModel):
     @classmethod
     def _utf8(cls, value: Any) -> Any:
         # JSON may spell a lone surrogate ("\ud800"), which no UTF-8 answer (an echo, an error) can carry.
-        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+        for text in [value] if isinstance(value, str) else value if isinstance(value, (list, dict)) else ():
             if isinstance(text, str) and not text.isascii():
                 try:
                     text.encode("utf-8")
@@ -90,6 +92,9 @@ class _Strict(BaseModel):
         for name, value in self:
             if isinstance(value, _Strict):
                 names += [f"{name}.{inner}" for inner in value.ignored()]
+            elif isinstance(value, list):  # e.g. messages: messages.0.tool_calls
+                names += [f"{name}.{i}.{inner}" for i, item in enumerate(value) if isinstance(item, _Strict)
+                          for inner in item.ignored()]
         return names
 
 
@@ -99,13 +104,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(_Strict):
-    """OpenAI's completion request, plus ``top_k``, ``min_p``, ``repetition_penalty``, ``penalty_last_n``
-    and ``unknown`` (prompt characters the model never saw)."""
+class GenerationRequest(_Strict):
+    """What a completion and a chat completion share: the model, sampling, ``n``, ``stop``, streaming,
+    plus charloom's ``top_k``, ``min_p``, ``repetition_penalty``, ``penalty_last_n`` and ``unknown``
+    (prompt characters the model never saw)."""
 
     model: str | None = None
-    prompt: str | list[str] = ""
-    max_tokens: int = limited("length", 16)  # OpenAI's default; the server's --max-tokens caps it
     temperature: float = limited("temperature")
     top_p: float = limited("top_p")
     top_k: int = limited("top_k")
@@ -113,8 +117,6 @@ class CompletionRequest(_Strict):
     seed: int | None = limited("seed")
     stop: str | list[str] | None = None
     n: int = limited("num_samples")
-    logprobs: int | None = limited("logprobs")
-    echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     unknown: Literal[UNKNOWN_CHOICES] = "error"  # type: ignore[valid-type]
@@ -124,13 +126,15 @@ class CompletionRequest(_Strict):
     frequency_penalty: float = limited("frequency_penalty")
     repetition_penalty: float = limited("repetition_penalty")
     penalty_last_n: int = limited("penalty_last_n")
+    logit_bias: dict[str, Annotated[float, Field(**LOGIT_BIAS.limits())]] | None = Field(
+        None, description="added to a token's logit: a token id of this model's vocabulary (or the token itself) -> bias")
     user: str | None = None  # OpenAI's end-user id: accepted, unused
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self, tokenizer: Tokenizer) -> dict[str, Any]:
         """The request's SampleConfig fields beside temperature, as keywords of the library's plan."""
         return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "penalty_last_n": self.penalty_last_n}
+                "penalty_last_n": self.penalty_last_n, "logit_bias": bias_tokens(tokenizer, self.logit_bias or {})}
 
     def stops(self) -> list[str]:
         """``stop`` as a list, refused (422) beyond MAX_STOPS or with an empty string."""
@@ -139,6 +143,15 @@ class CompletionRequest(_Strict):
             raise invalid("stop", f"give up to {MAX_STOPS} non-empty stop strings")
         return stops
 
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI's completion request (and what :class:`GenerationRequest` adds)."""
+
+    prompt: str | list[str] = ""
+    max_tokens: int = limited("length", 16)  # OpenAI's default; the server's --max-tokens caps it
+    logprobs: int | None = limited("logprobs")
+    echo: bool = False
+
     def one_prompt(self) -> str:
         """The prompt; a list must hold exactly one."""
         if isinstance(self.prompt, list):
@@ -146,6 +159,20 @@ class CompletionRequest(_Strict):
                 raise invalid("prompt", f"give one prompt per request, got {len(self.prompt)}")
             return self.prompt[0]
         return self.prompt
+
+
+def bias_tokens(tokenizer: Tokenizer, bias: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """OpenAI's ``logit_bias`` as the library's ``(token, bias)`` pairs. A key of digits is a token id of
+    this model's vocabulary (as OpenAI's are ids of its own); any other key is the token itself (``"e"``)."""
+    pairs = []
+    for key, value in bias.items():
+        if key.isascii() and key.isdigit():
+            if int(key) >= tokenizer.vocab_size:
+                raise invalid("logit_bias", f"token id {key} is outside this model's vocabulary of {tokenizer.vocab_size} "
+                                            f"ids (0-{tokenizer.vocab_size - 1}); GET /v1/models/{{model}} lists them")
+            key = tokenizer.decode([int(key)])
+        pairs.append((key, value))
+    return tuple(pairs)
 
 
 class NextRequest(_Strict):
