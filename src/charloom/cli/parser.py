@@ -25,6 +25,7 @@ from ..config import (
     TrainConfig,
     parse_duration,
 )
+from ..export import FORMATS as EXPORT_FORMATS
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
 from ..presets import RECIPES
 from ..server.settings import LOG_LEVELS, ServeSettings
@@ -300,8 +301,8 @@ def _add_evaluate_serve_export(sub: Any) -> None:
                        description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.",
                        epilog=examples("export"))
     x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
-    x.add_argument("--format", choices=["onnx", "numpy"], default="onnx",
-                   help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
+    x.add_argument("--format", choices=list(EXPORT_FORMATS), default="onnx",
+                   help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()) + " (default: onnx)")
     x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
     _checkpoint_option(x)
     x.add_argument("--no-cache", action="store_true",
