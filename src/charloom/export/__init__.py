@@ -1,6 +1,7 @@
-"""Models that run anywhere: a one-step ONNX graph, or NumPy weights with a sampler that needs only NumPy.
+"""Models that run anywhere: a one-step ONNX graph, NumPy weights with a sampler that needs only NumPy,
+or a Hugging Face ``transformers`` folder (:mod:`charloom.export.hf`).
 
-Both formats hold the model as one step of generation::
+ONNX and NumPy hold the model as one step of generation::
 
     token (B,) int64, state...  ->  logits (B, V) float32, state...
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 FORMATS = {
     "onnx": "model.onnx, one generation step",
     "numpy": "model.npz (weights + tokenizer) and charloom_sampler.py, which needs only NumPy",
+    "hf": "a folder that transformers loads (AutoModelForCausalLM, AutoTokenizer) with a model card; transformer models",
 }
 
 
@@ -44,6 +46,10 @@ class ExportResult:
 
     def summary(self) -> str:
         """One line on how the export was checked."""
+        if self.format == "hf":
+            return (f"loaded back with transformers and checked against charloom on {self.checked_batches} random "
+                    f"sequences of ids: largest logit difference {self.max_abs_diff:.2g}; the tokenizer gives "
+                    "charloom's ids and text")
         return (f"checked against PyTorch on {self.checked_batches} random batches of tokens and states: "
                 f"largest difference {self.max_abs_diff:.2g}")
 
@@ -58,8 +64,9 @@ def _folder(out_dir: str | os.PathLike) -> Path:
 
 
 def export_model(net: LanguageModel, tokenizer: dict[str, Any], config: dict[str, Any], fmt: str,
-                 out_dir: str | os.PathLike) -> ExportResult:
-    """Write ``net`` (with its tokenizer and run config) into ``out_dir`` in format ``fmt`` (see ``FORMATS``)."""
+                 out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> ExportResult:
+    """Write ``net`` (with its tokenizer and run config) into ``out_dir`` in format ``fmt`` (see ``FORMATS``).
+    ``source``: the checkpoint it came from, whose run's log the Hugging Face model card quotes."""
     if fmt not in FORMATS:
         raise CharloomError("--format", f"unknown format {fmt!r}", f"use one of {', '.join(FORMATS)}")
     if getattr(net, "cache", None) is not None:
@@ -68,9 +75,15 @@ def export_model(net: LanguageModel, tokenizer: dict[str, Any], config: dict[str
                             "export the network alone with --no-cache (Python: cache=False)")
     # Export a float32 CPU copy: the caller's model may sit on a GPU, in training mode.
     cpu = copy.deepcopy(net).float().cpu().eval()
-    from .onestep import write_onestep
+    if fmt == "hf":
+        from .hf import write_hf
 
-    files, diff, batches = write_onestep(cpu, tokenizer, config, fmt, lambda: _folder(out_dir))
+        files, diff, batches = write_hf(cpu, tokenizer, config, lambda: _folder(out_dir),
+                                        Path(source) if source is not None else None)
+    else:
+        from .onestep import write_onestep
+
+        files, diff, batches = write_onestep(cpu, tokenizer, config, fmt, lambda: _folder(out_dir))
     return ExportResult(fmt, files, diff, batches)
 
 
