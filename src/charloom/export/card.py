@@ -39,7 +39,7 @@ def _figures(rows: list[dict[str, str]]) -> list[str]:
         return ["No training log came with this checkpoint (it was exported from outside its run directory)."]
     best = min(rows, key=lambda r: float(r["val_bpc"]))
     lines = [(f"Validation: **{float(best['val_bpc']):.3f} bits per character** at step {best['step']} (best of "
-              f"{len(rows)} evaluations, on the held-out end of the corpus), as charloom measures it."), "",
+              f"{len(rows)} evaluation{'s' if len(rows) > 1 else ''}, on the held-out end of the corpus), as charloom measures it."), "",
              "| step | seconds | train loss (nats/token) | validation loss (nats/token) | validation bits/char |",
              "|---:|---:|---:|---:|---:|"]
     n = min(MAX_ROWS, len(rows))

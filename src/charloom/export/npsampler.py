@@ -197,7 +197,7 @@ class Sampler:
         return logits.astype(np.float32), [window, kept + 1]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x @ self.w[name + ".w"].T + self.w[name + ".b"]
+        return x @ self.w[name + ".w"].T + self.w[name + ".b"]  # (..., in) -> (..., out)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """LayerNorm over the last axis (biased variance, as torch)."""
