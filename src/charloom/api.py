@@ -51,7 +51,8 @@ def train(corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 
 def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathLike | None = None,
            which: str = "best", cache: bool | None = None) -> Any:
-    """Export a run's (or checkpoint's) model as ONNX or NumPy into ``out`` (default RUN_DIR/export).
+    """Export a run's (or checkpoint's) model as ONNX, NumPy or a Hugging Face folder (``format``: onnx, numpy, hf;
+    see ``charloom.export.FORMATS``) into ``out`` (default RUN_DIR/export).
     A model trained with a continuous cache is refused unless ``cache=False`` (the network alone is exported).
 
     Returns a :class:`charloom.export.ExportResult` (files written, largest difference from PyTorch).
@@ -63,4 +64,4 @@ def export(path: str | os.PathLike, format: str = "onnx", *, out: str | os.PathL
     if out is None:
         is_run = not (Path(path) / CONFIG_FILE).is_file()
         out = Path(path) / "export" if is_run else Path("charloom-export")
-    return export_model(model.net, model.tokenizer.to_dict(), model.config, format, out)
+    return export_model(model.net, model.tokenizer.to_dict(), model.config, format, out, source=model.path)

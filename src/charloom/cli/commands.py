@@ -206,10 +206,8 @@ def _cmd_export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
     from .. import api
 
     result = api.export(args.run_dir, args.format, out=args.out, which=args.checkpoint, cache=False if args.no_cache else None)
-    for path in result.files:
-        stdout.write(f"{path}\n")
-    stdout.write(f"checked against PyTorch on {result.checked_batches} random batches of tokens and states: "
-                 f"largest difference {result.max_abs_diff:.2g}\n")
+    stdout.writelines(f"{path}\n" for path in result.files)
+    stdout.write(result.summary() + "\n")
     return 0
 
 

@@ -26,6 +26,7 @@ from ..config import (
     field_flag,
     parse_duration,
 )
+from ..export import FORMATS as EXPORT_FORMATS
 from ..generation.options import GENERATE_FIELDS, UNKNOWN_CHOICES, GenerateConfig
 from ..presets import RECIPES
 from ..server.settings import LOG_LEVELS, ServeSettings
@@ -54,7 +55,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "serve": [(f"charloom serve {RUN}", "then open http://127.0.0.1:8000"),
               ("charloom serve runs/a runs/b --port 8080 --api-key secret", "two models, with a key")],
     "export": [(f"charloom export {RUN}", f"{RUN}/export/model.onnx"),
-               (f"charloom export {RUN} --format numpy --out sampler/", "weights and a sampler that needs only NumPy")],
+               (f"charloom export {RUN} --format numpy --out sampler/", "weights and a sampler that needs only NumPy"),
+               (f"charloom export {RUN} --format hf --out my-model/", "a folder transformers loads, with a model card")],
     "report": [(f"charloom report {RUN}", f"{RUN}/report.html"),
                (f"charloom report {RUN} --temperatures 0.2,0.5,1.0 --sweep-length 300", "a shorter sweep")],
     "score": [(f"charloom score {RUN} essay.txt", "bits per char and a page shading each character"),
@@ -318,12 +320,14 @@ def _add_evaluate_serve_export(sub: Any) -> None:
     _checkpoint_option(s)
     s.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help=CACHE_HELP)
     _device_option(s)
-    x = sub.add_parser("export", help="write a model as ONNX, or as NumPy weights with a sampler that needs only NumPy",
-                       description="Export a model as one generation step (token, state -> logits, state), checked against PyTorch.",
-                       epilog=examples("export"))
+    x = sub.add_parser("export", help="write a model as ONNX, as NumPy weights with a sampler that needs only NumPy, "
+                                      "or as a Hugging Face transformers folder",
+                       description="Export a model: as one generation step (token, state -> logits, state) for ONNX and "
+                                   "NumPy, or as a folder transformers loads; each export is checked against PyTorch "
+                                   "before it is written.", epilog=examples("export"))
     x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its best checkpoint) or a checkpoint directory")
-    x.add_argument("--format", choices=["onnx", "numpy"], default="onnx",
-                   help="onnx: model.onnx; numpy: model.npz (weights + tokenizer) and charloom_sampler.py (default: onnx)")
+    x.add_argument("--format", choices=list(EXPORT_FORMATS), default="onnx",
+                   help="; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()) + " (default: onnx)")
     x.add_argument("--out", metavar="DIR", help="folder to write into (default: RUN_DIR/export, or ./charloom-export for a checkpoint directory)")
     _checkpoint_option(x)
     x.add_argument("--no-cache", action="store_true",

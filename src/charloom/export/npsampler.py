@@ -6,8 +6,9 @@ This file needs NumPy and nothing else (no torch, no charloom): copy it next to 
 
 or, from Python, ``Sampler.load("model.npz").generate("the meaning of ", length=200, temperature=0.5)``.
 
-It implements the recurrent networks charloom exports (LSTM, GRU and Mogrifier, embedding or one-hot
-input), carrying their state one character at a time, and the sampling pipeline of ``charloom generate``:
+It implements the networks charloom exports (LSTM, GRU and Mogrifier, embedding or one-hot input,
+carrying their state one character at a time; the transformer, whose state is the window of ids it
+reads, re-read at every step), and the sampling pipeline of ``charloom generate``:
 temperature (0 = greedy), top-k, top-p, then an inverse-CDF draw. At temperature 0 it writes the
 text PyTorch writes. At other temperatures a seed gives the same text on every run of this
 sampler, but not PyTorch's text: NumPy's random numbers are not torch's.
@@ -19,7 +20,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -45,6 +46,21 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow warnings
 
 
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """torch's exact GELU, x * Phi(x). NumPy has no erf: Abramowitz & Stegun 7.1.26, |error| < 1.5e-7."""
+    z = np.abs(x) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = np.sign(x) * (1.0 - poly * np.exp(-z * z))
+    return 0.5 * x * (1.0 + erf)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary positions of ``x`` (B, h, C, dh), halves layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
 class Sampler:
     """An exported model: its weights, its alphabet and a step function over (B,) tokens."""
 
@@ -52,13 +68,17 @@ class Sampler:
         if meta.get("format") != FORMAT:
             raise ValueError(f"unsupported export format {meta.get('format')!r}; export the model again")
         self.w, self.meta = arrays, meta
-        self.kind = meta["network"]  # "lstm", "gru" or "mogrifier" (an LSTM with gating rounds)
-        if self.kind not in ("lstm", "gru", "mogrifier"):
-            raise ValueError(f"this sampler runs lstm, gru and mogrifier networks, not {self.kind!r}")
-        self.layers = sum(1 for k in arrays if k.startswith("rnn.") and k.endswith(".weight_ih"))
-        self.rounds = sum(1 for k in arrays if k.startswith("rnn.0.mog."))  # Mogrifier rounds per layer
-        self.hidden = arrays["rnn.0.weight_hh"].shape[1]  # (gates * H, H)
+        self.kind = meta["network"]  # "lstm", "gru", "mogrifier" (an LSTM with gating rounds) or "transformer"
+        if self.kind not in ("lstm", "gru", "mogrifier", "transformer"):
+            raise ValueError(f"this sampler runs lstm, gru, mogrifier and transformer networks, not {self.kind!r}")
         self.vocab = arrays["head.w"].shape[0]  # (V, H)
+        if self.kind == "transformer":
+            self.layers = sum(1 for k in arrays if k.startswith("blocks.") and k.endswith(".qkv.w"))
+            self.context, self.heads = int(arrays["context"]), int(arrays["heads"])
+        else:
+            self.layers = sum(1 for k in arrays if k.startswith("rnn.") and k.endswith(".weight_ih"))
+            self.rounds = sum(1 for k in arrays if k.startswith("rnn.0.mog."))  # Mogrifier rounds per layer
+            self.hidden = arrays["rnn.0.weight_hh"].shape[1]  # (gates * H, H)
         tok = meta["tokenizer"]
         self.chars: list[str] = list(tok["chars"])
         self.index = {c: i for i, c in enumerate(self.chars)}
@@ -67,7 +87,7 @@ class Sampler:
         self.window = int(meta.get("generation_window") or 0)
 
     @classmethod
-    def load(cls, path: str) -> "Sampler":
+    def load(cls, path: str) -> Sampler:
         """Read ``model.npz`` (plain arrays; nothing is unpickled)."""
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files if k != "meta"}
@@ -79,7 +99,7 @@ class Sampler:
         """Ids of ``text``; characters the model never saw raise, are skipped or replaced."""
         if self.lowercase:
             text = text.lower()
-        missing = sorted(set(c for c in text if c not in self.index))
+        missing = sorted({c for c in text if c not in self.index})
         if missing and unknown == "error":
             raise ValueError(f"characters the model never saw: {''.join(missing)!r}")
         return [self.index[c] if c in self.index else self.index[self.replacement]
@@ -90,7 +110,10 @@ class Sampler:
 
     # -- the network ----------------------------------------------------------------------------------
     def zero_state(self, batch: int) -> list[np.ndarray]:
-        """``[h]`` (GRU) or ``[h, c]`` (LSTM, Mogrifier), each (layers, B, hidden)."""
+        """``[h]`` (GRU) or ``[h, c]`` (LSTM, Mogrifier), each (layers, B, hidden); a transformer's
+        ``[ids (B, context), length (B,)]``, both int64."""
+        if self.kind == "transformer":
+            return [np.zeros((batch, self.context), dtype=np.int64), np.zeros(batch, dtype=np.int64)]
         n = 1 if self.kind == "gru" else 2
         return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in range(n)]
 
@@ -98,6 +121,8 @@ class Sampler:
         """One token per row: tokens (B,) -> logits (B, V) and the new state."""
         tokens = np.asarray(tokens, dtype=np.int64)
         state = state if state is not None else self.zero_state(len(tokens))
+        if self.kind == "transformer":
+            return self._transformer_step(tokens, state[0], state[1])
         w = self.w
         if "embed" in w:
             x = w["embed"][tokens]  # (B, E)
@@ -131,6 +156,54 @@ class Sampler:
         logits = x @ w["head.w"].T + w["head.b"]  # (B, V)
         out = [np.stack(new_h)] + ([np.stack(new_c)] if self.kind != "gru" else [])
         return logits.astype(np.float32), [s.astype(np.float32) for s in out]
+
+    def _transformer_step(self, tokens: np.ndarray, ids: np.ndarray,
+                          length: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Append ``tokens`` to the window ``ids`` (B, C) of ``length`` (B,) and read the whole window.
+
+        A full window first drops its oldest half (charloom's schedule), so positions restart at 0.
+        """
+        w, C = self.w, self.context
+        pos = np.arange(C)
+        shift = np.where(length >= C, length - C // 2, 0)  # (B,)
+        kept = length - shift
+        window = np.take_along_axis(ids, np.minimum(pos[None, :] + shift[:, None], C - 1), axis=1)  # (B, C)
+        window = np.where(pos[None, :] < kept[:, None], window, 0)
+        window = np.where(pos[None, :] == kept[:, None], tokens[:, None], window).astype(np.int64)
+        x = w["wte"][window]  # (B, C, D)
+        rope = None
+        if "wpe" in w:
+            x = x + w["wpe"][:C]
+        else:
+            angles = pos[:, None].astype(np.float32) * w["rope.inv_freq"][None, :]  # (C, dh / 2)
+            angles = np.concatenate([angles, angles], axis=-1)  # (C, dh)
+            rope = (np.cos(angles), np.sin(angles))
+        B, _, D = x.shape
+        dh = D // self.heads
+        future = np.triu(np.ones((C, C), dtype=bool), k=1)  # (C, C): key after query
+        for i in range(self.layers):
+            p = f"blocks.{i}."
+            qkv = self._linear(self._norm(x, p + "ln1"), p + "qkv")  # (B, C, 3D)
+            q, k, v = qkv.reshape(B, C, 3, self.heads, dh).transpose(2, 0, 3, 1, 4)  # 3 x (B, h, C, dh)
+            if rope is not None:
+                q, k = _rotate(q, *rope), _rotate(k, *rope)
+            scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh))  # (B, h, C, C)
+            att = np.exp(scores - scores.max(-1, keepdims=True))
+            a = (att / att.sum(-1, keepdims=True)) @ v  # (B, h, C, dh)
+            x = x + self._linear(a.transpose(0, 2, 1, 3).reshape(B, C, D), p + "out")
+            x = x + self._linear(_gelu(self._linear(self._norm(x, p + "ln2"), p + "fc")), p + "proj")
+        last = self._norm(x[np.arange(B), kept], "ln_f")  # (B, D)
+        logits = last @ w["head.w"].T + w["head.b"]  # (B, V)
+        return logits.astype(np.float32), [window, kept + 1]
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        return x @ self.w[name + ".w"].T + self.w[name + ".b"]  # (..., in) -> (..., out)
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """LayerNorm over the last axis (biased variance, as torch)."""
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + self.w["ln_eps"]) * self.w[name + ".w"] + self.w[name + ".b"]
 
     def _read(self, ids: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run ``ids`` through the network from the zero state: the last logits (1, V) and the state."""

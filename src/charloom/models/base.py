@@ -54,6 +54,11 @@ class ExportSpec:
     from_flat: Callable[[tuple[torch.Tensor, ...]], Any]  # flat tensors -> model state
     numpy_kind: str | None = None  # the network charloom's NumPy sampler runs ("lstm", "gru"); None: ONNX only
     numpy_arrays: Callable[[], dict[str, Any]] | None = None  # the weights that network reads, by name
+    # A model whose state is not its forward's state (a transformer's KV cache grows) gives its own step,
+    # ``(token (B,), *state) -> (logits (B, V), *state)``; None: forward on one token, state via to/from_flat.
+    step: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    # (batch, generator) -> states an export is checked on; None: Gaussian noise of zero_state's shapes.
+    random_state: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]] | None = None
 
 
 def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:

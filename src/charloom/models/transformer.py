@@ -16,6 +16,11 @@ length, so one long call and token-by-token calls give the same logits.
 
 The cache cannot continue from one training batch to the next (each batch is a fresh window),
 so this model declares ``carries_state = False`` and trains on random windows.
+
+For export (``charloom.export``) the state is the window of ids the cache was built from, padded to
+``context``, and its length: the cache is a function of those ids alone (after a drop it is rebuilt
+from them), so a step that re-reads the window gives the same logits at a fixed state size, at the
+price of a pass over ``context`` tokens per step.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..presets import preset_for
-from .base import Dropout, LanguageModel, State, output_layers, register
+from .base import Dropout, ExportSpec, LanguageModel, State, output_layers, register
 
 DEFAULT_CONTEXT = 128  # when a config built outside a run leaves context at 0
+ROPE_BASE = 10000  # rotary frequencies: base ** (-2i / head size), as RoFormer
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,7 +73,7 @@ class Block(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, h, L + n, dh)
         # No cache: the usual causal mask. With a cache, `mask` (n, L + n) lets query i see keys <= L + i;
         # a single new token sees everything, so it needs no mask at all.
-        causal = past is None and n > 1
+        causal = past is None and bool(n > 1)  # bool(): under the ONNX tracer shapes are tensors
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, h, n, dh)
         x = x + self.drop(self.out(a.transpose(1, 2).reshape(B, n, D)))
@@ -88,7 +95,7 @@ class TransformerLM(LanguageModel):
         self.wpe = nn.Embedding(self.context, d) if config.positions == "learned" else None
         if config.positions == "rotary":
             dh = d // config.heads
-            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh), persistent=False)
+            self.register_buffer("inv_freq", 1.0 / ROPE_BASE ** (torch.arange(0, dh, 2).float() / dh), persistent=False)
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(d, config.heads, config.dropout) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(d)
@@ -175,3 +182,53 @@ class TransformerLM(LanguageModel):
             t += n
         logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (B, T, V)
         return (logits[:, -1:] if last_only else logits), state
+
+    def export_step(self, token: torch.Tensor, ids: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One token per row after a window of ids: ``token`` (B,), ``ids`` (B, C) zero-padded after
+        ``length`` (B,) -> (logits (B, V), ids, length), with ``forward``'s drop-the-oldest-half schedule."""
+        C = self.context
+        pos = torch.arange(C, device=ids.device)  # (C,)
+        shift = torch.where(length >= C, length - C // 2, torch.zeros_like(length))  # (B,) ids dropped from the front
+        kept = length - shift  # (B,)
+        window = ids.gather(1, (pos[None, :] + shift[:, None]).clamp(max=C - 1))  # (B, C)
+        window = torch.where(pos[None, :] < kept[:, None], window, torch.zeros_like(window))
+        window = torch.where(pos[None, :] == kept[:, None], token[:, None], window)
+        # Causal: position `kept` never sees the padding after it, so one pass from no cache is exact.
+        logits, _ = self(window)  # (B, C, V)
+        last = logits.gather(1, kept[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]  # (B, V)
+        return last, window, kept + 1
+
+    def export_spec(self) -> ExportSpec:
+        """State ``ids`` (B, context) int64 and ``length`` (B,) int64 (see the module's docstring); NumPy
+        network ``transformer``."""
+        C, V = self.context, self.vocab_size
+
+        def zero_state(batch: int) -> tuple[torch.Tensor, ...]:
+            return torch.zeros(batch, C, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+
+        def random_state(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            length = torch.randint(0, C + 1, (batch,), generator=gen)  # C included: a full window is dropped
+            ids = torch.randint(0, V, (batch, C), generator=gen)
+            return torch.where(torch.arange(C)[None, :] < length[:, None], ids, torch.zeros_like(ids)), length
+
+        def arrays() -> dict[str, Any]:
+            # Names charloom.export.npsampler reads; Linear weights as torch stores them, (out, in).
+            out: dict[str, Any] = {"wte": self.wte.weight, "ln_f.w": self.ln_f.weight, "ln_f.b": self.ln_f.bias,
+                                   "head.w": self.head.weight, "head.b": self.head.bias}
+            if self.wpe is not None:
+                out["wpe"] = self.wpe.weight
+            else:
+                out["rope.inv_freq"] = self.inv_freq
+            for i, b in enumerate(self.blocks):
+                for name, layer in (("ln1", b.ln1), ("qkv", b.qkv), ("out", b.out), ("ln2", b.ln2),
+                                    ("fc", b.mlp[0]), ("proj", b.mlp[2])):
+                    out[f"blocks.{i}.{name}.w"], out[f"blocks.{i}.{name}.b"] = layer.weight, layer.bias
+            arrays = {k: v.detach().cpu().float().numpy() for k, v in out.items()}
+            return {**arrays, "context": np.array(C), "heads": np.array(self.config.heads),
+                    "ln_eps": np.array(self.ln_f.eps, dtype=np.float32)}
+
+        return ExportSpec(state_names=("ids", "length"), state_batch_dims=(0, 0), zero_state=zero_state,
+                          to_flat=lambda state: tuple(state), from_flat=lambda flat: tuple(flat),
+                          numpy_kind="transformer" if self.proj is None else None,
+                          numpy_arrays=arrays if self.proj is None else None,
+                          step=self.export_step, random_state=random_state)
