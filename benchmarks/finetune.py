@@ -15,7 +15,8 @@ registries install (nothing is downloaded by this script; it says what to instal
 Each corpus trains twice with the same seed, split and time budget, one after the other in fresh processes:
 from scratch (the default recipe, as ``charloom train FILE --records ...`` gives it) and from ``base``
 (``--init-from base``). Printed per corpus: held-out bits per character of the records' validation split
-(characters and end tokens, each record from a fresh state), steps, and five records of each at T = 0.8.
+(characters and end tokens, each record from a fresh state) of the best checkpoint, the steps taken and why the run
+stopped, and five records of each at T = 0.8.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ import json, sys, time
 import charloom
 corpus, out, seconds, fmt, extra = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 start = time.perf_counter()
-model = charloom.train(corpus, out=out, max_time=seconds, records=fmt, seed=0, sample_temperatures=(), **extra)
+trained = charloom.train(corpus, out=out, max_time=seconds, records=fmt, seed=0, sample_temperatures=(), **extra)
 wall = time.perf_counter() - start
+model = charloom.load(out)  # the best checkpoint, as charloom generate and evaluate read a run
 result = model.evaluate()
 batch = model.generate_records(5, temperature=0.8, seed=1, length=300)
-print(json.dumps({"bits_per_char": result.bits_per_char, "steps": model.history[-1]["step"] if model.history else 0,
+print(json.dumps({"bits_per_char": result.bits_per_char, "steps": trained.history[-1]["step"] if trained.history else 0,
+                  "stop": trained.stop_reason, "lr": trained.train_config.lr, "dropout": trained.net.config.dropout,
                   "wall_s": round(wall, 1), "parameters": model.net.num_parameters(),
                   "samples": [r.text for r in batch.records], "copy_rate": batch.copy_rate}))
 """

@@ -143,6 +143,10 @@ def test_validation_scores_each_record_with_its_end(names_run):
 
 def test_generated_records_end_at_the_end_token(names_run):
     model = charloom.load(names_run)
+    # An empty prompt is the start of a record: END alone, not END and a newline.
+    from charloom.generation.completion import make_plan
+
+    assert make_plan(model, "").ids == (model.records.end,)
     records = model.generate("", num_samples=8, length=50, seed=3, temperature=0.5)
     assert len(records) == 8
     for r in records:

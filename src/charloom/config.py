@@ -220,10 +220,8 @@ class TrainConfig:
         if self.tokens == "char" and self.vocab_size:
             raise ConfigError("vocab_size", "--vocab-size applies to word and bpe tokens; a char model keeps every character")
         _choice(self, "records", RECORD_FORMATS)
-        if self.records not in ("auto", "none") and self.tokens != "char":
-            raise ConfigError("records", "records are read as characters; drop --tokens or --records")
-        if self.records not in ("auto", "none") and self.objective == "last":
-            raise ConfigError("records", "records train on every position; drop --objective last (or the book recipe)")
+        if self.records not in ("auto", "none") and (self.tokens != "char" or self.objective == "last"):
+            raise ConfigError("records", "records are read as characters and train on every position; drop --tokens, --objective last or the book recipe")
         _choice(self, "objective", ("all", "last"))
         _choice(self, "batching", ("stream", "windows"))
         _choice(self, "optimizer", ("adamw", "rmsprop"))

@@ -140,8 +140,9 @@ def make_plan(model: Any, prompt: str = "", *, temperature: float | Sequence[flo
     if request.num_beams > 1:
         _check_beams(request, cfg, temps, model.tokenizer.vocab_size)
     seed = resolve_seed(request.seed)
-    ids = model.encode_prompt(prompt, request.unknown)
     records, labels = model.records, model.record_labels
+    # An empty prompt starts a new paragraph (a newline), or for records a new record (END alone).
+    ids = model.encode_prompt(prompt, request.unknown) if prompt or records is None else []
     if records is not None and request.num_beams > 1:
         raise CharloomError("--num-beams", "beam search does not stop at a record's end", "sample records (--num-beams 1)")
     if records is not None:  # a prompt is the start of a record; with a label, of one with that label
