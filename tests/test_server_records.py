@@ -31,14 +31,17 @@ SMALL = dict(hidden=32, layers=1, embedding_dim=16, seq_len=16, batch_size=8, ma
 SEED = 3
 
 
-@pytest.fixture(scope="module")
-def pets_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model of labelled CSV records (cat and dog sounds), in its run directory."""
-    root = tmp_path_factory.mktemp("pets")
+def train_pets(root: Path) -> Path:
+    """A tiny model of labelled CSV records (cat and dog sounds) trained in ``root``: its run directory."""
     corpus = root / "pets.csv"
     corpus.write_text("animal,text\n" + "".join(f"{a},{t}\n" for a, t in ROWS), encoding="utf-8")
     charloom.train(corpus, out=root / "run", label_column="animal", **SMALL)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def pets_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_pets(tmp_path_factory.mktemp("pets"))
 
 
 @pytest.fixture(scope="module")
