@@ -131,15 +131,15 @@ def test_models_say_which_are_trained_on_records(client, base_url):
     assert one["records"]["labels"] == ["cat", "dog"] and END in one["tokens"]
 
 
-def test_novel_keeps_new_records_and_reports_the_copy_rate(base_url, pets):
+def test_novel_keeps_new_records_and_reports_the_copy_rate(client, base_url, pets):
     batch = pets.generate_records(4, novel=True, seed=SEED, temperature=0.5, length=30)
     assert batch.copies > 0  # at this temperature the tiny model writes training records, so rounds matter
-    response = _post(base_url, "/v1/completions", model="pets", n=4, max_tokens=30, seed=SEED, temperature=0.5, novel=True)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert [c["text"] for c in body["choices"]] == [r.text for r in batch.records]
-    assert not {c["text"] for c in body["choices"]} & pets.training_records()
-    assert body["charloom"] == {"drawn": batch.drawn, "copies": batch.copies, "copy_rate": pytest.approx(batch.copy_rate),
+    reply = client.completions.create(model="pets", prompt="", n=4, max_tokens=30, seed=SEED, temperature=0.5,
+                                      extra_body={"novel": True})
+    texts = [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts == [r.text for r in batch.records]
+    assert not set(texts) & pets.training_records()
+    assert reply.model_extra["charloom"] == {"drawn": batch.drawn, "copies": batch.copies, "copy_rate": pytest.approx(batch.copy_rate),
                                 "notes": batch.notes}
 
     for body, why in [(dict(model="pets", novel=True, stream=True), "stream: false"),
