@@ -162,7 +162,7 @@ class NovelRecords(Generation):
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
-                return []  # out of time: draw_records answers with what it has, and says so in its notes
+                return []  # out of time: draw_records answers with the new records it has (a note says how few)
             request = replace(request, max_time=left)
         return self.draw(replace(self.plan, seed=seed, request=request), show=False)
 
