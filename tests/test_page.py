@@ -1,6 +1,6 @@
 """The web page in a real browser (Playwright driving Debian's Chromium): generate with the button,
-move the temperature slider and watch the distribution change, compare temperatures. Saves a
-screenshot in ``test-output/page.png``."""
+move the temperature slider and watch the distribution change, compare temperatures; a model trained on
+records gets a count, a label picker and its records as a list. Saves screenshots in ``test-output/``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import charloom  # noqa: E402
 from charloom.server.app import ServeSettings, create_app  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.test_server import _reference, running_server  # noqa: E402
+from tests.test_server_records import train_pets  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -36,6 +37,17 @@ def model(tiny_run: Path):
 @pytest.fixture(scope="module")
 def page_url(model):
     with running_server(create_app({"tiny": model}, ServeSettings())) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory):
+    return charloom.load(train_pets(tmp_path_factory.mktemp("pets")))
+
+
+@pytest.fixture(scope="module")
+def records_url(model, pets):
+    with running_server(create_app({"tiny": model, "pets": pets}, ServeSettings())) as url:
         yield url
 
 
@@ -134,6 +146,65 @@ def test_the_page_generates_compares_and_shows_the_distribution(page_url, model)
             assert page.text_content("#output").startswith("<b>bold</b><img src=x> the ")
             assert page.locator("#output b, #output img, #chart img").count() == 0
             assert problems == []  # no script errors, no Content-Security-Policy violations
+        finally:
+            browser.close()
+
+
+def _finish(library: str) -> str:
+    return "stop" if library == "end" else library
+
+
+def test_a_records_model_gets_a_count_a_label_picker_and_a_list(records_url, pets):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(records_url + "/")
+            page.wait_for_selector("#chart .row")
+            # A model of running text first: one stream of text, no count, no labels.
+            assert page.is_visible("#output") and not page.is_visible("#records")
+            assert not page.is_visible("#count") and not page.is_visible("#label")
+
+            page.select_option("#model", "pets")
+            assert page.is_visible("#count") and page.is_visible("#label") and page.is_visible("#records")
+            assert not page.is_visible("#output") and page.input_value("#prompt") == ""
+            assert "csv records" in page.text_content("#model-info")
+            assert page.locator("#label option").all_text_contents() == ["any (the model picks)", "cat", "dog"]
+            # The chart reads the empty prompt as the start of a record: the end token is one of its rows.
+            page.wait_for_function("() => [...document.querySelectorAll('#chart .token')].some(t => t.textContent === 'end')")
+
+            # Four records labelled dog, at most 40 characters each (slider: Home = 10, then 3 steps of 10).
+            page.fill("#count", "4")
+            page.select_option("#label", "dog")
+            page.fill("#seed", "3")
+            _slide(page, "#length", "Home", *["ArrowRight"] * 3)
+            page.click("#generate")
+            page.wait_for_selector("#status[data-state=done]", timeout=30_000)
+            assert page.text_content("#status") == "done (4 records)"
+            expected = pets.generate("", num_samples=4, length=40, seed=3, label="dog")
+            items = page.locator("#records li").all()
+            assert len(items) == 4
+            for item, record in zip(items, expected):
+                assert item.locator(".label").text_content() == "dog"
+                assert item.text_content() == "dog" + record.text
+                assert item.get_attribute("data-finish") == _finish(record.finish_reason)
+
+            # Compare temperatures: each column is a list of four records.
+            page.click("#compare")
+            page.wait_for_selector("#status[data-state=done]", timeout=60_000)
+            column = page.locator('#compare-grid ol[data-temperature="0.5"] li')
+            drawn = pets.generate("", num_samples=4, length=40, seed=3, label="dog", temperature=0.5)
+            assert column.all_text_contents() == ["dog" + r.text for r in drawn]
+            page.screenshot(path=str(_out("page-records.png")), full_page=True)
+
+            # Back to the model of running text: the ordinary view again.
+            page.select_option("#model", "tiny")
+            assert page.is_visible("#output") and not page.is_visible("#records")
+            assert not page.is_visible("#count") and not page.is_visible("#label")
+            assert problems == []
         finally:
             browser.close()
 

@@ -14,7 +14,9 @@ rebinding), no cross-origin access unless asked, JSON bodies only, an optional A
 
 Sampling, stop strings, the time limit, finish reasons and log-probabilities are the library's
 (:mod:`charloom.generation.completion`): the ``n`` samples of a request are one batch planned exactly as
-``Model.generate(num_samples=n)`` plans it. Request and response shapes are :mod:`.openai`'s, :mod:`.chat`'s
+``Model.generate(num_samples=n)`` plans it. For a model trained on records each sample is one record, ended by
+the model (``finish_reason`` ``stop``); ``label`` asks for a label's records, ``novel`` for new ones
+(:class:`.generation.NovelRecords`). Request and response shapes are :mod:`.openai`'s, :mod:`.chat`'s
 and :mod:`.reply`'s.
 """
 
@@ -41,7 +43,7 @@ from ..api import Model, load
 from ..errors import CharloomError
 from ..generation.completion import Plan, make_plan
 from .chat import ChatReply, ChatRequest
-from .generation import Generation, GuardedStream
+from .generation import Generation, GuardedStream, NovelRecords
 from .guard import Gate, Guard
 from .openai import (
     ERROR_RESPONSES,
@@ -74,6 +76,25 @@ def model_names(paths: Sequence[str | Path]) -> list[str]:
     return names
 
 
+def records_info(model: Model) -> dict[str, Any] | None:
+    """A model's records as ``/v1/models`` lists them (None: trained on one stream of text): the format it
+    read them in, the separator line of ``separator`` records, the labels it can be asked for."""
+    info = model.config.get("corpus", {}).get("records")
+    if model.records is None or not info:
+        return None
+    return {"format": info.get("format"), "separator": info.get("separator"), "labels": list(model.record_labels)}
+
+
+def record_start(model: Model, label: str) -> str:
+    """The text a records model reads before a record's first character (END, then the label's token), as
+    the library's plan lays it out; "" for a model of one stream. An unknown label is the library's error."""
+    if model.records is None and not label:
+        return ""
+    ids = make_plan(model, "", length=1, label=label).ids
+    # The plan's ids end with the prompt's, and an empty prompt is read as a newline (or what replaces one).
+    return model.tokenizer.decode(list(ids[:len(ids) - len(model.encode_prompt("", "replace"))]))
+
+
 class Service:
     """What the routes answer with: the models (the first is the default) under ``settings``."""
 
@@ -86,6 +107,7 @@ class Service:
         self.default = next(iter(models))
         self.started = int(time.time())
         self._gate: Gate | None = None
+        self._known: dict[str, set[str]] = {}  # a records model's training records, read on the first novel request
 
     @property
     def gate(self) -> Gate:
@@ -116,15 +138,16 @@ class Service:
         return {"status": "ok", "running": self.gate.running, "waiting": self.gate.inside - self.gate.running}
 
     def model_info(self, name: str, tokens: bool = False) -> dict[str, Any]:
-        """OpenAI's model object, with the network's shape, its chat template and (``tokens``) its vocabulary:
-        token ``i`` is what ``logit_bias`` means by the key ``"i"``."""
+        """OpenAI's model object, with the network's shape, its chat template, its records (None: a model of one
+        stream) and (``tokens``) its vocabulary: token ``i`` is what ``logit_bias`` means by the key ``"i"``."""
         if name not in self.models:
             raise ApiError(404, f"no model named {name!r}; this server has {', '.join(self.models)}", "model")
         model = self.models[name]
         m = model.net.config
         info = {"arch": m.arch, "layers": m.layers, "hidden": m.hidden, "parameters": model.net.num_parameters(),
                 "vocab_size": model.tokenizer.vocab_size, "lowercase": bool(model.train_config.lowercase),
-                "device": str(next(model.net.parameters()).device), "chat_template": self.templates[name].as_dict()}
+                "device": str(next(model.net.parameters()).device), "chat_template": self.templates[name].as_dict(),
+                "records": records_info(model)}
         if tokens:
             info["tokens"] = [model.tokenizer.decode([i]) for i in range(model.tokenizer.vocab_size)]
         return {"id": name, "object": "model", "created": self.started, "owned_by": "charloom", "charloom": info}
@@ -137,10 +160,14 @@ class Service:
         """``/v1/next``: the next-token distribution, before and after reweighting, likeliest first."""
         name, model = self.pick(req.model)
         self.check_prompt(model, req.prompt, req.unknown)
+        try:  # a records model reads a prompt as the start of a record, as generation does
+            start = record_start(model, req.label)
+        except CharloomError as exc:
+            raise from_charloom_error(exc) from None
         slot = self.gate.reserve()
         try:
             await slot.wait()
-            dist = await asyncio.to_thread(model.next_token_distribution, req.prompt, temperature=req.temperature,
+            dist = await asyncio.to_thread(model.next_token_distribution, start + req.prompt, temperature=req.temperature,
                                            top_k=req.top_k, top_p=req.top_p, unknown=req.unknown)
         except CharloomError as exc:
             raise from_charloom_error(exc) from None
@@ -161,18 +188,34 @@ class Service:
         try:
             return make_plan(model, prompt, temperature=req.temperature, length=length[0], num_samples=req.n, seed=seed,
                              unknown=req.unknown, stop=stops, max_time=self.settings.time_limit, logprobs=logprobs,
-                             **req.sampling(model.tokenizer))
+                             label=req.label, **req.sampling(model.tokenizer))
         except CharloomError as exc:
             raise from_charloom_error(exc) from None
 
     async def completion(self, req: CompletionRequest, request: Request) -> Any:
-        """``/v1/completions``: streamed as Server-Sent Events, or one JSON answer."""
+        """``/v1/completions``: streamed as Server-Sent Events, or one JSON answer. A records model's choices are
+        whole records; ``novel`` keeps only new ones."""
         name, model = self.pick(req.model)
         prompt = req.one_prompt()
         plan = self.plan(req, model, prompt, length=(req.max_tokens, "max_tokens"), stops=req.stops(), logprobs=req.logprobs)
+        if req.novel and req.stream:
+            raise invalid("novel", "new records are known only once all are drawn, so they are not streamed; "
+                                   "send stream: false")
+        known = await self.known_records(name, model) if req.novel else None
         echo = (prompt.lower() if model.train_config.lowercase else prompt) if req.echo else ""
         meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": name}
-        return await self.answer(plan, Reply(req, model, plan, meta, echo), request)
+        return await self.answer(plan, Reply(req, model, plan, meta, echo), request, known)
+
+    async def known_records(self, name: str, model: Model) -> set[str]:
+        """The training records a ``novel`` request compares with (read once per model), or a 422 saying why not."""
+        if model.records is None:
+            raise invalid("novel", "this model was not trained on records; drop novel")
+        if name not in self._known:
+            try:
+                self._known[name] = await asyncio.to_thread(model.training_records)
+            except CharloomError as exc:
+                raise invalid("novel", f"the training records are not at hand ({exc.why}); serve the run directory") from None
+        return self._known[name]
 
     async def chat(self, req: ChatRequest, request: Request) -> Any:
         """``/v1/chat/completions``: the messages rendered by the model's template, the reply ending where the
@@ -191,12 +234,13 @@ class Service:
         meta = {"id": "chatcmpl-" + secrets.token_hex(12), "object": kind, "created": int(time.time()), "model": name}
         return await self.answer(plan, ChatReply(req, model, plan, meta), request)
 
-    async def answer(self, plan: Plan, reply: Reply, request: Request) -> Any:
-        """Run ``plan`` once admitted and answer with ``reply``'s shapes: SSE events or one JSON body."""
+    async def answer(self, plan: Plan, reply: Reply, request: Request, known: set[str] | None = None) -> Any:
+        """Run ``plan`` once admitted and answer with ``reply``'s shapes: SSE events or one JSON body; ``known``:
+        the training records of a ``novel`` request."""
         slot = self.gate.reserve()
         try:
             await slot.wait()
-            generation = Generation(plan, on_exit=slot.close)
+            generation = Generation(plan, on_exit=slot.close) if known is None else NovelRecords(plan, slot.close, known)
             generation.start()
         except BaseException:
             slot.close()
@@ -209,7 +253,7 @@ class Service:
                 return JSONResponse({}, status_code=499)
         finally:
             generation.cancel()
-        return JSONResponse(reply.whole(generation.results), headers=headers)
+        return JSONResponse({**reply.whole(generation.results), **generation.report()}, headers=headers)
 
 
 def create_app(models: dict[str, Model], settings: ServeSettings | None = None,

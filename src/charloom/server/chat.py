@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from ..generation.completion import Completion
 from ..text.tokenizers import Tokenizer
-from .openai import GenerationRequest, _Strict, invalid, limited, sse, usage
+from .openai import GenerationRequest, _Strict, finish_reason, invalid, limited, sse, usage
 from .reply import Reply
 
 # OpenAI's roles with a place in a play: a developer message is the newer name of a system one.
@@ -110,7 +110,7 @@ class ChatReply(Reply):
 
     def whole(self, completions: list[Completion]) -> dict[str, Any]:
         return {**self.meta, "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                                          "logprobs": self.logprobs(c), "finish_reason": c.finish_reason}
+                                          "logprobs": self.logprobs(c), "finish_reason": finish_reason(c)}
                                          for i, c in enumerate(completions)],
                 "usage": usage(self.prompt_tokens, completions)}
 
@@ -120,7 +120,7 @@ class ChatReply(Reply):
     def chunk(self, index: int, text: str, finish: Completion | None = None) -> str:
         if finish is None:
             return self._event(index, {"content": text})
-        return self._event(index, {}, self.logprobs(finish), finish.finish_reason)
+        return self._event(index, {}, self.logprobs(finish), finish_reason(finish))
 
     def _event(self, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
                finish_reason: str | None = None) -> str:

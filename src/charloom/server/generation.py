@@ -1,5 +1,11 @@
 """A request's generation in a worker thread, and the streaming response that cancels it when the
-client goes away."""
+client goes away.
+
+A records model's completion is an ordinary one: the library's plan starts each text at the end-of-text
+token (and the label) and ends it at the next one, so each of the ``n`` choices is one record. Only
+``novel`` draws otherwise (:class:`NovelRecords`), through :func:`charloom.generation.records.draw_records`,
+the code behind ``Model.generate_records`` and ``charloom generate --novel``, so the server keeps the same
+records and counts the same copies; only the drawing is the worker's, which stops when the client leaves."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import collections
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
@@ -15,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import CharloomError
 from ..generation.completion import Completion, Plan, run
+from ..generation.records import RecordBatch, draw_records
 from .openai import ApiError
 
 log = logging.getLogger("charloom.server")
@@ -84,30 +92,91 @@ class Generation:
         finally:
             watcher.cancel()
 
-    def _run(self) -> None:
-        pieces = run(self.plan, pieces=True)
+    def draw(self, plan: Plan, show: bool = True) -> list[Completion]:
+        """Run ``plan`` to its end and return its completions; ``show``: emit its text as it is drawn.
+        Raises :class:`Cancelled` before the next piece once the client has gone."""
+        pieces = run(plan, pieces=True)
         try:
             for row, text in pieces:
                 if self.cancelled.is_set():
-                    return
-                self._emit("text", row, text)
+                    raise Cancelled
+                if show:
+                    self._emit("text", row, text)
                 time.sleep(0)  # let the event loop thread take the GIL between tokens
+        finally:
+            pieces.close()
+        return pieces.completions
+
+    def completions(self) -> list[Completion]:
+        """The request's completions: the plan's rows, shown as they come (subclasses draw otherwise)."""
+        return self.draw(self.plan)
+
+    def report(self) -> dict[str, Any]:
+        """Fields a subclass adds to the non-streamed answer (none here)."""
+        return {}
+
+    def _run(self) -> None:
+        try:
+            results = self.completions()
             if not self.cancelled.is_set():
-                self.results = pieces.completions
+                self.results = results
                 for i, completion in enumerate(self.results):
                     self._emit("finish", i, completion)
+        except Cancelled:
+            pass
         except CharloomError as exc:
             self._emit("error", exc.message)
         except Exception:  # noqa: BLE001 - reported to the client as a 500-style error event
             log.exception("generation failed")
             self._emit("error", "internal error during generation")
         finally:
-            pieces.close()
             self._emit("end")
             try:
                 self.loop.call_soon_threadsafe(self.on_exit)
             except RuntimeError:
                 pass
+
+
+class Cancelled(Exception):
+    """The client went away: the worker stops drawing."""
+
+
+class NovelRecords(Generation):
+    """``novel``: the plan's ``n`` records, drawn again in rounds (seeds ``seed + k*n``) until ``n`` are not
+    training records, as ``Model.generate_records(n, novel=True)`` draws them; all rounds together keep the
+    plan's time limit. Only the kept records are answered, with the copy rate in :meth:`report`."""
+
+    def __init__(self, plan: Plan, on_exit: Callable[[], None], known: set[str]) -> None:
+        super().__init__(plan, on_exit)
+        self.known = known
+        self.records = plan.records  # what draw_records asks of a model
+        self.batch: RecordBatch | None = None
+        self._deadline = time.monotonic() + plan.request.max_time if plan.request.max_time else None
+
+    def training_records(self) -> set[str]:
+        return self.known
+
+    def generate(self, prompt: str, *, temperature: float, num_samples: int, seed: int, **options: Any) -> list[Completion]:
+        """One round: the plan again with draw_records' seed (its prompt and temperature are the plan's)."""
+        request = self.plan.request
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                return []  # out of time: draw_records answers with the new records it has (a note says how few)
+            request = replace(request, max_time=left)
+        return self.draw(replace(self.plan, seed=seed, request=request), show=False)
+
+    def completions(self) -> list[Completion]:
+        self.batch = draw_records(self, self.plan.request.num_samples, novel=True, temperature=self.plan.temps[0],
+                                  seed=self.plan.seed)
+        return self.batch.records
+
+    def report(self) -> dict[str, Any]:
+        """charloom's extension of the answer: records drawn in all, how many were training records, notes."""
+        if self.batch is None:
+            return {}
+        b = self.batch
+        return {"charloom": {"drawn": b.drawn, "copies": b.copies, "copy_rate": b.copy_rate, "notes": b.notes}}
 
 
 async def cancel_on_disconnect(receive: Receive, cancel: Callable[[], None]) -> None:

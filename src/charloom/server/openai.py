@@ -29,8 +29,9 @@ API_NAMES = {"length": "max_tokens", "num_samples": "n"}
 def limited(name: str, default: Any = MISSING) -> Any:
     """A pydantic Field for option ``name``: its default (or ``default``), help and bound (the ``api`` one if any)."""
     f = option(name)
-    bound = f.metadata.get("api") or f.metadata["bound"]
-    return Field(f.default if default is MISSING else default, description=f.metadata["help"], **bound.limits())
+    bound = f.metadata.get("api") or f.metadata.get("bound")  # a string option (label) has none
+    return Field(f.default if default is MISSING else default, description=f.metadata["help"],
+                 **(bound.limits() if bound else {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     unknown: Literal[UNKNOWN_CHOICES] = "error"  # type: ignore[valid-type]
+    label: str = limited("label")  # a model trained on labelled records: write records with this label
     # OpenAI's range and formula, but OpenAI counts the tokens sampled so far, charloom the last
     # penalty_last_n of prompt + text (docs/serving.md).
     presence_penalty: float = limited("presence_penalty")
@@ -151,6 +153,8 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = limited("length", 16)  # OpenAI's default; the server's --max-tokens caps it
     logprobs: int | None = limited("logprobs")
     echo: bool = False
+    novel: bool = Field(False, description="a model trained on records: only records that are not training records "
+                                           "(drawn again, in rounds, as charloom generate --novel does); not streamed")
 
     def one_prompt(self) -> str:
         """The prompt; a list must hold exactly one."""
@@ -184,6 +188,7 @@ class NextRequest(_Strict):
     top_k: int = limited("top_k")
     top_p: float = limited("top_p")
     unknown: Literal[UNKNOWN_CHOICES] = "error"  # type: ignore[valid-type]
+    label: str = limited("label")  # a model trained on records: the distribution after the start of a record with it
     top: int | None = Field(None, ge=1)
 
 
@@ -233,6 +238,12 @@ def openai_logprobs(tokenizer: Tokenizer, completion: Completion, offset: int) -
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": completion.token_logprobs, "top_logprobs": completion.top_logprobs,
             "text_offset": offsets}
+
+
+def finish_reason(completion: Completion) -> str:
+    """The choice's ``finish_reason``: the library's, but ``end`` (a record ended by the model) is OpenAI's
+    ``stop``, the reason its clients know for a text the model ended."""
+    return "stop" if completion.finish_reason == "end" else completion.finish_reason
 
 
 def sse(data: Any) -> str:

@@ -9,7 +9,13 @@ from typing import Any
 from ..api import Model
 from ..generation.completion import Completion, Plan
 from .generation import Generation
-from .openai import DONE, GenerationRequest, openai_logprobs, sse, usage
+from .openai import DONE, GenerationRequest, finish_reason, openai_logprobs, sse, usage
+
+
+def label(completion: Completion) -> dict[str, str]:
+    """charloom's ``label`` of a choice: the label of a record of a model trained on labelled records (the one
+    asked for, or the one the model chose); nothing for other models."""
+    return {"label": completion.label} if completion.label is not None else {}
 
 
 class Reply:
@@ -27,7 +33,7 @@ class Reply:
     def whole(self, completions: list[Completion]) -> dict[str, Any]:
         """The non-streamed answer."""
         return {**self.meta, "choices": [{"text": self.echo + c.text, "index": i, "logprobs": self.logprobs(c),
-                                          "finish_reason": c.finish_reason} for i, c in enumerate(completions)],
+                                          "finish_reason": finish_reason(c), **label(c)} for i, c in enumerate(completions)],
                 "usage": usage(self.prompt_tokens, completions)}
 
     def opening(self) -> list[str]:
@@ -36,9 +42,10 @@ class Reply:
 
     def chunk(self, index: int, text: str, finish: Completion | None = None) -> str:
         """One SSE chunk of choice ``index``: new text, or (with ``finish``) its end."""
-        lp = self.logprobs(finish) if finish is not None else None
-        return sse({**self.meta, "choices": [{"text": text, "index": index, "logprobs": lp,
-                                              "finish_reason": finish.finish_reason if finish is not None else None}]})
+        if finish is None:
+            return sse({**self.meta, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": None}]})
+        return sse({**self.meta, "choices": [{"text": text, "index": index, "logprobs": self.logprobs(finish),
+                                              "finish_reason": finish_reason(finish), **label(finish)}]})
 
     async def events(self, generation: Generation) -> AsyncIterator[str]:
         """The SSE stream: the opening, text as it is drawn (one chunk per choice per wake-up), each

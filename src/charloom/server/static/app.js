@@ -1,6 +1,7 @@
 // charloom's page: generate with streaming, compare temperatures, and watch the next-character
-// distribution change with the temperature. No framework, no build step. Model output is only ever
-// inserted as text (textContent / text nodes), never as HTML.
+// distribution change with the temperature. A model trained on records (names, quotes, rows) gets a
+// "how many" control, a label picker when it has labels, and its records as a list. No framework, no
+// build step. Model output is only ever inserted as text (textContent / text nodes), never as HTML.
 "use strict";
 
 const COMPARE_TEMPERATURES = [0.2, 0.5, 1.0, 1.2];
@@ -9,6 +10,13 @@ const $ = (id) => document.getElementById(id);
 let running = [];          // AbortControllers of the streams in flight
 let chartRequest = 0;      // only the newest chart answer is drawn
 let chartTimer = null;
+let models = {};           // model id -> its "charloom" entry of /v1/models (shape, records)
+
+// The chosen model's records ({format, separator, labels}), or null for a model of one stream of text.
+function records() {
+  const info = models[$("model").value];
+  return info && info.records ? info.records : null;
+}
 
 function settings() {
   const seedText = $("seed").value.trim();
@@ -19,6 +27,7 @@ function settings() {
     top_p: Number($("top-p").value),
     max_tokens: Number($("length").value),
     seed: seedText === "" ? null : Number(seedText),
+    ...(records() ? { n: Number($("count").value), label: $("label").value || undefined } : {}),
   };
 }
 
@@ -36,8 +45,9 @@ async function errorMessage(response) {
   }
 }
 
-// POST a streaming completion; call onText for every piece; resolve to the finish reason.
-async function streamCompletion(body, onText, signal) {
+// POST a streaming completion; call onText(text, choice index) for every piece and onFinish(choice) as
+// each choice ends; resolve to the last finish reason.
+async function streamCompletion(body, onText, signal, onFinish) {
   const response = await fetch("/v1/completions", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -63,8 +73,11 @@ async function streamCompletion(body, onText, signal) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
-          if (choice.text) onText(choice.text);
-          if (choice.finish_reason) finish = choice.finish_reason;
+          if (choice.text) onText(choice.text, choice.index);
+          if (choice.finish_reason) {
+            finish = choice.finish_reason;
+            if (onFinish) onFinish(choice);
+          }
         }
       }
     }
@@ -94,15 +107,52 @@ function fillWithPrompt(pre, prompt) {
   pre.append(span);
 }
 
+// A list of n records, each starting with the prompt: pieces go to their choice's item; as an item ends it
+// gets its finish reason and, for a model with labels, the label (asked for, or chosen by the model).
+function recordList(list, n, prompt, label) {
+  const items = Array.from({ length: n }, () => {
+    const item = document.createElement("li");
+    if (label) item.append(labelBadge(label));
+    const start = document.createElement("span");
+    start.className = "prompt";
+    start.textContent = prompt;
+    item.append(start);
+    return item;
+  });
+  list.replaceChildren(...items);
+  return {
+    onText: (text, index) => items[index].append(text),
+    onFinish: (choice) => {
+      const item = items[choice.index];
+      item.dataset.finish = choice.finish_reason;
+      if (choice.label && !item.querySelector(".label")) item.prepend(labelBadge(choice.label));
+    },
+  };
+}
+
+function labelBadge(label) {
+  const badge = document.createElement("span");
+  badge.className = "label";
+  badge.textContent = label;
+  return badge;
+}
+
+// Where a run's text goes: the records list for a records model, else one <pre> after the prompt.
+function textView(pre, list, s, prompt) {
+  if (records()) return recordList(list, s.n, prompt, s.label);
+  fillWithPrompt(pre, prompt);
+  return { onText: (text) => pre.append(text), onFinish: null };
+}
+
 async function generate() {
   const controller = startRun();
   const prompt = $("prompt").value;
-  const output = $("output");
-  fillWithPrompt(output, prompt);
+  const s = settings();
+  const view = textView($("output"), $("records"), s, prompt);
   setStatus("generating…", "busy");
   try {
-    const finish = await streamCompletion({ ...settings(), prompt }, (t) => output.append(t), controller.signal);
-    setStatus(`done (${finish})`, "done");
+    const finish = await streamCompletion({ ...s, prompt }, view.onText, controller.signal, view.onFinish);
+    setStatus(records() ? `done (${s.n} records)` : `done (${finish})`, "done");
   } catch (e) {
     setStatus(controller.signal.aborted ? "stopped" : `error: ${e.message}`, controller.signal.aborted ? "stopped" : "error");
   } finally {
@@ -125,12 +175,13 @@ async function compare() {
     column.className = "column";
     const title = document.createElement("h3");
     title.textContent = `T = ${t}`;
-    const pre = document.createElement("pre");
-    pre.dataset.temperature = String(t);
-    fillWithPrompt(pre, prompt);
-    column.append(title, pre);
+    const output = document.createElement(records() ? "ol" : "pre");
+    output.dataset.temperature = String(t);
+    if (records()) output.className = "records";
+    const view = textView(output, output, base, prompt);
+    column.append(title, output);
     grid.append(column);
-    return streamCompletion({ ...base, temperature: t, prompt }, (text) => pre.append(text), controller.signal);
+    return streamCompletion({ ...base, temperature: t, prompt }, view.onText, controller.signal, view.onFinish);
   });
   try {
     await Promise.all(jobs);
@@ -146,6 +197,8 @@ async function compare() {
 
 // -- the distribution chart ------------------------------------------------------------------------
 function visible(token) {
+  if (token === "\u0003") return "end";  // a records model's end of text
+  if (/^[\ue000-\uf8ff]$/.test(token)) return "label";  // a label's private-use character
   return token === " " ? "␣" : token === "\n" ? "↵" : token === "\t" ? "⇥" : token;
 }
 
@@ -169,7 +222,7 @@ async function updateChart() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model: s.model, prompt: context, temperature: s.temperature, top_k: s.top_k,
-                             top_p: s.top_p, unknown: "replace" }),
+                             top_p: s.top_p, label: s.label, unknown: "replace" }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     body = await response.json();
@@ -235,20 +288,38 @@ async function loadModels() {
   }
   const body = await response.json();
   const select = $("model");
+  models = Object.fromEntries(body.data.map((m) => [m.id, m.charloom]));
   select.replaceChildren(...body.data.map((m) => {
     const option = document.createElement("option");
     option.value = m.id;
     option.textContent = m.id;
-    option.dataset.info = m.charloom ? `${m.charloom.arch} ${m.charloom.layers}×${m.charloom.hidden}, ` +
-      `${m.charloom.parameters.toLocaleString()} parameters, ${m.charloom.vocab_size} symbols` : "";
+    const c = m.charloom;
+    option.dataset.info = c ? `${c.arch} ${c.layers}×${c.hidden}, ${c.parameters.toLocaleString()} parameters, ` +
+      `${c.vocab_size} symbols` + (c.records ? `, trained on ${c.records.format} records` : "") : "";
     return option;
   }));
   showModelInfo();
 }
 
+// The controls and output of the chosen model: records (a count, labels, a list) or one stream of text.
 function showModelInfo() {
   const option = $("model").selectedOptions[0];
   $("model-info").textContent = option ? option.dataset.info : "";
+  const rec = records();
+  for (const element of document.querySelectorAll(".records-only")) element.hidden = !rec;
+  $("label-field").hidden = !(rec && rec.labels.length);
+  $("output").hidden = Boolean(rec);
+  $("records").hidden = !rec;
+  $("label").replaceChildren(...["", ...(rec ? rec.labels : [])].map((value) => {
+    const choice = document.createElement("option");
+    choice.value = value;
+    choice.textContent = value === "" ? "any (the model picks)" : value;
+    return choice;
+  }));
+  // A record starts from nothing; the page's opening prompt is for a model of running text.
+  const prompt = $("prompt");
+  if (rec && prompt.value === prompt.defaultValue) prompt.value = "";
+  document.body.dataset.view = rec ? "records" : "text";
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -257,6 +328,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   }
   for (const event of ["input", "click", "keyup", "select"]) $("prompt").addEventListener(event, scheduleChart);
   $("model").addEventListener("change", () => { showModelInfo(); scheduleChart(); });
+  $("label").addEventListener("change", scheduleChart);
   $("generate").addEventListener("click", generate);
   $("compare").addEventListener("click", compare);
   $("stop").addEventListener("click", () => { stopAll(); setStatus("stopped", "stopped"); });
