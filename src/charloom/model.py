@@ -19,9 +19,11 @@ from .checkpoint import RunDir, check_shapes, load_weights, read_config, resolve
 from .config import CACHE_SIZE, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, from_dict
 from .errors import CharloomError, CheckpointError
 from .generation.completion import Completion, complete, make_plan, run
+from .generation.engine import device_of
 from .generation.light import encode_prompt
 from .generation.options import sample_config
 from .generation.processors import build_pipeline, process
+from .kernels.choice import sampling_device
 from .metrics import EvalResult, dynamic_nats, gradient_rms, record_nats, stateful_nats, windowed_nats
 from .models import LanguageModel, build_model, model_class
 from .text.encode import open_run_ids
@@ -124,10 +126,11 @@ class Model:
         config = sample_config(temperature, top_k=top_k, top_p=top_p)
         ids = self.encode_prompt(text, unknown)
         window = self.train_config.generation_window
-        device = next(self.net.parameters(), torch.empty(0)).device
+        device = device_of(self.net)
         idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long, device=device)  # (1, T)
         logits, _ = self.net(idx)
-        idx, last = idx.cpu(), logits[:, -1].float().cpu()  # (1, V): the processors' small tensors live on the CPU
+        place = sampling_device(device)  # where generation runs the processors
+        idx, last = idx.to(place), logits[:, -1].float().to(place)  # (1, T), (1, V)
         banned = self.tokenizer.banned_ids
         original = process(build_pipeline(SampleConfig(), banned=banned), idx, last).softmax(-1)[0]
         reweighted = process(build_pipeline(config, banned=banned), idx, last).softmax(-1)[0]

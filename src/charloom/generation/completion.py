@@ -225,7 +225,7 @@ class Run:
         for i, step in enumerate(steps):
             drawn.append(step.ids)
             if logprobs is not None:
-                lps.append(step)
+                lps.append(step.cpu())  # read number by number below: one copy per step, not one per number
             if decode_each:
                 for r, tok in enumerate(step.ids.tolist()):
                     if reasons[r] is not None:

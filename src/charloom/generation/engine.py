@@ -14,6 +14,9 @@ Two ways of reading the context:
   has read exactly the last ``W`` tokens gives the logits and then restarts from zero. Exact, and
   about ``W`` times less work than re-reading.
 
+Devices: a reader takes ids and returns logits on its model's device (``reader.device``); the history,
+the processors and the draw are on :func:`~charloom.kernels.choice.sampling_device` (the model's, but for MPS).
+
 Also here: beam search and the stop-string matcher that holds back text while a stop string may
 be starting.
 """
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from ..kernels import native
-from ..kernels.choice import Stepping, generation_stepper
+from ..kernels.choice import Stepping, generation_stepper, sampling_device
 from ..kernels.native import NativeStepper, sample_chunks
 from ..kernels.threads import one_torch_thread
 from ..models import LanguageModel
@@ -47,26 +50,34 @@ class Step:
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
 
+    def cpu(self) -> "Step":
+        """This step with its tensors in CPU memory (themselves when they are there)."""
+        return Step(*(t.cpu() if t is not None else None for t in (self.ids, self.logprob, self.top_ids, self.top_logprobs)))
+
+
+def device_of(model: LanguageModel) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
 
 class _Carried:
     """Carried state: prefill the prompt once, then one step per token."""
 
     def __init__(self, model: LanguageModel, prompt: torch.Tensor, rows: int, fast: bool, allow_numpy: bool = False,
                  threads: int = 1) -> None:
-        self.model = model
+        self.model, self.device = model, device_of(model)
         self.stepper = make_stepper(model) if fast else None
-        logits, state = model(prompt)  # (1, p, V): prefill once for one row
-        state = model.select_state(state, torch.zeros(rows, dtype=torch.long))  # copy to every row
+        logits, state = model(prompt.to(self.device))  # (1, p, V): prefill once for one row
+        state = model.select_state(state, torch.zeros(rows, dtype=torch.long, device=self.device))  # copy to every row
         self.state = self.stepper.from_state(state, rows) if self.stepper else state
         self.first = logits[:, -1].expand(rows, -1)  # (rows, V)
         self.numpy: Any = None  # a NativeStepper or NumpyStepper when the loop runs outside torch
         self.stepping = Stepping()
         # The native and NumPy loops know no continuous cache: a model with one steps in torch.
-        if (not allow_numpy or self.stepper is None or isinstance(self.stepper, CachedStepper)
-                or self.first.device.type != "cpu"):
+        if not allow_numpy or self.stepper is None or isinstance(self.stepper, CachedStepper):
             return
         self.stepping = generation_stepper(self.stepper.largest_matrix(), rows, native_runs=native.runs(self.stepper),
-                                           threads=threads)
+                                           on_cpu=self.device.type == "cpu", threads=threads)
         if self.stepping.kind == "native":
             self.numpy = NativeStepper(native.library(), self.stepper, rows)
         elif self.stepping.kind == "numpy":
@@ -92,20 +103,21 @@ class _Staggered:
     """Windowed generation as W staggered runs per row (rows * W state rows, row-major)."""
 
     def __init__(self, model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int, fast: bool) -> None:
-        self.model, self.window, self.rows = model, window, rows
+        self.model, self.window, self.rows, self.device = model, window, rows, device_of(model)
         self.stepper = make_stepper(model) if fast else None
-        w = window
+        w, device = window, self.device
         # Rows of run j across all rows r: r * W + j.
-        self.run_rows = [torch.arange(rows) * w + j for j in range(w)]
+        self.run_rows = [torch.arange(rows, device=device) * w + j for j in range(w)]
         self.state: Any = self.stepper.from_state(None, w) if self.stepper else None
         start = max(0, p - w)
+        prompt = history[0, start:p].to(device)  # (<=W,)
         logits = None
         for q in range(start, p):  # prefill: run j has read history[max(0, s_j):q+1]
             if q > start:
-                self._reset(torch.tensor([q % w]))
-            logits = self._step(history[0, q].repeat(w))  # (W, V)
+                self._reset(torch.tensor([q % w], device=device))
+            logits = self._step(prompt[q - start].repeat(w))  # (W, V)
         assert logits is not None
-        expand = torch.arange(w).repeat(rows)
+        expand = torch.arange(w, device=device).repeat(rows)
         if self.stepper is not None:
             self.state = self.stepper.select(self.state, expand)
         else:
@@ -113,10 +125,10 @@ class _Staggered:
         self.first = logits[p % w].expand(rows, -1)  # (rows, V)
         # All rows * W runs advance together: the native kernel when the step is small enough.
         self.native = None
-        if self.stepper is not None and logits.device.type == "cpu":
+        if self.stepper is not None:
             runs = native.runs(self.stepper)
             if generation_stepper(self.stepper.largest_matrix(), rows * w, native_runs=runs,
-                                  numpy_allowed=False).kind == "native":
+                                  on_cpu=device.type == "cpu", numpy_allowed=False).kind == "native":
                 self.native = NativeStepper(native.library(), self.stepper, rows * w)
                 self.state = self.native.from_torch(self.state)  # (slots, rows * W, H)
                 self.run_rows_np = [r.numpy() for r in self.run_rows]
@@ -154,7 +166,7 @@ class _Staggered:
             a, state = model(token, None)
             b, _ = model(token, tree_map(torch.zeros_like, state))
             _, state2 = model(token, state)
-            zeroed = tree_map(lambda t: t.index_fill(model.state_batch_dim, torch.tensor([0]), 0), state2)
+            zeroed = tree_map(lambda t: t.index_fill(model.state_batch_dim, torch.tensor([0], device=t.device), 0), state2)
             c, _ = model(token, zeroed)
         except (TypeError, RuntimeError, IndexError):
             return False
@@ -165,12 +177,13 @@ class _Reread:
     """The book's loop, literally: re-run the model on the last W tokens for every token (fallback)."""
 
     def __init__(self, model: LanguageModel, history: torch.Tensor, p: int, rows: int, window: int) -> None:
-        self.model, self.history, self.window = model, history, window
-        logits, _ = model(history[:1, max(0, p - window):p])  # (1, <=W, V)
+        self.model, self.history, self.window, self.device = model, history, window, device_of(model)
+        logits, _ = model(history[:1, max(0, p - window):p].to(self.device))  # (1, <=W, V)
         self.first = logits[:, -1].expand(rows, -1)
 
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        logits, _ = self.model(self.history[:, max(0, position + 1 - self.window):position + 1])
+        # history is where the draw runs (kept current by the loop); the window goes to the model
+        logits, _ = self.model(self.history[:, max(0, position + 1 - self.window):position + 1].to(self.device))
         return logits[:, -1]
 
 
@@ -178,7 +191,7 @@ def _reader(model: LanguageModel, history: torch.Tensor, p: int, rows: int, wind
             threads: int = 1) -> Any:
     if not window:
         return _Carried(model, history[:1, :p], rows, fast, allow_numpy=True, threads=threads)
-    if fast and _Staggered.exact_for(model, history[:1, :1]):
+    if fast and _Staggered.exact_for(model, history[:1, :1].to(device_of(model))):
         return _Staggered(model, history, p, rows, window, fast)
     return _Reread(model, history, p, rows, window)
 
@@ -200,10 +213,10 @@ def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int
     try:
         lane_index = torch.as_tensor(list(lanes) if lanes is not None else range(rows), dtype=torch.long)
         p = len(prompt_ids)
-        # history holds prompt + generated ids for every row: (rows, P + N).
-        device = next(model.parameters(), torch.empty(0)).device  # generate where the model is (CPU or GPU)
-        history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=device)
-        history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        device = device_of(model)  # the model steps where it is (CPU or GPU)
+        # history holds prompt + generated ids for every row, where the draw runs: (rows, P + N).
+        history = torch.empty(rows, p + max_new_tokens, dtype=torch.long, device=sampling_device(device))
+        history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=history.device)
         threads = torch.get_num_threads()  # the native kernel's, read before the setup runs torch on one
         with torch.inference_mode(), one_torch_thread(device.type == "cpu"):
             read = _reader(model, history, p, rows, window, fast, threads)
@@ -219,9 +232,10 @@ def generate_steps(model: LanguageModel, prompt_ids: Sequence[int], *, rows: int
 @torch.inference_mode()
 def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
                  noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
-    """The loop of :func:`generate_steps` in torch (any model, any number of rows)."""
-    logits = read.first  # (rows, V)
-    uniforms = noise.rows(lanes)
+    """The loop of :func:`generate_steps` in torch (any model, any number of rows, any device)."""
+    place = history.device  # where the draw runs; `.to` is free when that is the model's device
+    logits = read.first.to(place)  # (rows, V)
+    uniforms = noise.rows(lanes, place)
     for i in range(n):
         t = p + i
         scores = process(pipeline, history[:, :t], logits) if pipeline else logits
@@ -229,7 +243,7 @@ def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Seq
         history[:, t] = ids
         yield Step(ids) if logprobs is None else _with_logprobs(ids, logits, logprobs)
         if i + 1 < n:
-            logits = read(ids, t)
+            logits = read(ids.to(read.device), t).to(place)
 
 
 def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
@@ -331,14 +345,15 @@ def beam_search(model: LanguageModel, prompt_ids: Sequence[int], *, beams: int, 
     model.eval()
     try:
         k, p = beams, len(prompt_ids)
-        history = torch.empty(k, p + max_new_tokens, dtype=torch.long)
-        history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        place = sampling_device(device_of(model))  # where the processors run (see generate_steps)
+        history = torch.empty(k, p + max_new_tokens, dtype=torch.long, device=place)
+        history[:, :p] = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=place)
         read = _Reread(model, history, p, k, window) if window else _Carried(model, history[:1, :p], k, fast=True)
-        logits = read.first
+        logits = read.first.to(place)
         # Every beam starts as the same prompt: only beam 0 may expand at first, or all K would be copies.
-        scores = torch.full((k,), float("-inf"))
+        scores = torch.full((k,), float("-inf"), device=place)
         scores[0] = 0.0
-        token_lp = torch.zeros(k, max_new_tokens)
+        token_lp = torch.zeros(k, max_new_tokens, device=place)
         n = 0
         for i in range(max_new_tokens):
             t = p + i
@@ -357,8 +372,8 @@ def beam_search(model: LanguageModel, prompt_ids: Sequence[int], *, beams: int, 
             if window:
                 read.history = history
             else:
-                read.select(beam)
-            logits = read(tok, t)
+                read.select(beam.to(read.device))
+            logits = read(tok.to(read.device), t).to(place)
         return Beams(history[:, p:p + n].clone(), scores, token_lp[:, :n].clone(), timed_out=n < max_new_tokens)
     finally:
         model.train(was_training)

@@ -2,7 +2,9 @@
 
 The uniforms are supplied by the caller, so a row's random stream depends only on its own seed: the
 same seed at several temperatures in one batch gives each temperature exactly the text it would give
-alone, and the torch, NumPy and native paths draw the same tokens from the same numbers.
+alone, and the torch, NumPy and native paths draw the same tokens from the same numbers. They are made
+by torch's CPU generator whatever the model's device (a GPU's generator gives other numbers), and copied
+to the device of the draw.
 """
 
 from __future__ import annotations
@@ -76,13 +78,15 @@ class Noise:
             self._pos = self._buffer.shape[1]
             yield block
 
-    def rows(self, lanes: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Endless per-step uniforms for rows drawing from ``lanes`` (rows,): each a float64 (rows, 1).
+    def rows(self, lanes: torch.Tensor, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Endless per-step uniforms for rows drawing from ``lanes`` (rows,): each a float64 (rows, 1) on
+        ``device`` (default the CPU).
 
-        Same numbers as :meth:`next` indexed by ``lanes``, laid out so each step is one cheap slice.
+        Same numbers as :meth:`next` indexed by ``lanes``, laid out so each step is one cheap slice;
+        a block of steps is copied to ``device`` at once.
         """
         for block in self._blocks(lanes):
-            yield from torch.from_numpy(block).unsqueeze(-1)
+            yield from torch.from_numpy(block).to(device or "cpu").unsqueeze(-1)  # (n, rows, 1)
 
     def rows_numpy(self, lanes: torch.Tensor) -> Iterator[np.ndarray]:
         """:meth:`rows` as float64 numpy arrays of shape (rows,)."""

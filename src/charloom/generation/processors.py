@@ -2,7 +2,9 @@
 
 A processor is ``(history: LongTensor[B, t], logits: FloatTensor[B, V]) -> FloatTensor[B, V]`` and
 never changes its input in place. Removed tokens get ``-inf``; every processor keeps at least one
-token per row. A factory accepts exactly the values its SampleConfig field accepts (the field's bound,
+token per row. ``history`` and ``logits`` are on one device, and what a processor combines with them
+is made there (or copied there once, :class:`_Copies`).
+A factory accepts exactly the values its SampleConfig field accepts (the field's bound,
 :mod:`.options`), with the same "off" value (``top_k(0)`` keeps every token). The definitions follow Hugging Face transformers' logits processors (temperature,
 top-k, top-p, min-p, typical-p, repetition penalty, no-repeat n-gram, bad words) and OpenAI's
 frequency/presence penalties and logit bias; tests check them against independent numpy code.
@@ -72,6 +74,18 @@ def _identity(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+class _Copies:
+    """A constant tensor made on the CPU when a processor is built, copied once to each device that asks."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._on = {tensor.device: tensor}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = next(iter(self._on.values())).to(device)
+        return self._on[device]
+
+
 # -- warpers: reshape the distribution ------------------------------------------------------------
 
 class Temperature:
@@ -85,13 +99,14 @@ class Temperature:
                  start: int = 0) -> None:
         self.temps = [check_temperature(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
         self.schedule, self.start = schedule, start
-        self._cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        self._cache: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
-    def _rows(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        # Built once per batch size: a (B, 1) divisor with 1 for greedy rows, and the greedy mask.
-        key = (n, dtype)
+    def _rows(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        # Built once per batch size and device: a (B, 1) divisor with 1 for greedy rows, and the greedy mask.
+        key = (n, dtype, device)
         if key not in self._cache:
-            t = torch.tensor(self.temps, dtype=dtype).unsqueeze(1).expand(n, 1) if len(self.temps) in (1, n) else None
+            t = (torch.tensor(self.temps, dtype=dtype, device=device).unsqueeze(1).expand(n, 1)
+                 if len(self.temps) in (1, n) else None)
             _check(t is not None, f"temperature has {len(self.temps)} values for a batch of {n} rows; give one or one per row")
             greedy = t == 0
             self._cache[key] = (torch.where(greedy, torch.ones_like(t), t).contiguous(), greedy, bool(greedy.any()))
@@ -109,7 +124,7 @@ class Temperature:
             if t == 0:
                 return greedy_only(logits)
             return (_shift_to_max(logits) if t < 1 else logits) / t
-        divisor, greedy, any_greedy = self._rows(logits.shape[0], logits.dtype)
+        divisor, greedy, any_greedy = self._rows(logits.shape[0], logits.dtype, logits.device)
         # Rows with T < 1 are shifted by their max first (softmax is unchanged): with a tiny T,
         # logits / T would overflow to +inf and the softmax to NaN; shifted, every value stays <= 0.
         scaled = torch.where(divisor < 1, _shift_to_max(logits), logits) / divisor
@@ -232,8 +247,8 @@ def repetition_penalty(penalty: float, last_n: int = 0) -> Processor:
 
 def _counts(history: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
     """How often each id occurs in each row of ``history``: (B, V)."""
-    out = torch.zeros(history.shape[0], vocab, dtype=dtype)
-    return out.scatter_add_(1, history, torch.ones(history.shape, dtype=dtype))
+    out = torch.zeros(history.shape[0], vocab, dtype=dtype, device=history.device)
+    return out.scatter_add_(1, history, torch.ones(history.shape, dtype=dtype, device=history.device))
 
 
 def frequency_presence_penalty(frequency: float, presence: float, last_n: int = 0) -> Processor:
@@ -277,13 +292,14 @@ def ban_sequences(sequences: Sequence[Sequence[int]]) -> Processor:
     seqs = [list(map(int, s)) for s in sequences]
     _check(all(seqs), "a banned sequence must hold at least one token")
     single = sorted({s[0] for s in seqs if len(s) == 1})
-    longer = [(torch.tensor(s[:-1], dtype=torch.long), s[-1]) for s in seqs if len(s) > 1]
+    longer = [(_Copies(torch.tensor(s[:-1], dtype=torch.long)), s[-1]) for s in seqs if len(s) > 1]
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         drop = torch.zeros_like(logits, dtype=torch.bool)
         if single:
             drop[:, single] = True
-        for prefix, last in longer:
+        for copies, last in longer:
+            prefix = copies.on(history.device)  # (k,)
             k = len(prefix)
             if history.shape[1] >= k:
                 drop[:, last] |= (history[:, history.shape[1] - k:] == prefix).all(dim=-1)
@@ -310,9 +326,10 @@ def logit_bias(bias: dict[int, float], vocab_size: int) -> Processor:
     for i, b in bias.items():
         _check(0 <= int(i) < vocab_size and _number(b) and math.isfinite(b), f"logit bias {i}={b} is not a known token and a finite number")
         vector[int(i)] += float(b)
+    copies = _Copies(vector)  # (V,) float64
 
     def apply(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return _held(logits, logits + vector)
+        return _held(logits, logits + copies.on(logits.device))
 
     return apply
 

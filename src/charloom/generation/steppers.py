@@ -43,7 +43,8 @@ class RecurrentStepper:
         gates = 4 if self.lstm else 3
         h = model.config.hidden
         # LSTM rows (i, f, g, o) -> (i, f, o, g): sigmoid over the first 3H, tanh over the last H.
-        order = gate_order(h) if self.lstm else None
+        device = model.head.weight.device  # the stepper's tensors stay where the weights are
+        order = gate_order(h).to(device) if self.lstm else None
         self.layers: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for layer in range(model.config.layers):
@@ -59,7 +60,7 @@ class RecurrentStepper:
                 if isinstance(model, MogrifierLM):
                     entry["mog_t"] = transposed_rounds(model.mog[layer]).detach()
                 if layer == 0 and "mog_t" in entry:  # the gated input has no table: embedding rows, then W_ih
-                    entry["embed"] = (torch.eye(model.vocab_size) if model.embed is None
+                    entry["embed"] = (torch.eye(model.vocab_size, device=device) if model.embed is None
                                       else model.embed.weight.detach()).contiguous()  # (V, E)
                     entry["w_ih_t"] = w_ih.t().contiguous()
                     entry["b_in"] = in_bias.clone()
@@ -84,7 +85,7 @@ class RecurrentStepper:
         """Our per-layer state from the model's (``None`` = zeros)."""
         n = len(self.layers)
         if state is None:
-            zeros = lambda: torch.zeros(rows, self.hidden)  # noqa: E731
+            zeros = lambda: self.head_b.new_zeros(rows, self.hidden)  # noqa: E731  (the weights' device and dtype)
             return [zeros() for _ in range(n * (2 if self.lstm else 1))]
         if self.lstm:
             h, c = state  # (layers, B, H) each
@@ -240,8 +241,8 @@ class CachedStepper:
         ours = self.inner.from_state(rnn, rows)
         blocks = cache or ()
         if not blocks:
-            return ours + [ours[0].new_zeros(rows, 0, self.inner.hidden), torch.zeros(rows, 0, dtype=torch.long),
-                           torch.zeros(rows, 0, dtype=torch.long)]
+            empty = ours[0].new_zeros(rows, 0, dtype=torch.long)  # (B, 0) on the state's device
+            return ours + [ours[0].new_zeros(rows, 0, self.inner.hidden), empty, empty.clone()]
         keys, ids, pos = (torch.cat([blk[k] for blk in blocks]).transpose(0, 1) for k in range(3))  # (B, N, ...)
         newest = pos[0].argsort()[-self.cache.size:]  # the model keeps whole blocks, a few beyond the window
         return ours + [keys[:, newest].contiguous(), ids[:, newest].contiguous(), pos[:, newest].contiguous()]

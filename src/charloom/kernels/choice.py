@@ -9,13 +9,15 @@ Training (:func:`training_recurrence`): a one-layer LSTM's recurrence runs
   so torch runs the rest of each step on one thread;
 - ``torch``: the model's own layers (any other model, a GPU, a compiled step).
 
-Generation (:func:`generation_stepper`): steps run outside torch where that is faster. First choice:
+Generation (:func:`generation_stepper`): steps of a model on the CPU run outside torch where that is faster
+(a model on another device always steps in torch, where its weights are). First choice:
 the native kernel (one C call per chunk of tokens) for any number of rows while every weight matrix
 has at most NATIVE_MAX_MATRIX elements (a 512 x 2048 LSTM matrix; measured with 64-1024 rows of
 1x128-2x512 LSTMs on 2 threads: 1.1-1.5x torch), and for larger matrices up to NATIVE_MAX_WORK
 multiply-adds per step over all rows (a 1024-wide LSTM at 64 rows ran at 0.55-0.67x torch). Without a
 compiler: numpy, up to NUMPY_MAX_ROWS rows and weight matrices of NUMPY_MAX_MATRIX elements (beyond,
-OpenBLAS starts threads that thrash a busy machine; torch's kernels win).
+OpenBLAS starts threads that thrash a busy machine; torch's kernels win). :func:`sampling_device` says
+where the processors and the draw run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from . import lstm_bf16
 from .native import THREADED_CHUNK
@@ -91,13 +95,23 @@ class Stepping:
         return self.threads if chunk >= THREADED_CHUNK else 1
 
 
-def generation_stepper(largest_matrix: int, rows: int, *, native_runs: bool, numpy_allowed: bool = True,
+def generation_stepper(largest_matrix: int, rows: int, *, native_runs: bool, on_cpu: bool, numpy_allowed: bool = True,
                        threads: int = 1) -> Stepping:
     """The stepper for ``rows`` rows of a model whose largest weight matrix has ``largest_matrix``
     elements: native where the kernel runs the model (``native_runs``) and the step is small enough,
-    else numpy for a few rows of a small model (where ``numpy_allowed``), else torch."""
+    else numpy for a few rows of a small model (where ``numpy_allowed``), else torch. ``on_cpu``: the
+    model's weights are in CPU memory (the native and numpy steppers read nothing else)."""
+    if not on_cpu:
+        return Stepping("torch")
     if native_runs and (largest_matrix <= NATIVE_MAX_MATRIX or rows * largest_matrix <= NATIVE_MAX_WORK):
         return Stepping("native", max(1, threads))
     if numpy_allowed and rows <= NUMPY_MAX_ROWS and largest_matrix <= NUMPY_MAX_MATRIX:
         return Stepping("numpy")
     return Stepping("torch")
+
+
+def sampling_device(device: torch.device) -> torch.device:
+    """Where the processors and the draw run for a model on ``device``: there, unless the device has no
+    float64 (MPS), which the draw's CDF and the penalties use to stay exact; then the CPU (a (rows, V)
+    copy per step)."""
+    return torch.device("cpu") if device.type == "mps" else device
