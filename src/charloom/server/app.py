@@ -90,9 +90,7 @@ def record_start(model: Model, label: str) -> str:
     the library's plan lays it out; "" for a model of one stream. An unknown label is the library's error."""
     if model.records is None and not label:
         return ""
-    ids = make_plan(model, "", length=1, label=label).ids
-    # The plan's ids end with the prompt's, and an empty prompt is read as a newline (or what replaces one).
-    return model.tokenizer.decode(list(ids[:len(ids) - len(model.encode_prompt("", "replace"))]))
+    return model.tokenizer.decode(list(make_plan(model, "", length=1, label=label).ids))  # an empty prompt adds nothing
 
 
 class Service:
