@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,10 @@ uvicorn = pytest.importorskip("uvicorn")
 import charloom
 from charloom.api import Model
 from charloom.errors import CharloomError
-from charloom.server.app import ServeSettings, create_app, listen
+from charloom.server.app import ServeSettings, create_app
 from charloom.server.template import ChatTemplate, templates_for
 from tests.conftest import TINY_SETTINGS
+from tests.test_server import running_server
 
 PLAY = ("ROMEO:\nthe quick brown fox jumps over the lazy dog.\n\n"
         "JULIET:\na stitch in time saves nine; all that glitters is not gold.\n\n"
@@ -42,26 +41,6 @@ MESSAGES = [{"role": "system", "content": "A play in two voices."},
 # The prompt the documented template makes of MESSAGES, written out by hand.
 RENDERED = ("A play in two voices.\n\nUser:\nwhat say you?\n\nROMEO:\nthe lazy dog.\n\n"
             "User:\na stitch in time\n\nAssistant:\n")
-
-
-@contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a background thread on 127.0.0.1:<free port>; yields the base URL."""
-    sock = listen("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
