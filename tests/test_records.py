@@ -237,3 +237,13 @@ def test_plain_text_stays_one_stream(tiny_run):
     model = charloom.load(tiny_run)
     assert model.records is None and "records" not in model.config["corpus"]
     assert torch.is_tensor(next(model.net.parameters()))
+
+
+def test_records_longer_than_a_training_sequence_train_and_score_whole(tmp_path):
+    paragraphs = [("the quick brown fox jumps over the lazy dog " * (2 + i % 3)).strip() for i in range(30)]
+    corpus = _write(tmp_path, "p.txt", "\n\n".join(paragraphs) + "\n")
+    model = charloom.train(corpus, out=tmp_path / "run", records="paragraph", **SMALL)  # seq_len 16, records 87-175
+    result = model.evaluate()
+    ids, split, _ = model.run_data()
+    assert result.tokens == len(ids) - split - 1  # every character of every validation record, whole, and its end
+    assert model.config["corpus"]["records"]["longest"] > 5 * SMALL["seq_len"]
