@@ -247,3 +247,13 @@ def test_records_longer_than_a_training_sequence_train_and_score_whole(tmp_path)
     ids, split, _ = model.run_data()
     assert result.tokens == len(ids) - split - 1  # every character of every validation record, whole, and its end
     assert model.config["corpus"]["records"]["longest"] > 5 * SMALL["seq_len"]
+
+
+def test_next_token_distribution_starts_a_record_and_dynamic_evaluation_is_refused(names_run):
+    model = charloom.load(names_run)
+    idx = torch.tensor([[model.records.end, *model.encode_prompt("Ann")]])
+    with torch.no_grad():
+        expected = model.net(idx)[0][0, -1].softmax(-1)
+    assert torch.allclose(torch.tensor(model.next_token_distribution("Ann").probs), expected, atol=1e-6)
+    with pytest.raises(CharloomError, match="trained on records"):
+        model.evaluate(dynamic=True)

@@ -40,11 +40,12 @@ PROMPT = "the quick "
 
 
 @contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a background thread on 127.0.0.1:<free port>; yields the base URL."""
+def running_server(app, config: "uvicorn.Config | None" = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``config``: as given, else a quiet one) in a background thread on
+    127.0.0.1:<free port>; yields the base URL."""
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

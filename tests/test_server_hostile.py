@@ -9,7 +9,6 @@ import io
 import itertools
 import json
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +22,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import charloom  # noqa: E402
 from charloom.api import Model  # noqa: E402
-from charloom.server.app import create_app, listen, server_config  # noqa: E402
+from charloom.server.app import create_app, server_config  # noqa: E402
 from charloom.server.settings import JSON_BYTES_PER_CHAR, ServeSettings, is_loopback  # noqa: E402
+from tests.test_server import running_server  # noqa: E402
 
 PROMPT = "the quick "
 LONG = {"prompt": PROMPT, "max_tokens": 1_000_000}  # minutes of text: only a cancel or the time limit ends it
@@ -33,20 +33,9 @@ LONG = {"prompt": PROMPT, "max_tokens": 1_000_000}  # minutes of text: only a ca
 @contextmanager
 def serving(model: Model, settings: ServeSettings) -> Iterator[tuple[str, int]]:
     """``model`` served as ``charloom serve`` serves it (uvicorn's config included) on 127.0.0.1:<free port>."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(server_config(create_app({"tiny": model}, settings), settings))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield "127.0.0.1", sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    app = create_app({"tiny": model}, settings)
+    with running_server(app, server_config(app, settings)) as url:
+        yield "127.0.0.1", int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -163,11 +164,11 @@ def test_chat_on_a_records_model_ends_with_openai_stop(client, pets):
 
 
 def test_next_reads_the_prompt_as_the_start_of_a_record(base_url, pets):
-    dog = pets.tokenizer.decode([pets.tokenizer.index[pets.record_labels["dog"]]])
-    for label, start in (("", END), ("dog", END + dog)):
+    dog = pets.tokenizer.index[pets.record_labels["dog"]]
+    for label, start in (("", [pets.records.end]), ("dog", [pets.records.end, dog])):
         body = _post(base_url, "/v1/next", model="pets", prompt="wo", label=label).json()
-        reference = pets.next_token_distribution(start + "wo")
         got = {t["token"]: t["prob"] for t in body["tokens"]}
-        assert got == pytest.approx(dict(zip(reference.tokens, reference.probs)), abs=1e-6)
-    unstarted = pets.next_token_distribution("wo")
-    assert got != pytest.approx(dict(zip(unstarted.tokens, unstarted.probs)), abs=1e-6)
+        # What the network gives after END [label] "wo", as generation starts a record.
+        idx = torch.tensor([start + pets.encode_prompt("wo")])
+        probs = pets.net(idx)[0][0, -1].softmax(-1).tolist()
+        assert got == pytest.approx(dict(zip(pets.next_token_distribution("wo", label=label).tokens, probs)), abs=1e-6)

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import RunDir, check_shapes, load_weights, read_config, resolve
 from .config import CACHE_SIZE, ConfigError, DynamicEval, ModelConfig, SampleConfig, TrainConfig, from_dict
 from .errors import CharloomError, CheckpointError
-from .generation.completion import Completion, complete, make_plan, run
+from .generation.completion import Completion, complete, make_plan, prompt_ids, run
 from .generation.engine import device_of
 from .generation.light import encode_prompt
 from .generation.options import sample_config
@@ -117,14 +117,15 @@ class Model:
 
     @torch.inference_mode()
     def next_token_distribution(self, text: str = "", *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                                unknown: str = "error") -> NextTokens:
-        """The probability of every next token after ``text``, before and after sampling's reweighting.
+                                unknown: str = "error", label: str = "") -> NextTokens:
+        """The probability of every next token after ``text``, before and after sampling's reweighting
+        (for a model trained on records, ``text`` starts a record, with ``label`` if given, as in generation).
 
         One forward pass through the model contract (``net(idx) -> logits``), then the same
         processors generation uses, so ``reweighted`` is exactly what a draw at these settings uses.
         """
         config = sample_config(temperature, top_k=top_k, top_p=top_p)
-        ids = self.encode_prompt(text, unknown)
+        ids = prompt_ids(self, text, unknown, label)
         window = self.train_config.generation_window
         device = device_of(self.net)
         idx = torch.tensor([ids[-window:] if window else ids], dtype=torch.long, device=device)  # (1, T)
@@ -235,6 +236,9 @@ class Model:
             settings.check()
         except ConfigError as exc:
             raise CharloomError("--" + exc.field.replace("_", "-"), str(exc), "see charloom evaluate --help") from None
+        if self.records is not None:
+            raise CharloomError("dynamic evaluation", "reads one stream of text; this model was trained on records, "
+                                "each read from a fresh start", "evaluate it without --dynamic")
         if not exact:
             raise CharloomError("dynamic evaluation", "is one exact pass; it cannot score pieces side by side",
                                 "drop --fast (exact=False)")

@@ -141,14 +141,9 @@ def make_plan(model: Any, prompt: str = "", *, temperature: float | Sequence[flo
         _check_beams(request, cfg, temps, model.tokenizer.vocab_size)
     seed = resolve_seed(request.seed)
     records, labels = model.records, model.record_labels
-    # An empty prompt starts a new paragraph (a newline), or for records a new record (END alone).
-    ids = model.encode_prompt(prompt, request.unknown) if prompt or records is None else []
     if records is not None and request.num_beams > 1:
         raise CharloomError("--num-beams", "beam search does not stop at a record's end", "sample records (--num-beams 1)")
-    if records is not None:  # a prompt is the start of a record; with a label, of one with that label
-        ids = [records.end, *([_label_id(model, request.label)] if request.label else []), *ids]
-    elif request.label:
-        raise CharloomError("--label", "this model was not trained on labelled records", "drop --label")
+    ids = prompt_ids(model, prompt, request.unknown, request.label)
     ban_ids, bias = token_options(model.tokenizer, cfg, bool(model.train_config.lowercase))
     row_temps = tuple(t for t in temps for _ in range(request.num_samples))  # temperature-major
     try:
@@ -161,6 +156,19 @@ def make_plan(model: Any, prompt: str = "", *, temperature: float | Sequence[flo
                 lanes=tuple(s for _ in temps for s in range(request.num_samples)), pipeline=tuple(pipeline), seed=seed,
                 net=model.net, tokenizer=model.tokenizer, window=model.train_config.generation_window,
                 records=records, labels={model.tokenizer.index[c]: v for v, c in labels.items()} if records else None)
+
+
+def prompt_ids(model: Any, prompt: str, unknown: str = "error", label: str = "") -> list[int]:
+    """The ids a model reads before its first new token: the prompt's, and for a model trained on records
+    END and the label's token first (a prompt is the start of a record). An empty prompt starts a new
+    paragraph (a newline), or a new record (END alone)."""
+    records = model.records
+    if records is None:
+        if label:
+            raise CharloomError("--label", "this model was not trained on labelled records", "drop --label")
+        return model.encode_prompt(prompt, unknown)
+    ids = model.encode_prompt(prompt, unknown) if prompt else []
+    return [records.end, *([_label_id(model, label)] if label else []), *ids]
 
 
 def _label_id(model: Any, label: str) -> int:
@@ -267,7 +275,7 @@ class Run:
                 text = texts_whole[r]  # type: ignore[index]
             results.append(Completion(text, ids[r][:kept], float(plan.row_temps[r]), plan.seed + plan.lanes[r],
                                       reasons[r] or "length", **self._logprobs(lps[:kept], r),
-                                      label=labels[r] or plan.request.label or None if plan.labels else None))
+                                      label=(labels[r] or plan.request.label or None) if plan.labels else None))
         self.completions = results
 
     def _logprobs(self, steps: list[Step], r: int) -> dict[str, Any]:

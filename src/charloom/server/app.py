@@ -41,7 +41,7 @@ from starlette.middleware.cors import CORSMiddleware
 from .. import __version__
 from ..api import Model, load
 from ..errors import CharloomError
-from ..generation.completion import Plan, make_plan
+from ..generation.completion import Plan, make_plan, prompt_ids
 from .chat import ChatReply, ChatRequest
 from .generation import Generation, GuardedStream, NovelRecords
 from .guard import Gate, Guard
@@ -83,14 +83,6 @@ def records_info(model: Model) -> dict[str, Any] | None:
     if model.records is None or not info:
         return None
     return {"format": info.get("format"), "separator": info.get("separator"), "labels": list(model.record_labels)}
-
-
-def record_start(model: Model, label: str) -> str:
-    """The text a records model reads before a record's first character (END, then the label's token), as
-    the library's plan lays it out; "" for a model of one stream. An unknown label is the library's error."""
-    if model.records is None and not label:
-        return ""
-    return model.tokenizer.decode(list(make_plan(model, "", length=1, label=label).ids))  # an empty prompt adds nothing
 
 
 class Service:
@@ -159,14 +151,14 @@ class Service:
         name, model = self.pick(req.model)
         self.check_prompt(model, req.prompt, req.unknown)
         try:  # a records model reads a prompt as the start of a record, as generation does
-            start = record_start(model, req.label)
+            prompt_ids(model, "", label=req.label)  # an unknown label is refused before waiting for a slot
         except CharloomError as exc:
             raise from_charloom_error(exc) from None
         slot = self.gate.reserve()
         try:
             await slot.wait()
-            dist = await asyncio.to_thread(model.next_token_distribution, start + req.prompt, temperature=req.temperature,
-                                           top_k=req.top_k, top_p=req.top_p, unknown=req.unknown)
+            dist = await asyncio.to_thread(model.next_token_distribution, req.prompt, temperature=req.temperature,
+                                           top_k=req.top_k, top_p=req.top_p, unknown=req.unknown, label=req.label)
         except CharloomError as exc:
             raise from_charloom_error(exc) from None
         finally:
