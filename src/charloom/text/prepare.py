@@ -128,13 +128,14 @@ def prepare(corpus: CorpusArg, config: TrainConfig, *, encoding: str = "utf-8", 
     corpus's own default); it is taken as validated (:meth:`TrainConfig.validate`).
     """
     streaming = config.tokens == "char"
-    if config.records != "none":
-        fmt = format_for(resolve_sources(corpus, errors, verify=False).paths, config.records)
-        if fmt != "none":
-            return _prepare_records(resolve_sources(corpus, errors, verify=True), fmt, config, encoding, errors)
+    sources = resolve_sources(corpus, errors, verify=False)
+    fmt = "none" if config.records == "none" else format_for(sources.paths, config.records)
+    if fmt != "none":  # records are read whole, once, from verified copies
+        return _prepare_records(resolve_sources(corpus, errors, verify=True), fmt, config, encoding, errors)
     for verify in (False, True):
         # A named corpus's copy is checked against its sha256 by the scan, which reads it anyway.
-        sources = resolve_sources(corpus, errors, verify=verify)
+        if verify:
+            sources = resolve_sources(corpus, errors, verify=True)
         check_memory_for(sources, STREAMING_BYTES_PER_BYTE if streaming else PREPARE_BYTES_PER_BYTE)
         lowercase = bool(sources.lowercase_default if config.lowercase is None else config.lowercase)
         try:

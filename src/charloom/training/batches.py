@@ -181,11 +181,13 @@ class RecordBatcher(Batcher):
                 at += seq_len - warm
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 3)  # (windows, 3)
         self.tokens = batch_size * seq_len  # ids per batch, as a stream batch holds
-        self._batches = self._group(np.arange(len(self.rows)))  # the count is the same every epoch
+        # Batches per epoch before the first plan (the schedule's length); each epoch's own plan may hold a few
+        # more or fewer, since which windows share a batch depends on the order.
+        self._first_count = len(self._group(np.arange(len(self.rows))))
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self._batches))
+        return max(1, len(self._plan) if self._plan is not None else self._first_count)
 
     def _group(self, order: np.ndarray) -> list[np.ndarray]:
         """Cut windows (in ``order``) into batches of similar lengths, each about ``tokens`` ids."""
@@ -208,13 +210,13 @@ class RecordBatcher(Batcher):
         return [batches[i] for i in shuffle]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        if self.index >= self.steps_per_epoch:
+        if self._plan is not None and self.index >= len(self._plan):
             self.epoch, self.index, self._plan = self.epoch + 1, 0, None
         if self._plan is None:
             self._epoch_rng_state = self.generator.get_state()
             self._plan = self._make_plan()
         first = self.index == 0
-        picked = self._plan[self.index % len(self._plan)]
+        picked = self._plan[self.index]
         if self.world > 1:
             rows, self.share = shard_rows(len(picked), self.rank, self.world)
             picked = picked[rows]
