@@ -12,7 +12,7 @@ import torch
 
 import charloom
 from charloom.errors import CharloomError
-from charloom.generation.completion import Completion
+from charloom.generation.completion import Completion, make_plan
 from charloom.generation.records import RecordBatch, draw_records
 from charloom.text.records import END, RecordIds, read_records, split_records
 from charloom.training.batches import IGNORE, RecordBatcher
@@ -147,8 +147,6 @@ def test_validation_scores_each_record_with_its_end(names_run):
 def test_generated_records_end_at_the_end_token(names_run):
     model = charloom.load(names_run)
     # An empty prompt is the start of a record: END alone, not END and a newline.
-    from charloom.generation.completion import make_plan
-
     assert make_plan(model, "").ids == (model.records.end,)
     records = model.generate("", num_samples=8, length=50, seed=3, temperature=0.5)
     assert len(records) == 8
@@ -239,7 +237,7 @@ def test_records_refuse_word_tokens_and_the_book_objective(tmp_path):
 def test_plain_text_stays_one_stream(tiny_run):
     model = charloom.load(tiny_run)
     assert model.records is None and "records" not in model.config["corpus"]
-    assert torch.is_tensor(next(model.net.parameters()))
+    assert make_plan(model, "").ids == tuple(model.encode_prompt("\n"))  # an empty prompt: a new paragraph, no END
 
 
 def test_records_longer_than_a_training_sequence_train_and_score_whole(tmp_path):
