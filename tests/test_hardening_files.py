@@ -125,6 +125,18 @@ def test_ctrl_c_while_torch_loads_is_one_line(tiny_file: Path, tmp_path: Path) -
     assert err.strip().splitlines() == ["charloom: interrupted"], err
 
 
+def test_ctrl_c_during_the_torch_import_is_held_until_it_is_done(tmp_path: Path) -> None:
+    # A stand-in torch that is interrupted halfway through its import, as a real one is by an early Ctrl-C:
+    # the import must finish (a half-run C extension start-up can abort the process) and the interrupt
+    # arrive afterwards, once.
+    (tmp_path / "torch.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nfinished = True\n")
+    script = ("import sys\nfrom charloom.torchload import import_torch\n"
+              "try:\n    import_torch()\nexcept KeyboardInterrupt:\n    print(sys.modules['torch'].finished)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
+
+
 class _Talker:
     """A stand-in for Model in the interactive loop: records what each turn re-reads."""
 

@@ -15,6 +15,9 @@ def __getattr__(name: str) -> object:
     if name in _FROM_API or name == "api":
         import importlib
 
+        from .torchload import import_torch
+
+        import_torch()  # Ctrl-C while torch loads arrives after it, as one KeyboardInterrupt
         api = importlib.import_module(".api", __name__)  # not `from . import api`: that asks this hook again
         globals().update({n: getattr(api, n) for n in _FROM_API})  # later lookups skip this hook
         return api if name == "api" else getattr(api, name)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from ..config import DynamicEval, ModelConfig, TrainConfig
 from ..errors import CharloomError
+from ..torchload import import_torch
 from .generate import cmd_generate, is_terminal, say_kernel
 from .parser import UsageError, build_parser
 
@@ -233,6 +234,8 @@ def _silence(stream: TextIO) -> None:
     os.close(devnull)
 
 
+# generate imports torch only when the request needs it (through charloom's lazy API, which holds Ctrl-C too).
+TORCH_FREE = {"generate", "completion"}
 COMMANDS = {"train": _cmd_train, "generate": cmd_generate, "evaluate": _cmd_evaluate, "serve": _cmd_serve,
             "report": _cmd_report, "score": _cmd_score, "neurons": _cmd_neurons, "export": _cmd_export,
             "completion": _cmd_completion}
@@ -259,6 +262,8 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
         if not args.command:
             parser.print_help(stdout)
             return 2
+        if args.command not in TORCH_FREE:
+            import_torch()  # here, so that Ctrl-C while it loads is one KeyboardInterrupt after it
         return COMMANDS[args.command](args, stdout, stderr)
     except UsageError as exc:
         print(str(exc), file=stderr)
