@@ -87,8 +87,14 @@ def test_numpy_sampler_writes_pytorchs_greedy_text(tmp_path, positions):
 
 
 def test_numpy_gelu_is_torchs_exact_gelu():
-    """The sampler's erf approximation (NumPy has no erf) against torch's exact GELU."""
+    """The sampler's erf approximation (NumPy has no erf) against the exact GELU and torch's."""
+    import math
+
     from charloom.export.npsampler import _gelu
 
     x = torch.linspace(-8, 8, 4001)
-    np.testing.assert_allclose(_gelu(x.numpy()), torch.nn.functional.gelu(x).numpy(), atol=1e-6)
+    exact = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.tolist()])  # float64
+    ours = _gelu(x.numpy())
+    np.testing.assert_allclose(ours, exact, atol=5e-7)  # A&S's 1.5e-7 on erf, times |x| / 2, plus float32
+    # torch's float32 GELU is itself within about 1e-6 of exact, by CPU (its AVX-512 erf: 9.2e-7 at x = -3.36).
+    np.testing.assert_allclose(ours, torch.nn.functional.gelu(x).numpy(), atol=2e-6)

@@ -222,7 +222,9 @@ model.forward = poisoned
 cfg = TrainConfig(batch_size=4, seq_len=8, max_steps=5, eval_every=0, sample_temperatures=(), threads=1, device="cpu")
 trainer = Trainer(model, ids, 5000, cfg, runtime=runtime)
 p = trainer.fit()
-print("RESULT", runtime.rank, p.step, p.skipped, float(sum(t.sum() for t in model.parameters())), flush=True)
+total = float(sum(t.detach().sum() for t in model.parameters()))
+with open(f"result-{runtime.rank}.txt", "w") as f:  # a file each: the ranks' shared stdout interleaves lines
+    f.write(f"{runtime.rank} {p.step} {p.skipped} {total}")
 runtime.close()
 """
 
@@ -232,7 +234,8 @@ def test_a_step_diverged_on_one_rank_is_skipped_by_all(tmp_path):
     script = tmp_path / "diverge.py"
     script.write_text(DIVERGE, encoding="utf-8")
     done = _torchrun(2, str(script), cwd=tmp_path, env={"CHARLOOM_NATIVE": "0"})
-    results = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    results = [(tmp_path / f"result-{rank}.txt").read_text().split() for rank in (0, 1)
+               if (tmp_path / f"result-{rank}.txt").exists()]
     assert done.returncode == 0 and len(results) == 2, done.stdout[-2000:] + done.stderr[-3000:]
     (r0, step0, skip0, sum0), (r1, step1, skip1, sum1) = results
     assert step0 == step1 == "5" and skip0 == skip1 == "2"
