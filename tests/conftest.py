@@ -98,3 +98,21 @@ def rehash_manifest(ckpt: Path) -> None:
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"] = {f: sha256_of(ckpt / f) for f in manifest["files"]}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+# `make test` runs the suite in two passes: in parallel (pytest-xdist, one worker per core) without the
+# tests marked `serial`, then those alone, as they need the machine to themselves (free cores, timing).
+# A plain `pytest` runs everything in one process.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--serial-only", action="store_true", help="run only the tests marked serial (make test's second pass)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    in_worker = "PYTEST_XDIST_WORKER" in os.environ
+    if not in_worker and not config.getoption("--serial-only"):
+        return
+    keep = [item for item in items if (item.get_closest_marker("serial") is None) == in_worker]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

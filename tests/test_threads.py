@@ -48,6 +48,7 @@ def test_a_busy_machine_leaves_at_least_one_core_and_no_more_than_allowed(monkey
     assert watch.free_cores() == 1  # idle machine, but this process may use one core
 
 
+@pytest.mark.serial  # it needs both cores free once its own load goes
 @pytest.mark.skipif(threads.available_cores() < 2 or not os.path.exists("/proc/stat"), reason="needs 2 cores and /proc/stat")
 def test_a_run_that_starts_busy_takes_both_cores_when_the_load_goes(tmp_path, monkeypatch):
     text = tmp_path / "text.txt"
