@@ -213,3 +213,17 @@ def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
     np.testing.assert_allclose(kernel_p, p, rtol=1e-3)
     np.testing.assert_allclose(kernel_q, q, rtol=1e-3)
     assert fit_tanh.float32_error(kernel_p, kernel_q) < 5e-7 and fit_tanh.float32_error(p, q) < 5e-7
+
+
+def test_several_rows_read_the_weights_as_panels(kernel):
+    # A batch's products read every matrix in pack_panels' layout (tiles.h); one row streams the
+    # row-major matrices. The step tests above check that both give the network's logits.
+    from charloom.kernels.native.stepper import panels
+
+    stepper = make_stepper(small("lstm", "embedding", 2, tie=False))
+    batch, one = native.NativeStepper.create(stepper, 5), native.NativeStepper.create(stepper, 1)
+    assert batch.net.w_hh_p[0] and batch.net.w_hh_p[1] and batch.net.w_ih_p[1] and batch.net.head_w_p
+    assert not (one.net.w_hh_p[0] or one.net.head_w_p)
+    w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)  # two whole panels of 16 columns, then 8
+    expected = np.concatenate([w[:, :16].ravel(), w[:, 16:32].ravel(), w[:, 32:].ravel()])
+    np.testing.assert_array_equal(panels(w), expected)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 FOLDER = Path(__file__).parent
-ABI_VERSION = 14  # the version of the C interface this module declares below; kernel.h's ABI_VERSION
+ABI_VERSION = 15  # the version of the C interface this module declares below; kernel.h's ABI_VERSION
 # -fno-trapping-math lets the compiler turn the clamps in fast_exp into vector selects.
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-pthread"]
 
@@ -72,6 +72,7 @@ def net_struct(max_layers: int) -> type[ctypes.Structure]:
             ("head_w_t", _f32p), ("head_b", _f32p), ("work", _f32p),
             ("mog_rounds", ctypes.c_int32 * max_layers), ("mog_in", ctypes.c_int32), ("embed", _f32p),
             ("mog_t", per_layer), ("work_floats", ctypes.c_size_t),
+            ("w_ih_p", per_layer), ("w_hh_p", per_layer), ("head_w_p", _f32p),
         ]
 
     return Net

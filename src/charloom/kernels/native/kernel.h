@@ -20,7 +20,7 @@
 
 /* Raise it whenever an exported function, Net or a constant's meaning changes: Python refuses a library
  * that reports another version (kernels/native/build.py holds the version it speaks). */
-#define ABI_VERSION 14
+#define ABI_VERSION 15
 
 #define MAX_LAYERS 8
 #define MAX_THREADS 8
@@ -81,6 +81,11 @@ typedef struct {
     const float *embed;                 /* (V, E) */
     const float *mog_t[MAX_LAYERS];     /* the rounds' matrices transposed, in a row: Q_k^T (H, E_l), R_k^T (E_l, H) */
     size_t work_floats;                 /* floats at work: the most rows a call may step is what they hold */
+    /* The same matrices in pack_panels' layout (tiles.h), or NULL: products of several rows read these,
+     * the one-row product (bound by reading the weights) streams the row-major ones above. */
+    const float *w_ih_p[MAX_LAYERS];    /* layer >= 1: w_ih_t as panels */
+    const float *w_hh_p[MAX_LAYERS];    /* w_hh_t as panels */
+    const float *head_w_p;              /* head_w_t as panels */
 } Net;
 
 /* The scratch sizes, in floats, that Python allocates: each defined beside the layout it sizes. */

@@ -16,6 +16,17 @@
 #include "team.h"
 #include "tiles.h"
 
+/* y (rows, n) += x (rows, k) @ w (k, n): from the panels wp where there are several rows and wp is set.
+ * Panels keep each 16-column block's k rows on consecutive cache lines: read from a row-major w whose rows
+ * are 2 KB apart (an LSTM(128)'s 4H = 512 floats), a block's rows share two L1 sets and are fetched
+ * from L2 again by every 6-row tile. The order of the sums is the same either way. */
+static void product(int rows, int k, int n, const float *x, const float *w, const float *wp, float *y) {
+    if (wp && rows > 1)
+        matmul_panels(rows, k, n, x, (size_t)k, 1, wp, y, (size_t)n);
+    else
+        matmul_acc(rows, k, n, x, w, y);
+}
+
 /* A Mogrifier layer's rounds for `rows` rows: x (rows, E) and h (rows, H) gated in place, each round
  * from the other; s (rows, max(E, H)) is scratch (see mogrifier.c for the maths). */
 static void mog_rounds(const float *w, int R, int rows, int E, int H, float *x, float *h, float *s) {
@@ -53,7 +64,7 @@ static void advance(const Net *net, int rows, int stride, const int64_t *ids, fl
                 memcpy(proj + (size_t)r * GH, net->b_in[l], sizeof(float) * GH);
             matmul_acc(rows, E, GH, xm, net->w_ih_t[l], proj);
             float *c = state + (size_t)(L + l) * stride * H;
-            matmul_acc(rows, H, GH, hm, net->w_hh_t[l], proj);
+            product(rows, H, GH, hm, net->w_hh_t[l], net->w_hh_p[l], proj);
             for (int r = 0; r < rows; r++)
                 lstm_cell(proj + (size_t)r * GH, c + (size_t)r * H, c + (size_t)r * H, h + (size_t)r * H, H);
             x = h;
@@ -65,17 +76,17 @@ static void advance(const Net *net, int rows, int stride, const int64_t *ids, fl
         } else {
             for (int r = 0; r < rows; r++)
                 memcpy(proj + (size_t)r * GH, net->b_in[l], sizeof(float) * GH);
-            matmul_acc(rows, H, GH, x, net->w_ih_t[l], proj);
+            product(rows, H, GH, x, net->w_ih_t[l], net->w_ih_p[l], proj);
         }
         if (net->lstm) {
             float *c = state + (size_t)(L + l) * stride * H;
-            matmul_acc(rows, H, GH, h, net->w_hh_t[l], proj); /* proj now holds the gates */
+            product(rows, H, GH, h, net->w_hh_t[l], net->w_hh_p[l], proj); /* proj now holds the gates */
             for (int r = 0; r < rows; r++)
                 lstm_cell(proj + (size_t)r * GH, c + (size_t)r * H, c + (size_t)r * H, h + (size_t)r * H, H);
         } else {
             for (int r = 0; r < rows; r++)
                 memcpy(gates + (size_t)r * GH, net->b_hh[l], sizeof(float) * GH);
-            matmul_acc(rows, H, GH, h, net->w_hh_t[l], gates);
+            product(rows, H, GH, h, net->w_hh_t[l], net->w_hh_p[l], gates);
             for (int r = 0; r < rows; r++) {
                 float *p = proj + (size_t)r * GH, *g = gates + (size_t)r * GH, *hr = h + (size_t)r * H;
                 for (int j = 0; j < 2 * H; j++)
@@ -96,7 +107,7 @@ static void head(const Net *net, int rows, const float *h, float *wide, float *l
     const int V = net->vocab, Vp = net->vocab_padded;
     for (int r = 0; r < rows; r++)
         memcpy(wide + (size_t)r * Vp, net->head_b, sizeof(float) * Vp);
-    matmul_acc(rows, net->hidden, Vp, h, net->head_w_t, wide);
+    product(rows, net->hidden, Vp, h, net->head_w_t, net->head_w_p, wide);
     for (int r = 0; r < rows; r++)
         memcpy(logits + (size_t)r * V, wide + (size_t)r * Vp, sizeof(float) * V);
 }

@@ -26,6 +26,15 @@ def runs(stepper: Any) -> bool:
     return not ("embed" in stepper.layers[0] and stepper.layers[0]["embed"].shape[1] > stepper.hidden)
 
 
+def panels(w: np.ndarray) -> np.ndarray:
+    """``w`` (k, n) in tiles.h's pack_panels layout: each whole block of 16 columns as a contiguous
+    (k, 16) panel, then the last n mod 16 columns as one (k, n mod 16) block."""
+    k, n = w.shape
+    whole = n // 16 * 16
+    blocks = w[:, :whole].reshape(k, whole // 16, 16).transpose(1, 0, 2)
+    return np.ascontiguousarray(np.concatenate([blocks.reshape(-1), w[:, whole:].reshape(-1)]), dtype=np.float32)
+
+
 def _check_arrays(layers: list[dict[str, np.ndarray]], head_w_t: np.ndarray, head_b: np.ndarray, hidden: int,
                   gates: int) -> None:
     """Refuse arrays of other sizes than the shapes rnn.c reads them with (``Net``'s dimensions): the
@@ -96,6 +105,14 @@ class NativeStepper:
             if "embed" in layer:
                 net.embed, net.mog_in = _ptr(layer["embed"]), layer["embed"].shape[1]
         net.head_w_t, net.head_b, net.work = _ptr(self.head_w_t), _ptr(self.head_b), _ptr(self.work)
+        if rows > 1:  # several rows' products read panels (rnn.c's product); one row streams the matrices
+            self._panels = {"head": panels(self.head_w_t)}
+            net.head_w_p = _ptr(self._panels["head"])
+            for i, layer in enumerate(self._keep):
+                for name, field in (("w_hh_t", net.w_hh_p), ("w_ih_t", net.w_ih_p)):
+                    if name in layer and not (name == "w_ih_t" and "mog_t" in layer):  # a Mogrifier's input: as is
+                        self._panels[f"{i}.{name}"] = panels(layer[name].reshape(self.hidden, -1))
+                        field[i] = _ptr(self._panels[f"{i}.{name}"])
         net.work_floats = self.work.size
         self.net = net
         self._netp = ctypes.addressof(net)  # the struct stays alive in self.net
