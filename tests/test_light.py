@@ -19,8 +19,9 @@ TEXT = "the quick brown fox jumps over the lazy dog; then it rests. " * 300
 
 @pytest.fixture(scope="module", params=[dict(model="lstm", layers=1, hidden=48),
                                         dict(model="lstm", layers=2, hidden=32, input="onehot"),
-                                        dict(model="gru", layers=1, hidden=40)],
-                ids=["lstm", "lstm2-onehot", "gru"])
+                                        dict(model="gru", layers=1, hidden=40),
+                                        dict(model="lstm", layers=1, hidden=40, input="onehot", generation_window=9)],
+                ids=["lstm", "lstm2-onehot", "gru", "windowed"])
 def run(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("light")
     (folder / "text.txt").write_text(TEXT)

@@ -35,9 +35,11 @@ from ..kernels.native import NativeStepper, sample_chunks
 from ..kernels.threads import one_torch_thread
 from ..models import LanguageModel
 from ..models.base import tree_map
-from .noise import Noise, draw, draw_numpy
+from .noise import Noise, draw
+from .npdraw import draw_numpy
 from .processors import Processor, Temperature, process
 from .steppers import CachedStepper, NumpyStepper, make_stepper
+from .window import StaggeredSteps
 
 
 @dataclass
@@ -123,15 +125,15 @@ class _Staggered:
         else:
             self.state = model.select_state(self.state, expand)
         self.first = logits[p % w].expand(rows, -1)  # (rows, V)
-        # All rows * W runs advance together: the native kernel when the step is small enough.
-        self.native = None
+        # All rows * W runs advance together: natively when the step is small enough, drawn as light.py draws.
+        self.numpy: StaggeredSteps | None = None
         if self.stepper is not None:
             runs = native.runs(self.stepper)
             if generation_stepper(self.stepper.largest_matrix(), rows * w, native_runs=runs,
                                   on_cpu=device.type == "cpu", numpy_allowed=False).kind == "native":
-                self.native = NativeStepper(native.library(), self.stepper, rows * w)
-                self.state = self.native.from_torch(self.state)  # (slots, rows * W, H)
-                self.run_rows_np = [r.numpy() for r in self.run_rows]
+                stepper = NativeStepper(native.library(), self.stepper, rows * w)
+                self.state = stepper.from_torch(self.state)  # (slots, rows * W, H)
+                self.numpy = StaggeredSteps(stepper, rows, w, p)
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         if self.stepper is not None:
@@ -149,10 +151,9 @@ class _Staggered:
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V)."""
         w = self.window
-        if self.native is not None:
-            self.state[:, self.run_rows_np[position % w]] = 0.0  # that run just gave its logits: restart it
-            logits = self.native.step(ids.numpy().repeat(w), self.state)  # (rows * W, V)
-            return torch.from_numpy(logits[self.run_rows_np[(position + 1) % w]])
+        if self.numpy is not None:
+            self.numpy.position = position
+            return torch.from_numpy(self.numpy.step(ids.numpy(), self.state))
         self._reset(self.run_rows[position % w])  # that run just gave its logits: restart it here
         if self.stepper is not None:  # the head only for the run that gives the logits
             return self.stepper.step(ids.repeat_interleave(w), self.state, only=self.run_rows[(position + 1) % w])
@@ -246,7 +247,7 @@ def _torch_steps(read: Any, history: torch.Tensor, p: int, n: int, pipeline: Seq
             logits = read(ids.to(read.device), t).to(place)
 
 
-def _numpy_steps(read: _Carried, history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
+def _numpy_steps(read: "_Carried | _Staggered", history: torch.Tensor, p: int, n: int, pipeline: Sequence[Processor],
                  noise: Noise, lanes: torch.Tensor, logprobs: int | None) -> Iterator[Step]:
     """The loop of :func:`generate_steps` with the model step (native or numpy) and the draw outside torch.
 

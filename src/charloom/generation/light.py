@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from ..config import ModelConfig, TrainConfig, check_temperature, from_dict
 from ..errors import CharloomError, CheckpointError
 from ..kernels import native
 from ..text.tokenizers import Tokenizer, UnknownSymbolsError, tokenizer_from_dict
+from . import window
+from .npdraw import draw_numpy
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -109,40 +111,72 @@ def _tables(weights: dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where:
 
 
 class LightModel:
-    """A recurrent character model held as kernel tables: prompt ids in, drawn text out."""
+    """A recurrent character model held as kernel tables: prompt ids in, drawn text out. ``window``:
+    the book's windowed generation (every token re-reads the last ``window`` tokens), 0 for carried state."""
 
-    def __init__(self, tables: _Tables, tokenizer: Tokenizer, lowercase: bool) -> None:
-        self.tables, self.tokenizer, self.lowercase = tables, tokenizer, lowercase
+    def __init__(self, tables: _Tables, tokenizer: Tokenizer, lowercase: bool, window: int = 0) -> None:
+        self.tables, self.tokenizer, self.lowercase, self.window = tables, tokenizer, lowercase, window
+
+    def _stepper(self, rows: int) -> native.NativeStepper:
+        try:
+            return native.NativeStepper(native.library(), self.tables, rows)
+        except ValueError as exc:  # the arrays a checkpoint gave do not fit the shapes its config names
+            raise CheckpointError("checkpoint", str(exc), "the checkpoint is damaged; use another one") from None
 
     def samples(self, prompt_ids: Sequence[int], temperatures: Sequence[float], num_samples: int, length: int,
                 seed: int, threads: int = 1) -> Iterator[list[str]]:
         """Text pieces of every row (temperature-major, ``num_samples`` a temperature; row r draws from
         seed ``seed + r % num_samples``, as Model.generate), a chunk of tokens at a time."""
         rows = len(temperatures) * num_samples
-        try:
-            stepper = native.NativeStepper(native.library(), self.tables, rows)
-        except ValueError as exc:  # the arrays a checkpoint gave do not fit the shapes its config names
-            raise CheckpointError("checkpoint", str(exc), "the checkpoint is damaged; use another one") from None
-        state = np.zeros((stepper.slots, rows, self.tables.hidden), dtype=np.float32)
-        for token in prompt_ids:
-            logits = stepper.step(np.full(rows, token, dtype=np.int64), state)  # (rows, V)
         temps = np.repeat(np.asarray([check_temperature(t) for t in temperatures], dtype=np.float32), num_samples)
         lanes = [Uniforms(seed + s) for s in range(num_samples)]
         lane_of_row = np.tile(np.arange(num_samples), len(temperatures))  # rows of a temperature share seeds
+
+        def noise(k: int) -> np.ndarray:  # (k, rows): the next k numbers of every row's lane
+            return np.ascontiguousarray(np.stack([lane.take(k) for lane in lanes])[lane_of_row].T)
+
         decoders = [self.tokenizer.stream_decoder() for _ in range(rows)]
-        done = 0
-        for k in native.sample_chunks(length, rows):  # as Model.generate's native runs
-            noise = np.ascontiguousarray(np.stack([lane.take(k) for lane in lanes])[lane_of_row].T)  # (k, rows)
-            ids = stepper.sample(state, logits, noise, temps, feed_last=done + k < length,
-                                 threads=threads if k >= native.THREADED_CHUNK else 1)  # (k, rows)
+        run = self._windowed if self.window else self._carried
+        for ids in run(prompt_ids, temps, length, noise, threads):  # (k, rows), a chunk at a time
             yield ["".join(d.push(int(t)) for t in column) for d, column in zip(decoders, ids.T)]
-            done += k
         yield [d.flush() for d in decoders]
+
+    def _carried(self, prompt_ids: Sequence[int], temps: np.ndarray, length: int, noise: Callable[[int], np.ndarray],
+                 threads: int) -> Iterator[np.ndarray]:
+        """As Model.generate's native runs: the prompt read once, then whole chunks drawn and fed in C."""
+        rows = len(temps)
+        stepper = self._stepper(rows)
+        state = np.zeros((stepper.slots, rows, self.tables.hidden), dtype=np.float32)
+        for token in prompt_ids:
+            logits = stepper.step(np.full(rows, token, dtype=np.int64), state)  # (rows, V)
+        done = 0
+        for k in native.sample_chunks(length, rows):
+            yield stepper.sample(state, logits, noise(k), temps, feed_last=done + k < length,
+                                 threads=threads if k >= native.THREADED_CHUNK else 1)  # (k, rows)
+            done += k
+
+    def _windowed(self, prompt_ids: Sequence[int], temps: np.ndarray, length: int, noise: Callable[[int], np.ndarray],
+                  threads: int) -> Iterator[np.ndarray]:
+        """As Model.generate's windowed path on the kernel: staggered runs (generation/window.py), each token
+        drawn in NumPy (draw_numpy) from the logits shifted by their maximum and divided by T."""
+        rows, w = len(temps), self.window
+        state, logits = window.prefill(self._stepper(w), prompt_ids, w, rows)  # (slots, rows * W, H), (rows, V)
+        runs = window.StaggeredSteps(self._stepper(rows * w), rows, w, len(prompt_ids))
+        divisor = temps.reshape(-1, 1)
+        done = 0
+        for k in native.sample_chunks(length, rows):
+            u, ids = noise(k), np.empty((k, rows), dtype=np.int64)
+            for i in range(k):
+                ids[i] = draw_numpy((logits - logits.max(axis=1, keepdims=True)) / divisor, u[i])
+                if done + i + 1 < length:
+                    logits = runs.step(ids[i], state)
+            yield ids
+            done += k
 
 
 def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | None:
     """The checkpoint as a :class:`LightModel`, or None when it needs the full path (another
-    architecture or tokenizer, a continuous cache, the book's windows, records, no native kernel)."""
+    architecture or tokenizer, a continuous cache, records, no native kernel)."""
     if native.library() is None:
         return None
     ckpt = resolve(path, which)
@@ -156,7 +190,7 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
         tokenizer = tokenizer_from_dict(tok_data)
     except (KeyError, ValueError, TypeError, AttributeError):
         return None  # the full path says what is wrong
-    if (cfg.model not in ("lstm", "gru") or cfg.cache_size or cfg.tie_weights or train.get("generation_window")
+    if (cfg.model not in ("lstm", "gru") or cfg.cache_size or cfg.tie_weights
             or tok_data.get("kind") != "char" or cfg.layers > native.limits().max_layers
             or (config.get("corpus") or {}).get("records")):  # records end at the model's END: the full path
         return None
@@ -169,4 +203,5 @@ def open_light(path: str | os.PathLike, which: str = "best") -> LightModel | Non
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(where, f"cannot read the weights ({str(exc).splitlines()[0][:200]})",
                               "the checkpoint is damaged; use another one") from None
-    return LightModel(_tables(weights, cfg, tokenizer.vocab_size, where), tokenizer, bool(train.get("lowercase")))
+    return LightModel(_tables(weights, cfg, tokenizer.vocab_size, where), tokenizer, bool(train.get("lowercase")),
+                      int(train.get("generation_window") or 0))

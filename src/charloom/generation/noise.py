@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .npdraw import draw_numpy  # noqa: F401  (the NumPy draw, in a module that does not import torch)
+
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Sample one id per row of ``logits`` (B, V) by inverting the CDF at ``uniforms`` (B,) or (B, 1).
@@ -25,18 +27,6 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
     target = uniforms.to(device=cdf.device, dtype=torch.float64).view(-1, 1) * cdf[:, -1:]  # (B, 1), in [0, total)
     return torch.searchsorted(cdf, target, right=True).view(-1)
-
-
-def draw_numpy(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """:func:`draw` in numpy for ``logits`` (B, V) float32 and ``uniforms`` (B,) float64 -> ids (B,) int64.
-
-    The same rule (float64 CDF, first entry above ``u * total``, so a removed token is never drawn);
-    the CDF is left unnormalised, which changes nothing but rounding.
-    """
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))  # (B, V); -inf -> 0
-    cdf = e.astype(np.float64).cumsum(axis=1)  # the method: np.cumsum(dtype=) is several times slower here
-    target = uniforms * cdf[:, -1]  # (B,)
-    return (cdf <= target[:, None]).sum(axis=1)  # entries <= target == searchsorted(side="right")
 
 
 class Noise:
