@@ -27,11 +27,13 @@ def runs(stepper: Any) -> bool:
 
 
 def panels(w: np.ndarray) -> np.ndarray:
-    """``w`` (k, n) in tiles.h's pack_panels layout: each whole block of 16 columns as a contiguous
-    (k, 16) panel, then the last n mod 16 columns as one (k, n mod 16) block."""
+    """``w`` (k, n) in tiles.h's pack_panels layout: each whole block of b = 16 columns (kernel.h's
+    LSTM_BLOCK, the library's ``lstm_block``) as a contiguous (k, b) panel, then the last n mod b columns
+    as one (k, n mod b) block."""
     k, n = w.shape
-    whole = n // 16 * 16
-    blocks = w[:, :whole].reshape(k, whole // 16, 16).transpose(1, 0, 2)
+    b = limits().lstm_block  # type: ignore[union-attr]
+    whole = n // b * b
+    blocks = w[:, :whole].reshape(k, whole // b, b).transpose(1, 0, 2)
     return np.ascontiguousarray(np.concatenate([blocks.reshape(-1), w[:, whole:].reshape(-1)]), dtype=np.float32)
 
 
