@@ -28,6 +28,10 @@ The kernel cases have random weights (speed does not depend on what a model lear
   test-time option, off by default), which steps in torch and reads every cached hidden state once
   per character, so its speed falls as the text grows (reported for two lengths).
 
+On a CPU with AVX-512 the whole benchmark runs a second time in a child process on the kernel's 256-bit
+build (``CHARLOOM_NATIVE_FLAGS=-mno-avx512f``, what AVX2 laptops and AMD desktops get), on the same
+runs: its report is ``build_256_bit`` (``--one-build`` skips it).
+
 Limits, measured on this machine: ``weight_read``: how many times per second the machine can
 read the model's weights (summing a float32 buffer of that size), i.e. the one-stream speed if
 each character only had to read every weight once; ``matmul``: the float32 matrix-multiply rate
@@ -59,6 +63,7 @@ from charloom.generation.engine import generate_ids  # noqa: E402
 from charloom.generation.noise import Noise  # noqa: E402
 from charloom.generation.processors import build_pipeline  # noqa: E402
 from charloom.kernels import native  # noqa: E402
+from charloom.kernels.native.build import NARROWER_BUILDS  # noqa: E402
 from charloom.models import build_model  # noqa: E402
 from charloom.text.tokenizers import CharTokenizer  # noqa: E402
 
@@ -229,7 +234,31 @@ def main(argv: list[str] | None = None) -> None:
                         "default: a temporary folder, quick: 3 s budgets")
     parser.add_argument("--train-time", type=float, help="seconds of training for missing models instead of the README's budgets")
     parser.add_argument("--skip-user-path", action="store_true", help="only the random-weight kernel cases")
+    parser.add_argument("--one-build", action="store_true",
+                        help="on an AVX-512 CPU, skip the second pass on the kernel's 256-bit build")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="charloom-gen-") as tmp:
+        runs = Path(args.runs) if args.runs else Path(tmp) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        results = measure(args, runs)
+        if not args.one_build and (native.limits() is not None and native.limits().vector_bits == 512):  # type: ignore[union-attr]
+            results["build_256_bit"] = narrower_build(sys.argv[1:] if argv is None else argv, runs, Path(tmp) / "cache")
+    print(json.dumps(results, indent=1))
+
+
+def narrower_build(argv: list[str], runs: Path, cache: Path) -> dict[str, object]:
+    """This benchmark again in a child process on the 256-bit build (compiled into its own cache folder),
+    on the same runs; the child's report."""
+    env = {**os.environ, "CHARLOOM_NATIVE_FLAGS": NARROWER_BUILDS[256], "CHARLOOM_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--one-build", "--runs", str(runs)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the 256-bit pass failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def measure(args: argparse.Namespace, runs: Path) -> dict[str, object]:
+    """Every figure of one process's kernel build; the README's models are taken from (or trained into) ``runs``."""
     torch.set_num_threads(1)  # one stream is overhead-bound: extra threads only add synchronisation
     n, repeats = (1000, 2) if args.quick else (5000, 5)
 
@@ -271,16 +300,14 @@ def main(argv: list[str] | None = None) -> None:
         "batched_share_of_matmul": round(achieved / gflops, 3), "target_share": 0.5,
     }
     if not args.skip_user_path:
-        with tempfile.TemporaryDirectory(prefix="charloom-gen-") as tmp:
-            runs = Path(args.runs) if args.runs else Path(tmp)
-            results["user_path"] = user_path(runs, args.train_time or (3.0 if args.quick else None), args.threads, args.quick)
+        results["user_path"] = user_path(runs, args.train_time or (3.0 if args.quick else None), args.threads, args.quick)
     cached = make_model(ModelConfig(model="lstm", layers=1, hidden=512, embedding_dim=64, dropout=0.1, cache_size=CACHE_SIZE))
     results["default_lstm512_cache"] = {
         "cache_size": CACHE_SIZE, "one_stream_400_chars_per_s": round(chars_per_s(cached, 400, 1, repeats)),
         f"one_stream_{n // 2}_chars_per_s": round(chars_per_s(cached, n // 2, 1, repeats)),
         "64_streams_chars_per_s": round(max(chars_per_s(cached, n // 8, 64, repeats, t) for t in sorted({1, args.threads}))),
     }
-    print(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

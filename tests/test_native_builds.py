@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from charloom.kernels import native
+from charloom.kernels.native.build import NARROWER_BUILDS
 from tests.conftest import REPO
 
 # The kernel's own tests (every tile shape, the draws, training against nn.LSTM); test_light.py steps the
@@ -18,7 +19,7 @@ KERNEL_TESTS = ["tests/test_native.py", "tests/test_native_training.py"]
 # Tests of the build machinery (rebuilds, the cache, the tanh fit script), not of a build's arithmetic:
 # each compiles the library again, and the native build's run of them covers them.
 NOT_ARITHMETIC = "not another_abi_version and not built_once and not fit_script"
-BUILDS = {256: "-mno-avx512f", 128: "-mno-avx512f -mno-avx2 -mno-avx -mno-fma"}
+BUILDS = NARROWER_BUILDS
 
 
 def _cpu_has(flag: str) -> bool:

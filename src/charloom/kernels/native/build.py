@@ -98,9 +98,14 @@ def _target_key(cc: str) -> str:
     return platform.machine() + " " + " ".join(keep)
 
 
+# $CHARLOOM_NATIVE_FLAGS that build the kernel's narrower x86-64 variants on a CPU that has more: 256-bit
+# vectors (CPUs with AVX2 but not AVX-512: most laptops and AMD desktops) and, as a floor, 128-bit ones.
+# The tests and the generation benchmark run them.
+NARROWER_BUILDS = {256: "-mno-avx512f", 128: "-mno-avx512f -mno-avx2 -mno-avx -mno-fma"}
+
+
 def build_flags() -> list[str]:
-    """The compiler flags: FLAGS, then ``$CHARLOOM_NATIVE_FLAGS`` (e.g. ``-mno-avx512f`` builds the
-    256-bit kernel of most laptops on an AVX-512 CPU, as the tests do to cover both)."""
+    """The compiler flags: FLAGS, then ``$CHARLOOM_NATIVE_FLAGS`` (e.g. NARROWER_BUILDS[256])."""
     return FLAGS + os.environ.get("CHARLOOM_NATIVE_FLAGS", "").split()
 
 
