@@ -111,8 +111,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     in_worker = "PYTEST_XDIST_WORKER" in os.environ
     if not in_worker and not config.getoption("--serial-only"):
         return
-    keep = [item for item in items if (item.get_closest_marker("serial") is None) == in_worker]
-    dropped = [item for item in items if item not in keep]
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        (keep if (item.get_closest_marker("serial") is None) == in_worker else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

@@ -149,11 +149,9 @@ class _Staggered:
             self.state = tree_map(lambda t: t.index_fill(dim, index, 0), self.state)
 
     def __call__(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V)."""
+        """Read token ``ids`` (rows,) at ``position``; logits for ``position + 1`` (rows, V). (On the native
+        kernel, ``self.numpy``, generate_steps steps through _numpy_steps instead.)"""
         w = self.window
-        if self.numpy is not None:
-            self.numpy.position = position
-            return torch.from_numpy(self.numpy.step(ids.numpy(), self.state))
         self._reset(self.run_rows[position % w])  # that run just gave its logits: restart it here
         if self.stepper is not None:  # the head only for the run that gives the logits
             return self.stepper.step(ids.repeat_interleave(w), self.state, only=self.run_rows[(position + 1) % w])

@@ -14,8 +14,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .npdraw import draw_numpy  # noqa: F401  (the NumPy draw, in a module that does not import torch)
-
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Sample one id per row of ``logits`` (B, V) by inverting the CDF at ``uniforms`` (B,) or (B, 1).
