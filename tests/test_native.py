@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from charloom.config import ModelConfig
-from charloom.generation import noise
+from charloom.generation import npdraw
 from charloom.generation.steppers import make_stepper
 from charloom.kernels import choice, native
 from charloom.kernels.native import build
@@ -77,7 +77,7 @@ def test_native_sample_draws_what_numpy_draws_from_the_same_logits(kernel):
     got = nat.sample(state, logits, uniforms, temps, feed_last=True)
     for i in range(n):
         scaled = (ref_logits - ref_logits.max(axis=1, keepdims=True)) / temps[:, None]
-        want = noise.draw_numpy(scaled, uniforms[i])
+        want = npdraw.draw_numpy(scaled, uniforms[i])
         assert got[i].tolist() == want.tolist(), f"step {i}"
         ref_logits = nat.step(want, ref_state)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-6)  # feed_last: the last draw was fed too
@@ -216,14 +216,16 @@ def test_the_rational_tanh_in_the_kernel_is_the_one_the_fit_script_makes():
 
 
 def test_several_rows_read_the_weights_as_panels(kernel):
-    # A batch's products read every matrix in pack_panels' layout (tiles.h); one row streams the
-    # row-major matrices. The step tests above check that both give the network's logits.
+    # A batch of more rows than a register tile holds reads every matrix in pack_panels' layout (tiles.h);
+    # fewer rows read the row-major matrices. The step tests above (1-13 rows) check that both give the
+    # network's logits.
     from charloom.kernels.native.stepper import panels
 
     stepper = make_stepper(small("lstm", "embedding", 2, tie=False))
-    batch, one = native.NativeStepper.create(stepper, 5), native.NativeStepper.create(stepper, 1)
+    tile = native.limits().tile_rows  # more rows than one register tile: packed; up to one tile: not
+    batch, few = native.NativeStepper.create(stepper, tile + 1), native.NativeStepper.create(stepper, tile)
     assert batch.net.w_hh_p[0] and batch.net.w_hh_p[1] and batch.net.w_ih_p[1] and batch.net.head_w_p
-    assert not (one.net.w_hh_p[0] or one.net.head_w_p)
+    assert not (few.net.w_hh_p[0] or few.net.head_w_p)
     w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)  # two whole panels of 16 columns, then 8
     expected = np.concatenate([w[:, :16].ravel(), w[:, 16:32].ravel(), w[:, 32:].ravel()])
     np.testing.assert_array_equal(panels(w), expected)

@@ -14,6 +14,7 @@ long charloom_constant(const char *name) {
         {"max_layers", MAX_LAYERS},         /* Net's per-layer arrays */
         {"net_bytes", (long)sizeof(Net)},   /* checked against Python's copy of Net's layout */
         {"lstm_block", LSTM_BLOCK},         /* the training kernels' blocks of gate columns */
+        {"tile_rows", TILE_ROWS},           /* rows of one register tile: more rows read w's blocks again */
         {"mog_max_rounds", MOG_MAX_ROUNDS}, /* the most Mogrifier rounds the training kernel runs */
         {"status_no_memory", STATUS_NO_MEMORY}, /* what the entry points return, named in Python's errors */
         {"status_bad_shape", STATUS_BAD_SHAPE},

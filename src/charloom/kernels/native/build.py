@@ -48,6 +48,7 @@ class Limits:
     max_layers: int  # layers a generation network may have (Net's per-layer arrays)
     net_bytes: int  # sizeof(Net): checked against the ctypes layout before any call
     lstm_block: int  # hidden units per block of the training kernels' gate columns
+    tile_rows: int  # rows of one register tile of a product: generation packs panels for more rows
     mog_max_rounds: int  # the most Mogrifier rounds the training kernel runs
     status_no_memory: int  # what an entry point returns (kernel.h's STATUS_*): see check
     status_bad_shape: int

@@ -27,6 +27,7 @@
 #define MIN_ROWS_PER_THREAD 8 /* below this a thread costs more than it saves */
 #define DRAW_ROWS 4           /* rows drawn together (see sample_part) */
 #define HEAD_ALIGN 8          /* the head's columns are padded to a multiple of this: whole 8-float tiles */
+#define TILE_ROWS 6           /* rows of y one register tile of tiles.h holds (its sums stay in registers) */
 #define LSTM_CHUNK 4          /* training: steps per weight-gradient product (see lstm_backward_member) */
 #define LSTM_PAD 8            /* training: floats added to the row stride of the gate gradients (see matmul_strided) */
 #define LSTM_BLOCK 16         /* training: hidden units per block of gate columns, a panel of pack_panels */
@@ -81,8 +82,8 @@ typedef struct {
     const float *embed;                 /* (V, E) */
     const float *mog_t[MAX_LAYERS];     /* the rounds' matrices transposed, in a row: Q_k^T (H, E_l), R_k^T (E_l, H) */
     size_t work_floats;                 /* floats at work: the most rows a call may step is what they hold */
-    /* The same matrices in pack_panels' layout (tiles.h), or NULL: products of several rows read these,
-     * the one-row product (bound by reading the weights) streams the row-major ones above. */
+    /* The same matrices in pack_panels' layout (tiles.h), or NULL: products of more than TILE_ROWS rows
+     * read these (see rnn.c's product), smaller ones the row-major matrices above. */
     const float *w_ih_p[MAX_LAYERS];    /* layer >= 1: w_ih_t as panels */
     const float *w_hh_p[MAX_LAYERS];    /* w_hh_t as panels */
     const float *head_w_p;              /* head_w_t as panels */

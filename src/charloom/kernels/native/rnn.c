@@ -16,7 +16,8 @@
 #include "team.h"
 #include "tiles.h"
 
-/* y (rows, n) += x (rows, k) @ w (k, n): from the panels wp where there are several rows and wp is set.
+/* y (rows, n) += x (rows, k) @ w (k, n): from the panels wp where there are several rows and wp is set
+ * (NativeStepper packs them for steppers of more than TILE_ROWS rows).
  * Panels keep each 16-column block's k rows on consecutive cache lines: read from a row-major w whose rows
  * are 2 KB apart (an LSTM(128)'s 4H = 512 floats), a block's rows share two L1 sets and are fetched
  * from L2 again by every 6-row tile. The order of the sums is the same either way. */

@@ -107,7 +107,10 @@ class NativeStepper:
             if "embed" in layer:
                 net.embed, net.mog_in = _ptr(layer["embed"]), layer["embed"].shape[1]
         net.head_w_t, net.head_b, net.work = _ptr(self.head_w_t), _ptr(self.head_b), _ptr(self.work)
-        if rows > 1:  # several rows' products read panels (rnn.c's product); one row streams the matrices
+        # With more rows than one register tile holds, every tile reads each column block of a matrix again:
+        # from panels (rnn.c's product) the block stays in L1. Fewer rows read each block once, so packing
+        # (a few ms for a 1x512 model) would buy nothing, and one row streams the matrices.
+        if rows > limits().tile_rows:  # type: ignore[union-attr]
             self._panels = {"head": panels(self.head_w_t)}
             net.head_w_p = _ptr(self._panels["head"])
             for i, layer in enumerate(self._keep):

@@ -16,7 +16,7 @@
 static inline __attribute__((always_inline)) void tile(const int R, const int C, int k, const float *restrict x, size_t xr,
                                                        size_t xc, const float *restrict w, size_t ldw,
                                                        float *restrict y, size_t ldy) {
-    v8 acc[6][4];
+    v8 acc[TILE_ROWS][4];
     for (int a = 0; a < R; a++)
         for (int c = 0; c < C; c++)
             acc[a][c] = load8(y + a * ldy + 8 * c);
@@ -41,8 +41,8 @@ static inline __attribute__((always_inline)) void column_block(const int C, int 
                                                                size_t xr, size_t xc, const float *w, size_t ldw,
                                                                float *y, size_t ldy) {
     int r = 0;
-    for (; r + 6 <= rows; r += 6)
-        tile(6, C, k, x + r * xr, xr, xc, w, ldw, y + r * ldy, ldy);
+    for (; r + TILE_ROWS <= rows; r += TILE_ROWS)
+        tile(TILE_ROWS, C, k, x + r * xr, xr, xc, w, ldw, y + r * ldy, ldy);
     x += r * xr;
     y += r * ldy;
     switch (rows - r) {
@@ -137,7 +137,7 @@ static void pack_panels_t(int k, int n, const float *src, size_t lds, float *wp)
 static inline __attribute__((always_inline)) void panel_tile(const int R, const int C, int k, const float *restrict x,
                                                              size_t xr, size_t xc, const float *restrict wp, size_t ps,
                                                              float *restrict y, size_t ldy) {
-    v16 acc[6][4];
+    v16 acc[TILE_ROWS][4];
     for (int a = 0; a < R; a++)
         for (int c = 0; c < C; c++)
             acc[a][c] = load16(y + a * ldy + 16 * c);
@@ -161,8 +161,8 @@ static inline __attribute__((always_inline)) void panel_block(const int C, int r
                                                               size_t xc, const float *wp, float *y, size_t ldy) {
     const size_t ps = (size_t)16 * k;
     int r = 0;
-    for (; r + 6 <= rows; r += 6)
-        panel_tile(6, C, k, x + r * xr, xr, xc, wp, ps, y + r * ldy, ldy);
+    for (; r + TILE_ROWS <= rows; r += TILE_ROWS)
+        panel_tile(TILE_ROWS, C, k, x + r * xr, xr, xc, wp, ps, y + r * ldy, ldy);
     x += r * xr;
     y += r * ldy;
     switch (rows - r) {
