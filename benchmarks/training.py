@@ -15,6 +15,10 @@ pass with a continuous cache added at load time (``charloom.load(run, cache=True
 option) and dynamic evaluation (``Model.evaluate(dynamic=True)``: the model keeps learning as it
 reads the validation text).
 
+On a CPU with AVX-512 the seed-0 cases and the book's recipe then run again on the kernel's 256-bit
+build (``CHARLOOM_NATIVE_FLAGS=-mno-avx512f``, what AVX2 laptops and AMD desktops get, compiled into a
+cache folder of its own): the report's ``training_256_bit`` (``--one-build`` skips them).
+
 Every case runs in its own subprocess, so its peak memory (the kernel's RSS high-water mark,
 VmHWM) is its own. Prints one JSON document and writes it, with a Markdown table, to
 ``benchmarks/results/training[-quick].{json,md}``. Named corpora are the copies bundled with charloom
@@ -148,6 +152,9 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     step_flops = flops_per_step(model.net, tcfg.batch_size, tcfg.seq_len, tcfg.objective)
     achieved = step_flops * last["step"] / max(1e-9, last["seconds"]) / 1e9
     kernel = model.config.get("recurrent_kernel")
+    from charloom.kernels import native
+
+    built = native.limits()
     # The share of the rate of the precision the recurrence ran in (the head and the rest stay fp32).
     rate = bf16_gflops if kernel == "bf16" else gflops
     return {
@@ -156,6 +163,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
         "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "objective": tcfg.objective,
         "threads": torch.get_num_threads(), "steps": last["step"], "epochs": round(last["step"] / max(1, _steps_per_epoch(model)), 2),
         "stop_reason": model.stop_reason, "recurrent_kernel": kernel,
+        "kernel_vector_bits": built.vector_bits if built is not None else None,
         "val_loss_nats": round(result.loss, 4), "val_bpc": round(result.bits_per_char, 4),
         "eval": "windowed (the book's 60-char view)" if tcfg.generation_window else "exact stateful pass",
         "eval_s": round(eval_s, 1), **cached, **dynamic, "supervised_chars_per_s": round(chars_per_s),
@@ -196,10 +204,11 @@ def case_encode(path: str, lowercase: bool) -> dict[str, Any]:
 # The driver
 # --------------------------------------------------------------------------------------------------
 
-def _child(cmd: list[str], about: dict[str, Any]) -> dict[str, Any]:
-    """Run ``cmd``; the JSON object its last line printed, or ``about`` with the error's last line."""
+def _child(cmd: list[str], about: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (``env`` added to the environment); the JSON object its last line printed, or ``about``
+    with the error's last line."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     except OSError as exc:
         return {**about, "error": [f"cannot run {cmd[0]}: {exc}"]}
     if proc.returncode != 0:
@@ -207,10 +216,10 @@ def _child(cmd: list[str], about: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_case(kind: str, **kwargs: Any) -> dict[str, Any]:
-    """Run one case in a fresh Python process and return what it printed."""
+def run_case(kind: str, env: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run one case in a fresh Python process (with ``env`` added to the environment) and return what it printed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps({"kind": kind, **kwargs})]
-    return _child(cmd, {"kind": kind, **kwargs})
+    return _child(cmd, {"kind": kind, **kwargs}, env)
 
 
 def run_keras(python: str, budget: float, val_chars: int = 0) -> dict[str, Any]:
@@ -230,6 +239,21 @@ def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int 
         for _ in range(count):
             fh.write(data)
     return path
+
+
+def narrower_build(cases: list[tuple[str, str, int]], budget: float, folder: Path, threads: int) -> list[dict[str, Any]]:
+    """The seed-0 cases of ``cases`` and the book's recipe again on the kernel's 256-bit build, compiled
+    into a cache folder of its own under ``folder``; their rows."""
+    from charloom.kernels.native.build import NARROWER_BUILDS
+
+    env = {"CHARLOOM_NATIVE_FLAGS": NARROWER_BUILDS[256], "CHARLOOM_CACHE": str(folder / "cache-256-bit")}
+    rows = []
+    for corpus, recipe, seed in [c for c in cases if c[2] == 0] + [("nietzsche", "book", 0)]:
+        row = run_case("train", env=env, corpus=corpus, recipe=recipe, budget=budget,
+                       out=str(folder / f"{corpus}-{recipe}-{seed}-256-bit"), settings={"threads": threads, "seed": seed})
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
 
 
 def _unit(corpus: str) -> str:
@@ -278,15 +302,17 @@ def markdown(report: dict[str, Any]) -> str:
              "| case | model | val (network alone) | with a continuous cache | with dynamic evaluation | supervised chars/s | "
              "share of matmul rate | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in report["training"]:
+    narrow = [{**row, "build": " (256-bit build)"} for row in report.get("training_256_bit", [])]
+    for row in report["training"] + narrow:
         if "error" in row:
-            lines.append(f"| {row['corpus']} {row['recipe']} | error: {row['error']} | | | | | | |")
+            lines.append(f"| {row['corpus']} {row['recipe']}{row.get('build', '')} | error: {row['error']} | | | | | | |")
             continue
         value, unit = _headline(row)
         others = [_headline(row, variant)[0] for variant in VARIANTS]
         other_text = " | ".join(f"{v:.3f} {unit}" if v is not None else "" for v in others)
         seed = f", seed {row['seed']}" if row.get("seed", 0) else ""
-        lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s | {row['model']} | {value:.3f} {unit} | "
+        lines.append(f"| {row['corpus']}, {row['recipe']} recipe{seed}, {row['budget_s']:.0f} s{row.get('build', '')} | "
+                     f"{row['model']} | {value:.3f} {unit} | "
                      f"{other_text} | {row['supervised_chars_per_s']:,} | {row['share_of_matmul_rate']:.0%} "
                      f"({row.get('share_of', 'fp32 matmul rate')}) | {row['peak_rss_mb']:.0f} MB |")
     for summary in report.get("seed_summary", []):
@@ -331,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the default recipe's cases with seeds 0..N-1 and report their mean (default 1)")
     parser.add_argument("--keras-python", metavar="PYTHON",
                         help="also time the book's recipe in Keras here, with this Python (one with TensorFlow)")
+    parser.add_argument("--one-build", action="store_true",
+                        help="on an AVX-512 CPU, skip the seed-0 and book cases on the kernel's 256-bit build")
     parser.add_argument("--keep", metavar="DIR", help="keep the trained runs in DIR (benchmarks/generation.py --runs DIR times them)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -368,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["training"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             report["seed_summary"] = seed_summary(report["training"])
+            from charloom.kernels import native
+
+            built = native.limits()
+            if not args.one_build and built is not None and built.vector_bits == 512:
+                report["training_256_bit"] = narrower_build(cases, budget, folder, args.threads)
             if args.keras_python:
                 report["keras_book_measured"] = run_keras(args.keras_python, budget, 5000 if args.quick else 0)
                 print(json.dumps(report["keras_book_measured"]), file=sys.stderr, flush=True)

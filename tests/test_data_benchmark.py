@@ -60,6 +60,24 @@ def test_keras_run_is_tabulated_beside_the_reference() -> None:
     assert "| Keras 3 book recipe (issue's reference machine) |" in table
 
 
+def test_256_bit_rows_are_labelled_and_kept_out_of_the_seed_means() -> None:
+    row = {"corpus": "nietzsche", "recipe": "default", "seed": 0, "budget_s": 300.0, "model": "lstm 1x512",
+           "val_bpc": 1.85, "val_loss_nats": 1.28, "supervised_chars_per_s": 12000, "share_of_matmul_rate": 0.5,
+           "peak_rss_mb": 480.0, "kernel_vector_bits": 512}
+    narrow = {**row, "val_bpc": 1.86, "supervised_chars_per_s": 9000, "kernel_vector_bits": 256}
+    report = {"date": "d", "commit": "c", "machine": "m", "threads": 2, "matmul_gflops_per_s": 1.0,
+              "training": [row], "training_256_bit": [narrow, {"kind": "train", "corpus": "nietzsche", "recipe": "book",
+                                                               "error": ["no compiler"]}],
+              "encoding": [], "seed_summary": training.seed_summary([row])}
+    table = training.markdown(report)
+    assert "| nietzsche, default recipe, 300 s | lstm 1x512 | 1.850 bpc |" in table
+    assert "| nietzsche, default recipe, 300 s (256-bit build) | lstm 1x512 | 1.860 bpc |  |  | 9,000 |" in table
+    assert "| nietzsche book (256-bit build) | error: ['no compiler'] |" in table
+    # a child process gets the build's environment on top of this one's
+    env_cmd = [sys.executable, "-c", "import json, os; print(json.dumps({'flags': os.environ['CHARLOOM_NATIVE_FLAGS']}))"]
+    assert training._child(env_cmd, {}, {"CHARLOOM_NATIVE_FLAGS": "-mno-avx512f"}) == {"flags": "-mno-avx512f"}
+
+
 def test_seeds_are_summarised_per_case_and_tabulated() -> None:
     def row(corpus: str, seed: int, bpc: float, nats: float) -> dict:
         return {"corpus": corpus, "recipe": "default", "seed": seed, "budget_s": 300.0, "model": "lstm 1x512",
