@@ -120,6 +120,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     import torch
 
     import charloom
+    from charloom.kernels import native
 
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])  # the rate training can reach with the threads it gets
@@ -153,9 +154,7 @@ def case_train(corpus: str, recipe: str, budget: float, out: str, settings: dict
     step_flops = flops_per_step(model.net, tcfg.batch_size, tcfg.seq_len, tcfg.objective)
     achieved = step_flops * last["step"] / max(1e-9, last["seconds"]) / 1e9
     kernel = model.config.get("recurrent_kernel")
-    from charloom.kernels import native
-
-    built = native.limits()
+    built = native.limits()  # the kernel build this process compiled (CHARLOOM_NATIVE_FLAGS)
     # The share of the rate of the precision the recurrence ran in (the head and the rest stay fp32).
     rate = bf16_gflops if kernel == "bf16" else gflops
     return {

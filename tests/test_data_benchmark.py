@@ -60,7 +60,7 @@ def test_keras_run_is_tabulated_beside_the_reference() -> None:
     assert "| Keras 3 book recipe (issue's reference machine) |" in table
 
 
-def test_256_bit_rows_are_labelled_and_kept_out_of_the_seed_means() -> None:
+def test_256_bit_rows_are_labelled_and_their_children_get_the_build() -> None:
     row = {"corpus": "nietzsche", "recipe": "default", "seed": 0, "budget_s": 300.0, "model": "lstm 1x512",
            "val_bpc": 1.85, "val_loss_nats": 1.28, "supervised_chars_per_s": 12000, "share_of_matmul_rate": 0.5,
            "peak_rss_mb": 480.0, "kernel_vector_bits": 512}
