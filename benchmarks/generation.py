@@ -63,7 +63,7 @@ from charloom.generation.engine import generate_ids  # noqa: E402
 from charloom.generation.noise import Noise  # noqa: E402
 from charloom.generation.processors import build_pipeline  # noqa: E402
 from charloom.kernels import native  # noqa: E402
-from charloom.kernels.native.build import NARROWER_BUILDS  # noqa: E402
+from charloom.kernels.native.build import build_environment  # noqa: E402
 from charloom.models import build_model  # noqa: E402
 from charloom.text.tokenizers import CharTokenizer  # noqa: E402
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
 def narrower_build(argv: list[str], runs: Path, cache: Path) -> dict[str, object]:
     """This benchmark again in a child process on the 256-bit build (compiled into its own cache folder),
     on the same runs; the child's report."""
-    env = {**os.environ, "CHARLOOM_NATIVE_FLAGS": NARROWER_BUILDS[256], "CHARLOOM_CACHE": str(cache)}
+    env = {**os.environ, **build_environment(256, cache)}
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--one-build", "--runs", str(runs)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:

@@ -244,9 +244,9 @@ def repeated_file(folder: Path, source: Path, *, times: int = 0, min_bytes: int 
 def narrower_build(cases: list[tuple[str, str, int]], budget: float, folder: Path, threads: int) -> list[dict[str, Any]]:
     """The seed-0 cases of ``cases`` and the book's recipe again on the kernel's 256-bit build, compiled
     into a cache folder of its own under ``folder``; their rows."""
-    from charloom.kernels.native.build import NARROWER_BUILDS
+    from charloom.kernels.native.build import build_environment
 
-    env = {"CHARLOOM_NATIVE_FLAGS": NARROWER_BUILDS[256], "CHARLOOM_CACHE": str(folder / "cache-256-bit")}
+    env = build_environment(256, folder / "cache-256-bit")
     rows = []
     for corpus, recipe, seed in [c for c in cases if c[2] == 0] + [("nietzsche", "book", 0)]:
         row = run_case("train", env=env, corpus=corpus, recipe=recipe, budget=budget,

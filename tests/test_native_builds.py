@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from charloom.kernels import native
-from charloom.kernels.native.build import NARROWER_BUILDS
+from charloom.kernels.native.build import NARROWER_BUILDS, build_environment
 from tests.conftest import REPO
 
 # The kernel's own tests (every tile shape, the draws, training against nn.LSTM); test_light.py steps the
@@ -29,8 +29,8 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def _env(flags: str, cache: Path) -> dict:
-    return {**os.environ, "CHARLOOM_NATIVE_FLAGS": flags, "CHARLOOM_CACHE": str(cache)}
+def _env(bits: int, cache: Path) -> dict:
+    return {**os.environ, **build_environment(bits, cache)}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def caches(tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.parametrize("bits", sorted(BUILDS, reverse=True))
 def test_each_narrower_build_reports_its_width(bits, caches):
     done = subprocess.run([sys.executable, "-c", "from charloom.kernels import native; print(native.describe())"],
-                          capture_output=True, text=True, env=_env(BUILDS[bits], caches[bits]), timeout=300)
+                          capture_output=True, text=True, env=_env(bits, caches[bits]), timeout=300)
     expected = "native AVX2" if bits == 256 else "native 128-bit vectors"
     assert done.stdout.startswith(expected), done.stdout + done.stderr
 
@@ -55,5 +55,5 @@ def test_the_kernel_tests_pass_with_a_narrower_build(bits, caches):
     if bits == 256 and not _cpu_has("avx512f"):
         pytest.skip("this CPU has no AVX-512: its native build is the 256-bit one, which the suite ran")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", NOT_ARITHMETIC, *KERNEL_TESTS],
-                          capture_output=True, text=True, cwd=REPO, env=_env(BUILDS[bits], caches[bits]), timeout=900)
+                          capture_output=True, text=True, cwd=REPO, env=_env(bits, caches[bits]), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

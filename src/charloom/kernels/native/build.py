@@ -101,8 +101,14 @@ def _target_key(cc: str) -> str:
 
 # $CHARLOOM_NATIVE_FLAGS that build the kernel's narrower x86-64 variants on a CPU that has more: 256-bit
 # vectors (CPUs with AVX2 but not AVX-512: most laptops and AMD desktops) and, as a floor, 128-bit ones.
-# The tests and the generation benchmark run them.
+# The tests and the generation and training benchmarks run them.
 NARROWER_BUILDS = {256: "-mno-avx512f", 128: "-mno-avx512f -mno-avx2 -mno-avx -mno-fma"}
+
+
+def build_environment(bits: int, cache: Path) -> dict[str, str]:
+    """The variables that make a child process compile and load NARROWER_BUILDS[bits] in the folder
+    ``cache`` (a build of its own, beside this process's), to add to its environment."""
+    return {"CHARLOOM_NATIVE_FLAGS": NARROWER_BUILDS[bits], "CHARLOOM_CACHE": str(cache)}
 
 
 def build_flags() -> list[str]:
